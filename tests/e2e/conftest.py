@@ -1,0 +1,295 @@
+"""Fixtures of the end-to-end tests (Docker required; tests/run.sh starts it).
+
+Session scope (built/created once): docker_ready, target_image, proxy_image, images,
+test_network. Function scope (factories; whatever they start is removed when the test
+ends, failed or not): keypair, start_target, start_proxy, run_proxy_expect_exit.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Sequence
+
+import pytest
+
+from helpers import (
+    PROXY_IMAGE,
+    PUBLICKEY_BODY_PATH,
+    REPO_ROOT,
+    SESSION_LABEL,
+    TARGET_CONTEXT,
+    TARGET_IMAGE,
+    TEST_LABEL,
+    KeyPair,
+    Proxy,
+    Target,
+    build_image,
+    docker,
+    env_args,
+    label_args,
+    make_keypair,
+    port_open,
+    remove_container,
+    remove_stale_container,
+    unique_name,
+    wait_for_proxy_banner,
+    wait_for_target_sshd,
+    wait_until,
+)
+
+DOCKER_SOCKET = "/var/run/docker.sock"
+_timings: dict[str, float] = {}
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    # Lets finalizers know whether the test failed (they then print container logs).
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+def _failed(request: pytest.FixtureRequest) -> bool:
+    return any(getattr(getattr(request.node, f"rep_{when}", None), "failed", False)
+               for when in ("setup", "call"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _timings:
+        terminalreporter.write_sep("-", "e2e image builds")
+        for tag, seconds in _timings.items():
+            terminalreporter.write_line(f"{tag}: {seconds:.1f} s")
+
+
+# --------------------------------------------------------------------------- session
+
+
+@pytest.fixture(scope="session")
+def session_id() -> str:
+    """Random id of this pytest session, a label on everything it creates."""
+    return secrets.token_hex(4)
+
+
+@pytest.fixture(scope="session")
+def docker_ready() -> None:
+    try:
+        proc = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"],
+                              capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"Docker is not usable ({exc}); run the tests with tests/run.sh, which "
+                    f"installs and starts it", pytrace=False)
+    if proc.returncode != 0:
+        pytest.fail("`docker info` failed: the Docker daemon is not reachable; run the tests "
+                    f"with tests/run.sh, which starts it.\n{proc.stderr.strip()}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def target_image(docker_ready) -> str:
+    """Builds ssh-proxy-target:test from tests/images/target; returns the tag."""
+    _timings[TARGET_IMAGE] = build_image(TARGET_IMAGE, TARGET_CONTEXT)
+    return TARGET_IMAGE
+
+
+@pytest.fixture(scope="session")
+def proxy_image(docker_ready) -> str:
+    """Builds ssh-proxy:test from the repository's Dockerfile; returns the tag."""
+    if not (REPO_ROOT / "Dockerfile").is_file():
+        pytest.fail(f"{REPO_ROOT / 'Dockerfile'} does not exist: cannot build {PROXY_IMAGE}",
+                    pytrace=False)
+    _timings[PROXY_IMAGE] = build_image(PROXY_IMAGE, REPO_ROOT)
+    return PROXY_IMAGE
+
+
+@pytest.fixture(scope="session")
+def images(target_image, proxy_image) -> dict[str, str]:
+    """Both images: {"target": tag, "proxy": tag}."""
+    return {"target": target_image, "proxy": proxy_image}
+
+
+@pytest.fixture(scope="session")
+def test_network(docker_ready, session_id) -> Iterator[str]:
+    """A user-defined bridge network (Docker DNS resolves container names on it)."""
+    name = f"sshproxy-test-{session_id}"
+    docker("network", "create", "--label", f"{TEST_LABEL}=1", "--label", f"{SESSION_LABEL}={session_id}", name)
+    yield name
+    # Whatever a test left on it (the factories remove their own; this is the backstop).
+    leftovers = docker("ps", "-aq", "--filter", f"label={SESSION_LABEL}={session_id}", check=False).stdout.split()
+    for cid in leftovers:
+        remove_container(cid)
+    docker("network", "rm", name, check=False)
+
+
+@pytest.fixture(scope="session")
+def xvfb_display() -> Iterator[str]:
+    """A virtual X server on the host for X11-forwarding tests: yields its DISPLAY (`:N`,
+    a free display number). Pass env={"DISPLAY": display} to SshClient.run/ssh."""
+    read_fd, write_fd = os.pipe()
+    proc = subprocess.Popen(["Xvfb", "-displayfd", str(write_fd), "-nolisten", "tcp", "-screen", "0", "640x480x24"],
+                            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    os.close(write_fd)
+    number = b""
+    with os.fdopen(read_fd, "rb") as pipe:
+        while not number.endswith(b"\n"):
+            chunk = pipe.read(1)
+            if not chunk:
+                break
+            number += chunk
+    if not number.strip():
+        proc.kill()
+        pytest.fail(f"Xvfb did not start: {proc.communicate(timeout=10)[1].decode(errors='replace')}",
+                    pytrace=False)
+    yield f":{number.decode().strip()}"
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --------------------------------------------------------------------------- factories
+
+
+@pytest.fixture
+def keypair(tmp_path_factory) -> Callable[..., KeyPair]:
+    """keypair(name, comment=None) -> KeyPair(.private path, .public text, .fingerprint)."""
+    directory = tmp_path_factory.mktemp("keys")
+
+    def make(name: str = "id_ed25519", comment: str | None = None) -> KeyPair:
+        return make_keypair(directory, name, comment)
+
+    return make
+
+
+@pytest.fixture
+def start_target(request, target_image, test_network, session_id) -> Iterator[Callable[..., Target]]:
+    """start_target(name, pubkey, serve_publickey=True, labels=None, env=None,
+    body_file=None, network=None, hostname=None, network_aliases=None) -> Target
+
+    `pubkey`: a KeyPair or a public key line (None: no key at all). The container is
+    named exactly `name` (Docker DNS name on the network) and has hostname `hostname`
+    (default `name`). Returns once its sshd answers on IP:22; when serving /publickey,
+    that port answers too.
+    """
+    started: list[Target] = []
+
+    def start(name: str, pubkey: KeyPair | str | None, serve_publickey: bool = True,
+              labels: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None,
+              body_file: str | Path | None = None, network: str | None = None,
+              hostname: str | None = None, network_aliases: Sequence[str] | None = None,
+              publickey_port: int = 8080) -> Target:
+        net = network or test_network
+        key = pubkey.public if isinstance(pubkey, KeyPair) else pubkey
+        remove_stale_container(name)
+        args = ["run", "-d", "--name", name, "--hostname", hostname or name, "--network", net,
+                "--label", f"{TEST_LABEL}=1", "--label", f"{SESSION_LABEL}={session_id}",
+                *label_args(labels),
+                "-e", f"SERVE_PUBLICKEY={1 if serve_publickey else 0}",
+                "-e", f"PUBLICKEY_PORT={publickey_port}"]
+        for alias in network_aliases or ():
+            args += ["--network-alias", alias]
+        if key is not None:
+            args += ["-e", f"TARGET_PUBKEY={key}"]
+        if body_file is not None:
+            args += ["-v", f"{Path(body_file).resolve()}:{PUBLICKEY_BODY_PATH}:ro",
+                     "-e", f"PUBLICKEY_BODY_FILE={PUBLICKEY_BODY_PATH}"]
+        args += [*env_args(env), target_image]
+        cid = docker(*args).stdout.strip()
+        target = Target(name=name, id=cid, network=net, hostname=hostname or name)
+        started.append(target)
+        target.refresh_ip()
+        wait_for_target_sshd(target)
+        if serve_publickey and not wait_until(lambda: port_open(target.ip, publickey_port), 10):
+            pytest.fail(f"target {name}: /publickey port {publickey_port} closed; logs:\n{target.logs()}",
+                        pytrace=False)
+        return target
+
+    yield start
+    failed = _failed(request)
+    for target in started:
+        if failed and not target.removed:
+            print(f"\n===== logs of target {target.name} =====\n{target.logs()}")
+        target.remove()
+
+
+def _proxy_run_args(name: str, network: str, session_id: str, env: Mapping[str, str] | None,
+                    volumes: Sequence[str] | None, docker_args: Sequence[str] | None,
+                    image: str) -> list[str]:
+    return ["run", "-d", "--name", name, "--network", network,
+            "--label", f"{TEST_LABEL}=1", "--label", f"{SESSION_LABEL}={session_id}",
+            "-p", "127.0.0.1::22", "-v", f"{DOCKER_SOCKET}:{DOCKER_SOCKET}",
+            *(a for v in (volumes or ()) for a in ("-v", v)),
+            *env_args(env), *(docker_args or ()), image]
+
+
+@pytest.fixture
+def start_proxy(request, proxy_image, test_network, session_id) -> Iterator[Callable[..., Proxy]]:
+    """start_proxy(env=None, name=None, volumes=None, docker_args=None) -> Proxy
+
+    docker run -d --network <test net> -p 127.0.0.1::22 -v /var/run/docker.sock:... -e K=V
+    ssh-proxy:test; returns once 127.0.0.1:<port> sends an SSH-2.0- banner (60 s).
+    `volumes`: extra `-v` specs; `docker_args`: extra `docker run` options.
+    """
+    started: list[Proxy] = []
+
+    def start(env: Mapping[str, str] | None = None, name: str | None = None,
+              volumes: Sequence[str] | None = None, docker_args: Sequence[str] | None = None) -> Proxy:
+        name = name or unique_name("ssh-proxy-test")
+        remove_stale_container(name)
+        cid = docker(*_proxy_run_args(name, test_network, session_id, env, volumes, docker_args,
+                                      proxy_image)).stdout.strip()
+        proxy = Proxy(name=name, id=cid)
+        started.append(proxy)
+        wait_for_proxy_banner(proxy)
+        return proxy
+
+    yield start
+    failed = _failed(request)
+    for proxy in started:
+        if failed and not proxy.removed:
+            print(f"\n===== logs of proxy {proxy.name} =====\n{proxy.logs()}")
+            log = proxy.access_log()
+            if log:
+                print(f"===== /etc/ssh/access.log of {proxy.name} =====\n{log}")
+        proxy.remove()
+
+
+@pytest.fixture
+def run_proxy_expect_exit(proxy_image, test_network, session_id) -> Iterator[Callable[..., tuple[int, str]]]:
+    """run_proxy_expect_exit(env, timeout=30, volumes=None, docker_args=None) -> (exit_code, logs)
+
+    Starts the proxy like start_proxy and waits for it to exit on its own (configuration
+    errors); fails the test, with the logs, when it still runs after `timeout` s.
+    """
+    names: list[str] = []
+
+    def run(env: Mapping[str, str] | None = None, timeout: float = 30,
+            volumes: Sequence[str] | None = None, docker_args: Sequence[str] | None = None) -> tuple[int, str]:
+        name = unique_name("ssh-proxy-test-exit")
+        names.append(name)
+        docker(*_proxy_run_args(name, test_network, session_id, env, volumes, docker_args, proxy_image))
+        deadline = time.monotonic() + timeout
+        while True:
+            state = docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).stdout.split()
+            if state[0] in ("exited", "dead"):
+                code = int(state[1])
+                break
+            if time.monotonic() >= deadline:
+                logs = docker("logs", name, check=False)
+                pytest.fail(f"proxy with env {dict(env or {})} still {state[0]} after {timeout} s; "
+                            f"logs:\n{logs.stdout}{logs.stderr}", pytrace=False)
+            time.sleep(0.2)
+        logs = docker("logs", name, check=False)
+        return code, logs.stdout + logs.stderr
+
+    yield run
+    for name in names:
+        remove_container(name)

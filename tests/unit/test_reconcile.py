@@ -1,0 +1,572 @@
+"""watcher.reconcile: the state machine driven synchronously, and the debounced loop."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import struct
+import threading
+import time
+from typing import Callable, Iterator
+
+import pytest
+
+from watcher.config import Settings, load_settings
+from watcher.model import KeyState, ManualLine, PublicKey, Target
+from watcher.reconcile import Reconciler, Snapshot, _Fetched, retry_delay
+from watcher.render import Rendered
+from watcher.targets import ProxyIdentity
+
+PROXY = ProxyIdentity(names=frozenset({"ssh-proxy"}), addresses=frozenset({"172.18.0.2"}))
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def make_key(seed: object) -> PublicKey:
+    blob = _string(b"ssh-ed25519") + _string(hashlib.sha256(repr(seed).encode()).digest())
+    fp = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return PublicKey("ssh-ed25519", base64.b64encode(blob).decode(), "", fp, 256)
+
+
+def ok(*keys: PublicKey, via: str = "http") -> KeyState:
+    return KeyState(keys=tuple(keys), status="ok", via=via)
+
+
+def failed(error: str = "GET answered HTTP 404") -> KeyState:
+    return KeyState(status="failed", error=error)
+
+
+def target(name: str, n: int, started_at: str = "2024-01-01T00:00:00Z",
+           address: str | None = None, labels: dict[str, str] | None = None) -> Target:
+    return Target(id=f"{n:x}".rjust(64, "a"), name=name,
+                  address=f"172.18.0.{n + 10}" if address is None else address,
+                  labels=tuple(sorted((labels or {}).items())), started_at=started_at)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeFetch:
+    """target name -> KeyState, or a callable(target) -> KeyState; records every call."""
+
+    def __init__(self, default: KeyState | None = None) -> None:
+        self.results: dict[str, KeyState | Callable[[Target], KeyState]] = {}
+        self.default = default if default is not None else failed("no result configured")
+        self.calls: list[Target] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, t: Target) -> KeyState:
+        with self.lock:
+            self.calls.append(t)
+        result = self.results.get(t.name, self.default)
+        return result(t) if callable(result) else result
+
+    def count(self, name: str) -> int:
+        with self.lock:
+            return sum(1 for c in self.calls if c.name == name)
+
+
+class Harness:
+    def __init__(self, settings: Settings = Settings(), pool_size: int = 4,
+                 pin_names: bool = True) -> None:
+        self.fetch = FakeFetch()
+        self.clock = FakeClock()
+        self.writes: list[Rendered] = []
+        self.snapshots: list[Snapshot] = []
+        self.rec = Reconciler(settings, PROXY, self.fetch, self.write, self.snapshots.append,
+                              pin_names=pin_names, pool_size=pool_size, clock=self.clock)
+
+    def write(self, rendered: Rendered) -> bool:
+        self.writes.append(rendered)
+        return True
+
+    def settle(self, timeout: float = 5.0) -> None:
+        """run_once_pending until no fetch is in flight and nothing is queued."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.rec.run_once_pending()
+            if self.rec.inbox.empty() and not any(e.fetching for e in self.rec.entries.values()):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("reconciler did not settle")
+            time.sleep(0.002)
+
+    def wait_for_message(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.rec.inbox.empty():
+            if time.monotonic() > deadline:
+                raise AssertionError("no message arrived")
+            time.sleep(0.002)
+
+    @property
+    def last(self) -> Rendered:
+        return self.writes[-1]
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.snapshots[-1]
+
+    def index_lines(self) -> list[str]:
+        return self.last.index.splitlines()
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    harness = Harness()
+    yield harness
+    harness.rec.pool.shutdown(wait=True, cancel_futures=True)
+
+
+KA, KB, KC, KD = make_key("a"), make_key("b"), make_key("c"), make_key("d")
+
+
+# --- basic flow ---------------------------------------------------------------------------
+
+def test_upsert_fetch_render(h: Harness) -> None:
+    web = target("web", 1)
+    h.fetch.results["web"] = ok(KA)
+    h.rec.upsert(web)
+    h.settle()
+    assert [c.id for c in h.fetch.calls] == [web.id]
+    assert h.index_lines() == [
+        f'{KA.fingerprint} restrict,port-forwarding,permitopen="web:*",'
+        f'permitopen="{web.id[:12]}:*",permitopen="172.18.0.11:*" {KA.line()} web']
+    assert h.last.hosts_block.splitlines()[1] == f"172.18.0.11\tweb {web.id[:12]}"
+    assert h.rec.owners_of(KA.fingerprint) == ("web",)
+    assert h.rec.owners_of(KB.fingerprint) == ()
+    assert h.rec.alias_owner("web") == "web"
+    assert h.rec.alias_owner("172.18.0.11") == "web"
+    assert h.rec.alias_owner(web.id[:12]) == "web"
+    assert h.rec.alias_owner("db") == ""
+    [row] = h.snapshot.targets
+    assert row == {"id": web.id[:12], "name": "web", "address": "172.18.0.11",
+                   "aliases": ["web", web.id[:12], "172.18.0.11"], "key_status": "ok",
+                   "via": "http", "fingerprints": [KA.fingerprint], "error": "", "rejected": []}
+    assert h.snapshot.keys_served == 1
+    assert h.snapshot.ignored == ()
+
+
+def test_first_flush_has_no_key_until_fetched(h: Harness) -> None:
+    gate = threading.Event()
+    h.fetch.results["web"] = lambda t: (gate.wait(5), ok(KA))[1]
+    h.rec.upsert(target("web", 1))
+    h.rec.run_once_pending()
+    assert len(h.writes) == 1
+    assert h.last.index == ""
+    assert h.snapshot.targets[0]["key_status"] == "pending"
+    gate.set()
+    h.settle()
+    assert h.index_lines()[0].startswith(KA.fingerprint + " ")
+
+
+def test_ports_from_settings() -> None:
+    harness = Harness(load_settings({"SSH_PERMIT_TARGET_PORT": "22,80"}))
+    try:
+        harness.fetch.results["web"] = ok(KA)
+        harness.rec.upsert(target("web", 1, address=""))
+        harness.settle()
+        [line] = harness.index_lines()
+        assert ('permitopen="web:22",permitopen="web:80",'
+                f'permitopen="{target("web", 1).id[:12]}:22"') in line
+    finally:
+        harness.rec.pool.shutdown(wait=True)
+
+
+def test_remove_drops_key(h: Harness) -> None:
+    web, db = target("web", 1), target("db", 2)
+    h.fetch.results.update(web=ok(KA), db=ok(KB))
+    h.rec.upsert(web)
+    h.rec.upsert(db)
+    h.settle()
+    assert len(h.index_lines()) == 2
+    h.rec.remove(web.id)
+    h.settle()
+    assert [line.split()[0] for line in h.index_lines()] == [KB.fingerprint]
+    assert h.rec.owners_of(KA.fingerprint) == ()
+    assert h.rec.alias_owner("web") == ""
+    assert [r["name"] for r in h.snapshot.targets] == ["db"]
+    h.rec.remove("unknown-id")
+    h.settle()
+    assert [line.split()[0] for line in h.index_lines()] == [KB.fingerprint]
+
+
+def test_replace_all_resync(h: Harness) -> None:
+    a, b, c = target("a", 1), target("b", 2), target("c", 3)
+    h.fetch.results.update(a=ok(KA), b=ok(KB), c=ok(KC))
+    h.rec.replace_all([a, b])
+    h.settle()
+    assert {line.split()[0] for line in h.index_lines()} == {KA.fingerprint, KB.fingerprint}
+    h.rec.replace_all([b, c])
+    h.settle()
+    assert {line.split()[0] for line in h.index_lines()} == {KB.fingerprint, KC.fingerprint}
+    assert set(h.rec.entries) == {b.id, c.id}
+    assert h.fetch.count("b") == 1  # unchanged target: not fetched again
+    assert h.fetch.count("c") == 1
+    h.rec.replace_all([])
+    h.settle()
+    assert h.last.index == ""
+    assert h.snapshot.targets == ()
+
+
+def test_not_permitted_target_is_ignored() -> None:
+    harness = Harness(load_settings({"SSH_PERMIT_TARGET_HOST": "web-*",
+                                     "SSH_TARGET_LABELS": "proxy=on"}))
+    try:
+        web = target("web-1", 1, labels={"proxy": "on"})
+        db = target("db", 2, labels={"proxy": "on"})
+        off = target("web-2", 3)
+        harness.fetch.results.update({"web-1": ok(KA), "db": ok(KB), "web-2": ok(KC)})
+        for t in (web, db, off):
+            harness.rec.upsert(t)
+        harness.settle()
+        assert [line.split()[0] for line in harness.index_lines()] == [KA.fingerprint]
+        assert [c.name for c in harness.fetch.calls] == ["web-1"]
+        assert harness.snapshot.ignored == (
+            {"id": db.id[:12], "name": "db",
+             "reason": "name does not match SSH_PERMIT_TARGET_HOST=web-*"},
+            {"id": off.id[:12], "name": "web-2",
+             "reason": "label 'proxy' missing (SSH_TARGET_LABELS)"},
+        )
+        # A served target whose label changes stops being served and is listed as ignored.
+        harness.rec.upsert(target("web-1", 1, labels={"proxy": "off"}))
+        harness.settle()
+        assert harness.last.index == ""
+        assert harness.snapshot.targets == ()
+        assert {i["name"] for i in harness.snapshot.ignored} == {"db", "web-1", "web-2"}
+        # A resync drops ignored targets that are gone.
+        harness.rec.replace_all([db])
+        harness.settle()
+        assert [i["name"] for i in harness.snapshot.ignored] == ["db"]
+        harness.rec.remove(db.id)
+        harness.settle()
+        assert harness.snapshot.ignored == ()
+    finally:
+        harness.rec.pool.shutdown(wait=True)
+
+
+def test_refused_aliases_in_snapshot(h: Harness) -> None:
+    a = target("db", 1)
+    b = Target(id="b" * 64, name="evil", address="172.18.0.99", hostname="db", started_at="x")
+    h.fetch.results.update(db=ok(KA), evil=ok(KB))
+    h.rec.upsert(a)
+    h.rec.upsert(b)
+    h.settle()
+    assert h.snapshot.refused_aliases == (("evil", "db", "belongs to target db"),)
+    assert h.rec.alias_owner("db") == "db"
+
+
+# --- restarts and stale results -------------------------------------------------------
+
+def test_restart_refetches_and_ignores_stale_result(h: Harness) -> None:
+    old, new = target("web", 1, started_at="t1"), target("web", 1, started_at="t2")
+    h.fetch.results["web"] = lambda t: ok(KA) if t.started_at == "t1" else ok(KB)
+    h.rec.upsert(old)
+    h.settle()
+    assert h.index_lines()[0].split()[0] == KA.fingerprint
+    first_generation = h.rec.entries[old.id].generation
+    h.rec.upsert(new)
+    h.rec.run_once_pending()
+    assert h.rec.entries[new.id].generation != first_generation
+    h.settle()
+    assert [c.started_at for c in h.fetch.calls] == ["t1", "t2"]
+    assert [line.split()[0] for line in h.index_lines()] == [KB.fingerprint]
+    # A late result of the old generation changes nothing.
+    h.rec.inbox.put(_Fetched(new.id, first_generation, ok(KA)))
+    h.settle()
+    assert [line.split()[0] for line in h.index_lines()] == [KB.fingerprint]
+    # A result for a target that is gone changes nothing either.
+    h.rec.inbox.put(_Fetched("f" * 64, h.rec.entries[new.id].generation, ok(KC)))
+    h.settle()
+    assert [line.split()[0] for line in h.index_lines()] == [KB.fingerprint]
+
+
+def test_restart_while_old_fetch_in_flight() -> None:
+    harness = Harness(pool_size=2)
+    release_old = threading.Event()
+    old_started = threading.Event()
+
+    def fetch(t: Target) -> KeyState:
+        if t.started_at == "t1":
+            old_started.set()
+            release_old.wait(5)
+            return ok(KA)
+        return ok(KB)
+
+    try:
+        harness.fetch.results["web"] = fetch
+        harness.rec.upsert(target("web", 1, started_at="t1"))
+        harness.rec.run_once_pending()
+        assert old_started.wait(5)
+        harness.rec.upsert(target("web", 1, started_at="t2"))
+        harness.settle()  # the new fetch is done; the old one is still blocked
+        assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
+        release_old.set()
+        harness.wait_for_message()
+        harness.settle()
+        assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
+        assert harness.snapshot.targets[0]["fingerprints"] == [KB.fingerprint]
+    finally:
+        release_old.set()
+        harness.rec.pool.shutdown(wait=True)
+
+
+# Regression: a re-added entry used to start again at generation 0, like the old fetch.
+def test_stale_result_from_before_remove_and_readd_is_ignored() -> None:
+    harness = Harness(pool_size=2)
+    release_old = threading.Event()
+    old_started = threading.Event()
+
+    def fetch(t: Target) -> KeyState:
+        if t.started_at == "t1":
+            old_started.set()
+            release_old.wait(5)
+            return ok(KA)
+        return ok(KB)
+
+    try:
+        harness.fetch.results["web"] = fetch
+        web1 = target("web", 1, started_at="t1")
+        harness.rec.upsert(web1)
+        harness.rec.run_once_pending()
+        assert old_started.wait(5)
+        harness.rec.remove(web1.id)  # docker "die"
+        harness.rec.run_once_pending()
+        harness.rec.upsert(target("web", 1, started_at="t2"))  # docker "start"
+        harness.settle()
+        assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
+        release_old.set()
+        harness.wait_for_message()
+        harness.settle()
+        assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
+    finally:
+        release_old.set()
+        harness.rec.pool.shutdown(wait=True)
+
+
+def test_address_change_refetches_rename_does_not(h: Harness) -> None:
+    h.fetch.results["web"] = ok(KA)
+    h.fetch.results["www"] = ok(KA)
+    h.rec.upsert(target("web", 1))
+    h.settle()
+    h.rec.upsert(target("www", 1))  # renamed: same id, same start
+    h.settle()
+    assert len(h.fetch.calls) == 1
+    assert 'permitopen="www:*"' in h.index_lines()[0]
+    assert 'permitopen="web:*"' not in h.index_lines()[0]
+    h.rec.upsert(target("www", 1, address="172.18.0.77"))
+    h.settle()
+    assert len(h.fetch.calls) == 2
+    assert h.fetch.calls[-1].address == "172.18.0.77"
+    assert 'permitopen="172.18.0.77:*"' in h.index_lines()[0]
+
+
+# --- failures and retries ---------------------------------------------------------------
+
+def test_retry_delay_schedule() -> None:
+    assert [retry_delay(n) for n in range(1, 10)] == [5, 10, 20, 40, 80, 160, 300, 300, 300]
+    assert retry_delay(0) == 5
+    assert retry_delay(1000) == 300
+
+
+def test_failed_fetch_is_retried_with_growing_delay(h: Harness) -> None:
+    h.fetch.results["web"] = failed("GET answered HTTP 503")
+    web = target("web", 1)
+    h.rec.upsert(web)
+    h.settle()
+    entry = h.rec.entries[web.id]
+    assert h.fetch.count("web") == 1
+    assert entry.failures == 1
+    assert entry.retry_at == pytest.approx(h.clock.now + 5)
+    assert h.snapshot.targets[0]["key_status"] == "failed"
+    assert h.snapshot.targets[0]["error"] == "GET answered HTTP 503"
+    assert h.last.index == ""
+    expected_delays = [10, 20, 40, 80, 160, 300, 300]
+    delay = 5.0
+    for n, following in enumerate(expected_delays, start=2):
+        h.clock.now += delay - 0.01
+        h.settle()
+        assert h.fetch.count("web") == n - 1  # not yet due
+        h.clock.now += 0.01
+        h.settle()
+        assert h.fetch.count("web") == n
+        assert entry.failures == n
+        assert entry.retry_at == pytest.approx(h.clock.now + following)
+        delay = following
+    # Then it works: the key is served and no more retries are scheduled.
+    h.fetch.results["web"] = ok(KA)
+    h.clock.now += 300
+    h.settle()
+    assert entry.failures == 0 and entry.retry_at is None
+    assert h.index_lines()[0].split()[0] == KA.fingerprint
+    calls = h.fetch.count("web")
+    h.clock.now += 10_000
+    h.settle()
+    assert h.fetch.count("web") == calls
+
+
+def test_failure_keeps_already_served_keys(h: Harness) -> None:
+    web = target("web", 1)
+    h.fetch.results["web"] = ok(KA)
+    h.rec.upsert(web)
+    h.settle()
+    h.rec.inbox.put(_Fetched(web.id, h.rec.entries[web.id].generation,
+                             failed("connection refused")))
+    h.settle()
+    assert h.index_lines()[0].split()[0] == KA.fingerprint
+    row = h.snapshot.targets[0]
+    assert row["key_status"] == "ok"
+    assert row["error"] == "connection refused"
+    assert row["fingerprints"] == [KA.fingerprint]
+    assert h.rec.entries[web.id].retry_at == pytest.approx(h.clock.now + 5)
+
+
+def test_crashing_fetch_is_a_failure(h: Harness) -> None:
+    def boom(t: Target) -> KeyState:
+        raise RuntimeError("adapter bug")
+
+    h.fetch.results["web"] = boom
+    h.rec.upsert(target("web", 1))
+    h.settle()
+    row = h.snapshot.targets[0]
+    assert row["key_status"] == "failed"
+    assert row["error"] == "internal error: adapter bug"
+    assert h.rec.entries[target("web", 1).id].failures == 1
+
+
+# --- owners, manual lines, source status ----------------------------------------------------
+
+def test_owners_of_shared_key_and_alias_owner(h: Harness) -> None:
+    h.fetch.results.update(web=ok(KA, KB), db=ok(KA))
+    h.rec.upsert(target("web", 1))
+    h.rec.upsert(target("db", 2))
+    h.settle()
+    assert h.rec.owners_of(KA.fingerprint) == ("db", "web")
+    assert h.rec.owners_of(KB.fingerprint) == ("web",)
+    assert h.rec.alias_owner("db") == "db"
+    assert h.rec.alias_owner("172.18.0.12") == "db"
+    assert h.rec.alias_owner("172.18.0.11") == "web"
+    [shared] = [line for line in h.index_lines() if line.startswith(KA.fingerprint)]
+    assert shared.endswith(" db,web")
+
+
+def test_manual_lines_and_source_status(h: Harness) -> None:
+    manual = ManualLine("/keys/admin:1", ('permitopen="db:22"',), KD)
+    h.rec.set_manual([manual])
+    h.rec.set_source_status({"kind": "docker", "connected": True})
+    h.settle()
+    assert h.index_lines() == [
+        f'{KD.fingerprint} restrict,port-forwarding,permitopen="db:22" {KD.line()}']
+    assert h.rec.owners_of(KD.fingerprint) == ("/keys/admin:1",)
+    assert h.snapshot.source == {"kind": "docker", "connected": True}
+    assert h.snapshot.writes == len(h.writes)
+
+
+def test_write_returning_false_is_not_counted() -> None:
+    harness = Harness()
+    harness.write = lambda rendered: False  # type: ignore[method-assign]
+    harness.rec.write = harness.write
+    try:
+        harness.rec.run_once_pending()
+        harness.rec.run_once_pending()
+        assert harness.rec.writes == 0
+        assert harness.snapshot.writes == 0
+        assert harness.snapshot.last_write == 0.0
+    finally:
+        harness.rec.pool.shutdown(wait=True)
+
+
+# --- bursts and the debounced loop ----------------------------------------------------------
+
+def burst_targets(count: int) -> list[Target]:
+    return [Target(id=f"{i:064x}", name=f"t{i:04d}", address=f"10.1.{i // 200}.{i % 200 + 1}",
+                   started_at="s") for i in range(count)]
+
+
+def test_burst_applied_then_one_flush_is_one_write(h: Harness) -> None:
+    targets = burst_targets(500)
+    keys = {t.name: make_key(t.name) for t in targets}
+    h.fetch.default = ok()
+    for t in targets:
+        h.fetch.results[t.name] = ok(keys[t.name])
+        h.rec.upsert(t)
+    h.rec.run_once_pending()
+    assert len(h.writes) == 1
+    assert len(h.snapshot.targets) == 500
+    h.settle(timeout=20)
+    assert len(h.index_lines()) == 500
+    assert h.fetch.count("t0000") == 1 and len(h.fetch.calls) == 500
+
+
+def test_debounced_loop_coalesces_a_burst() -> None:
+    fetch = FakeFetch()
+    writes: list[Rendered] = []
+    lock = threading.Lock()
+
+    def write(rendered: Rendered) -> bool:
+        with lock:
+            writes.append(rendered)
+        return True
+
+    rec = Reconciler(Settings(), PROXY, fetch, write, pool_size=8, min_wait=0.05, max_wait=0.5)
+    targets = burst_targets(500)
+    for t in targets:
+        fetch.results[t.name] = ok(make_key(t.name))
+    stop = threading.Event()
+    loop = threading.Thread(target=rec.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        for t in targets:
+            rec.upsert(t)
+        deadline = time.monotonic() + 15
+        while True:
+            with lock:
+                done = bool(writes) and writes[-1].index.count("\n") == 500
+            if done or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+        assert done, "the 500 keys were never written"
+        time.sleep(0.3)  # nothing left to do: no further writes
+    finally:
+        stop.set()
+        loop.join(5)
+    assert not loop.is_alive()
+    assert 1 <= len(writes) <= 5
+    assert writes[-1].index.count("\n") == 500
+    assert rec.writes == len(writes)
+
+
+def test_loop_retries_on_its_own() -> None:
+    """run() starts a retry once it is due and renders what it fetched."""
+    fetch = FakeFetch()
+    results = iter([failed("boot"), ok(KA)])
+    fetch.results["web"] = lambda t: next(results)
+    writes: list[Rendered] = []
+    rec = Reconciler(Settings(), PROXY, fetch, lambda r: writes.append(r) or True,
+                     min_wait=0.01, max_wait=0.1)
+    stop = threading.Event()
+    loop = threading.Thread(target=rec.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        rec.upsert(target("web", 1))
+        deadline = time.monotonic() + 3
+        while fetch.count("web") < 1 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.1)
+        entry = rec.entries[target("web", 1).id]
+        assert entry.failures == 1
+        entry.retry_at = time.monotonic()  # due now instead of in 5 s
+        rec.inbox.put(object())  # wake the loop (unknown messages are ignored)
+        while not (writes and writes[-1].index) and time.monotonic() < deadline:
+            time.sleep(0.005)
+    finally:
+        stop.set()
+        loop.join(5)
+    assert fetch.count("web") == 2
+    assert writes[-1].index.split()[0] == KA.fingerprint

@@ -1,0 +1,285 @@
+"""watcher.sshd (PermitOpen, the rendered sshd_config checked by the real sshd) and
+watcher.status.health_problems."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from watcher.config import Settings, load_settings
+from watcher.sshd import SshdPaths, ensure_host_keys, permit_open, render_sshd_config
+from watcher.status import STALE_AFTER, health_problems
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = (REPO / "sshd" / "sshd_config.template").read_text()
+KEYS_COMMAND = REPO / "sshd" / "authorized-keys-command"
+SSHD = "/usr/sbin/sshd"
+
+
+# --- PermitOpen -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env, enforced, expected", [
+    ({}, False, "any"),
+    ({}, True, "any"),
+    ({"SSH_PERMIT_TARGET_PORT": "22"}, False, "*:22"),
+    ({"SSH_PERMIT_TARGET_PORT": "22,2222"}, False, "*:22 *:2222"),
+    ({"SSH_PERMIT_TARGET_HOST": "db-1,web", "SSH_PERMIT_TARGET_PORT": "22"}, False, "*:22"),
+    ({"SSH_PERMIT_TARGET_HOST": "db-1,web"}, False, "any"),
+    ({"SSH_PERMIT_TARGET_HOST": "db-1,web", "SSH_PERMIT_TARGET_PORT": "22,80"}, True,
+     "db-1:22 db-1:80 web:22 web:80"),
+    ({"SSH_PERMIT_TARGET_HOST": "db-1"}, True, "db-1:*"),
+    ({"SSH_PERMIT_TARGET_HOST": "*", "SSH_PERMIT_TARGET_PORT": "5432"}, True, "*:5432"),
+])
+def test_permit_open(env: dict[str, str], enforced: bool, expected: str) -> None:
+    assert permit_open(load_settings(env), enforced) == expected
+
+
+# --- rendered sshd_config ------------------------------------------------------------------
+
+def paths_in(directory: Path) -> SshdPaths:
+    return SshdPaths(template=REPO / "sshd" / "sshd_config.template",
+                     config=directory / "sshd_config",
+                     host_key_dir=directory / "host_keys",
+                     keys_command=directory / "libexec" / "authorized-keys-command",
+                     keys_command_user="nobody",
+                     index=directory / "authorized_keys.index")
+
+
+def test_render_sshd_config_contents(tmp_path: Path) -> None:
+    paths = paths_in(tmp_path)
+    keys = [tmp_path / "host_keys" / "ssh_host_ed25519_key",
+            tmp_path / "host_keys" / "ssh_host_rsa_key"]
+    text = render_sshd_config(TEMPLATE, load_settings({"SSH_PERMIT_TARGET_PORT": "22"}),
+                              paths, keys)
+    lines = text.splitlines()
+    for expected in [
+        f"HostKey {keys[0]}",
+        f"HostKey {keys[1]}",
+        "AllowUsers limited-user",
+        f"AuthorizedKeysCommand {paths.keys_command} {paths.index} %f",
+        "AuthorizedKeysCommandUser nobody",
+        "AuthorizedKeysFile none",
+        "PermitOpen *:22",
+        "AllowTcpForwarding local",
+        "PermitTTY no",
+        "X11Forwarding no",
+        "AllowAgentForwarding no",
+        "AllowStreamLocalForwarding no",
+        "PermitTunnel no",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "AuthenticationMethods publickey",
+        "PermitRootLogin no",
+        "GatewayPorts no",
+        "MaxStartups 512:50:1024",
+    ]:
+        assert expected in lines, expected
+    assert sum(1 for line in lines if line.startswith("ForceCommand /")) == 1
+    assert "$" not in text.replace("%f", "")  # every placeholder substituted
+    assert sum(1 for line in lines if line.startswith("HostKey ")) == 2
+    assert sum(1 for line in lines if line.startswith("PermitOpen ")) == 1
+
+
+def test_render_sshd_config_any_and_keys_user(tmp_path: Path) -> None:
+    paths = SshdPaths(keys_command=Path("/x/cmd"), keys_command_user="sshkeys",
+                      index=Path("/y/index"))
+    text = render_sshd_config(TEMPLATE, Settings(), paths, [Path("/k/a")])
+    lines = text.splitlines()
+    assert "PermitOpen any" in lines
+    assert "AuthorizedKeysCommand /x/cmd /y/index %f" in lines
+    assert "AuthorizedKeysCommandUser sshkeys" in lines
+    assert "HostKey /k/a" in lines
+
+
+def test_ensure_host_keys_generates_once(tmp_path: Path) -> None:
+    directory = tmp_path / "host_keys"
+    keys = ensure_host_keys(directory)
+    assert [k.name for k in keys] == ["ssh_host_ed25519_key", "ssh_host_ecdsa_key",
+                                      "ssh_host_rsa_key"]
+    contents = [k.read_bytes() for k in keys]
+    for key in keys:
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert key.with_suffix(".pub").exists()
+    keys[0].chmod(0o644)
+    again = ensure_host_keys(directory)
+    assert again == keys
+    assert [k.read_bytes() for k in again] == contents  # reused, not regenerated
+    assert stat.S_IMODE(keys[0].stat().st_mode) == 0o600
+
+
+def _safe_for_sshd(path: Path) -> bool:
+    """sshd's rule for AuthorizedKeysCommand: it and every parent root-owned, not g/o-writable."""
+    for p in [path, *path.parents]:
+        st = p.stat()
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            return False
+    return True
+
+
+@pytest.fixture
+def sshd_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory where sshd would accept the keys command (tmp_path is under /tmp, mode 1777)."""
+    if not os.access(SSHD, os.X_OK):
+        pytest.skip(f"{SSHD} not installed")
+    if _safe_for_sshd(tmp_path):
+        yield tmp_path
+        return
+    if os.geteuid() != 0:
+        pytest.skip("sshd -t: tmp_path has a group/world-writable parent and we are not root "
+                    "to make a root-owned 0755 directory elsewhere")
+    for base in ("/run", "/var/lib", "/root"):
+        if Path(base).is_dir() and _safe_for_sshd(Path(base)) and os.access(base, os.W_OK):
+            directory = Path(tempfile.mkdtemp(prefix="ssh-proxy-test-", dir=base))
+            directory.chmod(0o755)
+            try:
+                yield directory
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+            return
+    pytest.skip("no root-owned, non-writable directory available for the keys command")
+
+
+def _render_to(directory: Path, settings: Settings) -> SshdPaths:
+    paths = paths_in(directory)
+    paths.keys_command.parent.mkdir(mode=0o755)
+    shutil.copyfile(KEYS_COMMAND, paths.keys_command)
+    paths.keys_command.chmod(0o755)
+    host_keys = ensure_host_keys(paths.host_key_dir)
+    paths.config.write_text(render_sshd_config(TEMPLATE, settings, paths, host_keys))
+    return paths
+
+
+@pytest.fixture
+def privsep_dir() -> Iterator[None]:
+    """sshd -t insists on its privilege separation directory (the watcher creates it too)."""
+    path = Path("/run/sshd")
+    created = False
+    if not path.is_dir():
+        if os.geteuid() != 0:
+            pytest.skip("sshd -t needs /run/sshd, which is missing and we are not root")
+        path.mkdir(mode=0o755, parents=True)
+        created = True
+    yield
+    if created:
+        try:
+            path.rmdir()  # only if still empty: someone else may have started using it
+        except OSError:
+            pass
+
+
+def _sshd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([SSHD, *args], capture_output=True, text=True, timeout=30)
+
+
+def test_real_sshd_accepts_rendered_config(sshd_dir: Path, privsep_dir) -> None:
+    paths = _render_to(sshd_dir, load_settings({"SSH_PERMIT_TARGET_PORT": "22,2222"}))
+    assert _safe_for_sshd(paths.keys_command)
+    result = _sshd("-t", "-f", str(paths.config))
+    assert result.returncode == 0, result.stderr
+    effective = _sshd("-T", "-f", str(paths.config), "-C",
+                      "user=limited-user,host=client,addr=192.0.2.1")
+    assert effective.returncode == 0, effective.stderr
+    lines = set(effective.stdout.splitlines())
+    for expected in [
+        "allowusers limited-user",
+        f"authorizedkeyscommand {paths.keys_command} {paths.index} %f",
+        "authorizedkeyscommanduser nobody",
+        "permitopen *:22 *:2222",
+        "allowtcpforwarding local",
+        "permittty no",
+        "x11forwarding no",
+        "allowagentforwarding no",
+        "allowstreamlocalforwarding no",
+        "permittunnel no",
+        "passwordauthentication no",
+        "authenticationmethods publickey",
+        "maxstartups 512:50:1024",
+    ]:
+        assert expected in lines, expected
+    for key in ("ed25519", "ecdsa", "rsa"):
+        assert f"hostkey {paths.host_key_dir}/ssh_host_{key}_key" in lines
+
+
+def test_real_sshd_rejects_a_broken_config(sshd_dir: Path, privsep_dir) -> None:
+    paths = _render_to(sshd_dir, Settings())
+    text = paths.config.read_text()
+    assert "PermitOpen any\n" in text
+    paths.config.write_text(text.replace("PermitOpen any\n", "PermitOpen db:notaport\n"))
+    result = _sshd("-t", "-f", str(paths.config))
+    assert result.returncode != 0
+    assert "PermitOpen bad port number" in result.stderr
+
+
+def test_keys_command_runs_from_its_safe_copy(sshd_dir: Path) -> None:
+    paths = _render_to(sshd_dir, Settings())
+    fp = "SHA256:" + "A" * 43
+    paths.index.write_text(f"{'SHA256:' + '0' * 43} other\n{fp} restrict,port-forwarding "
+                           "ssh-ed25519 AAAA web\n")
+    out = subprocess.run([str(paths.keys_command), str(paths.index), fp], capture_output=True,
+                         text=True, timeout=10)
+    assert (out.returncode, out.stdout) == (0, "restrict,port-forwarding ssh-ed25519 AAAA web\n")
+
+
+# --- health_problems ----------------------------------------------------------------------
+
+NOW = 1_700_000_000.0
+BANNER = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u3\r\n"
+
+
+def healthy_doc(**changes) -> dict:
+    doc = {"heartbeat": NOW - 2, "mode": "docker", "sshd_pid": 42,
+           "source": {"kind": "docker", "connected": True, "error": ""}}
+    doc.update(changes)
+    return doc
+
+
+def test_healthy() -> None:
+    assert health_problems(healthy_doc(), NOW, BANNER) == []
+    assert health_problems(healthy_doc(heartbeat=NOW - STALE_AFTER), NOW, BANNER) == []
+
+
+def test_stale_heartbeat() -> None:
+    assert STALE_AFTER == 30.0
+    assert health_problems(healthy_doc(heartbeat=NOW - 31), NOW, BANNER) == [
+        "watcher heartbeat is stale"]
+    assert health_problems({k: v for k, v in healthy_doc().items() if k != "heartbeat"},
+                           NOW, BANNER) == ["watcher heartbeat is stale"]
+
+
+@pytest.mark.parametrize("pid", [None, 0])
+def test_no_sshd_pid(pid) -> None:
+    assert health_problems(healthy_doc(sshd_pid=pid), NOW, BANNER) == ["sshd is not running"]
+
+
+@pytest.mark.parametrize("banner", ["", "error: [Errno 111] Connection refused", "SSH-1.5-x",
+                                    "HTTP/1.1 400 Bad Request"])
+def test_no_banner(banner: str) -> None:
+    assert health_problems(healthy_doc(), NOW, banner) == ["sshd does not answer on port 22"]
+
+
+def test_docker_disconnected() -> None:
+    doc = healthy_doc(source={"kind": "docker", "connected": False,
+                              "error": "Error while fetching server API version"})
+    assert health_problems(doc, NOW, BANNER) == [
+        "docker events stream is down: Error while fetching server API version"]
+    assert health_problems(healthy_doc(source={}), NOW, BANNER) == [
+        "docker events stream is down: connecting"]
+    assert health_problems(healthy_doc(source=None), NOW, BANNER) == [
+        "docker events stream is down: connecting"]
+    # Another mode does not depend on Docker.
+    assert health_problems(healthy_doc(mode="manual", source={}), NOW, BANNER) == []
+
+
+def test_everything_wrong_at_once() -> None:
+    doc = {"heartbeat": NOW - 600, "mode": "docker", "sshd_pid": None,
+           "source": {"connected": False, "error": "boom"}}
+    assert health_problems(doc, NOW, "error: timed out") == [
+        "watcher heartbeat is stale", "sshd is not running", "sshd does not answer on port 22",
+        "docker events stream is down: boom"]

@@ -1,0 +1,278 @@
+"""watcher.targets: which targets are served and which aliases each one is granted."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from watcher.config import Settings, load_settings
+from watcher.model import Target
+from watcher.targets import AliasPlan, ProxyIdentity, alias_problem, is_permitted, resolve_aliases
+
+PROXY = ProxyIdentity(names=frozenset({"ssh-proxy", "0123456789ab", "proxy-host"}),
+                      addresses=frozenset({"172.18.0.2"}), container_id="0123456789ab" + "c" * 52)
+
+
+def target(name: str, idc: str, address: str = "", hostname: str = "",
+           aliases: tuple[str, ...] = (), labels: dict[str, str] | None = None,
+           started_at: str = "") -> Target:
+    return Target(id=idc * 64, name=name, address=address, hostname=hostname, aliases=aliases,
+                  labels=tuple(sorted((labels or {}).items())), started_at=started_at)
+
+
+def settings(**env: str) -> Settings:
+    return load_settings(env)
+
+
+# --- is_permitted -----------------------------------------------------------------------
+
+def test_everything_permitted_by_default() -> None:
+    assert is_permitted(target("anything", "a"), Settings()) == ""
+
+
+@pytest.mark.parametrize("patterns, name, permitted", [
+    ("workspace-*", "workspace-1", True),
+    ("workspace-*", "workspace-", True),
+    ("workspace-*", "my-workspace-1", False),
+    ("workspace-*", "Workspace-1", False),  # case-sensitive
+    ("db-?", "db-1", True),
+    ("db-?", "db-10", False),
+    ("db-[0-9]", "db-7", True),
+    ("db-[0-9]", "db-x", False),
+    ("db-[!0-9]", "db-x", True),
+    ("db-1", "db-1", True),
+    ("db-1", "db-12", False),
+    ("db-1,web-*", "web-a", True),
+    ("db-1,web-*", "db-1", True),
+    ("db-1,web-*", "cache", False),
+])
+def test_host_globs(patterns: str, name: str, permitted: bool) -> None:
+    reason = is_permitted(target(name, "a"), settings(SSH_PERMIT_TARGET_HOST=patterns))
+    if permitted:
+        assert reason == ""
+    else:
+        assert reason == f"name does not match SSH_PERMIT_TARGET_HOST={patterns}"
+
+
+def test_labels_equal_present_missing_wrong() -> None:
+    conf = settings(SSH_TARGET_LABELS="ssh-proxy=on,team")
+    assert is_permitted(target("t", "a", labels={"ssh-proxy": "on", "team": "x"}), conf) == ""
+    assert is_permitted(target("t", "a", labels={"ssh-proxy": "on", "team": ""}), conf) == ""
+    assert is_permitted(target("t", "a", labels={"ssh-proxy": "on", "team": "x", "o": "1"}),
+                        conf) == ""
+    assert (is_permitted(target("t", "a", labels={"ssh-proxy": "on"}), conf)
+            == "label 'team' missing (SSH_TARGET_LABELS)")
+    assert (is_permitted(target("t", "a", labels={"team": "x"}), conf)
+            == "label 'ssh-proxy' missing (SSH_TARGET_LABELS)")
+    assert (is_permitted(target("t", "a", labels={"ssh-proxy": "off", "team": "x"}), conf)
+            == "label ssh-proxy='off' is not 'on' (SSH_TARGET_LABELS)")
+    assert (is_permitted(target("t", "a", labels={"ssh-proxy": "", "team": "x"}), conf)
+            == "label ssh-proxy='' is not 'on' (SSH_TARGET_LABELS)")
+
+
+def test_label_equal_to_empty_value() -> None:
+    conf = settings(SSH_TARGET_LABELS="k=")
+    assert is_permitted(target("t", "a", labels={"k": ""}), conf) == ""
+    assert "is not ''" in is_permitted(target("t", "a", labels={"k": "v"}), conf)
+
+
+def test_host_checked_before_labels() -> None:
+    conf = settings(SSH_PERMIT_TARGET_HOST="db-*", SSH_TARGET_LABELS="x")
+    assert is_permitted(target("web", "a"), conf).startswith("name does not match")
+    assert is_permitted(target("db-1", "a"), conf) == "label 'x' missing (SSH_TARGET_LABELS)"
+    assert is_permitted(target("db-1", "a", labels={"x": "anything"}), conf) == ""
+
+
+# --- alias_problem --------------------------------------------------------------------
+
+@pytest.mark.parametrize("alias", ["web", "web-1", "web_1", "db.internal", "a", "A1",
+                                   "10.0.0.5", "172.18.0.3", "x" * 63, "1.2.3.4"])
+def test_good_aliases(alias: str) -> None:
+    assert alias_problem(alias, PROXY) == ""
+
+
+@pytest.mark.parametrize("alias", ["127.0.0.1", "127.1.2.3", "0.0.0.0", "::1", "::",
+                                   "224.0.0.1", "169.254.1.1", "fe80::1"])
+def test_special_addresses(alias: str) -> None:
+    assert alias_problem(alias, PROXY) == "loopback, unspecified, multicast or link-local address"
+
+
+@pytest.mark.parametrize("alias", ["2001:db8::1", "fd00::5", "::ffff:10.0.0.1"])
+def test_ipv6_not_granted(alias: str) -> None:
+    assert alias_problem(alias, PROXY) == \
+        "IPv6 addresses are not granted (containers here have IPv4 only)"
+
+
+@pytest.mark.parametrize("alias", ["localhost", "LOCALHOST", "LocalHost", "localhost.localdomain",
+                                   "ip6-localhost", "ip6-loopback", "localhost4", "localhost6",
+                                   "foo.localhost", "a.b.LOCALHOST"])
+def test_loopback_names(alias: str) -> None:
+    assert alias_problem(alias, PROXY) == "loopback name"
+
+
+@pytest.mark.parametrize("alias", ["ssh-proxy", "SSH-PROXY", "0123456789ab", "proxy-host"])
+def test_proxy_names(alias: str) -> None:
+    assert alias_problem(alias, PROXY) == "name of the proxy itself"
+
+
+def test_proxy_address() -> None:
+    assert alias_problem("172.18.0.2", PROXY) == "address of the proxy itself"
+    assert alias_problem("172.18.0.2", ProxyIdentity()) == ""
+
+
+@pytest.mark.parametrize("alias", ["", "a b", "a'b", 'a"b', "a:b", "db:22", "-web", "web-",
+                                   "web.", ".web", "a/b", "a,b", "a\nb", "a=b", "x" * 254,
+                                   "wéb", "[::1]", "a\tb", "a*"])
+def test_invalid_names(alias: str) -> None:
+    assert alias_problem(alias, PROXY) == "not a valid host name"
+
+
+@pytest.mark.parametrize("alias", ["1.2.3", "1", "123", "1.2.3.4.5", "127.1", "010.0.0.1",
+                                   "256.1.1.1", "2130706433"])
+def test_digits_only_that_is_not_an_address(alias: str) -> None:
+    assert alias_problem(alias, PROXY) == "looks like an address but is not one"
+
+
+# Regression: glibc parses these inet_aton forms as 127.0.0.1 before reading /etc/hosts.
+@pytest.mark.parametrize("alias", ["0x7f000001", "0x7f.0.0.1", "0x7F.1", "0xa.0x1"])
+def test_hex_inet_aton_forms_are_refused(alias: str) -> None:
+    assert alias_problem(alias, PROXY) == "looks like an address but is not one"
+
+
+# --- resolve_aliases ------------------------------------------------------------------
+
+def test_name_id_ip_and_soft_aliases_granted() -> None:
+    t = target("web", "a", address="172.18.0.5", hostname="webhost",
+               aliases=("web-alias", "10.1.0.5"))
+    plan = resolve_aliases([t], PROXY)
+    assert plan.aliases == {t.id: ("web", "aaaaaaaaaaaa", "172.18.0.5", "web-alias", "10.1.0.5",
+                                   "webhost")}
+    assert plan.refused == ()
+
+
+def test_target_without_address() -> None:
+    t = target("web", "a")
+    assert resolve_aliases([t], PROXY).aliases == {t.id: ("web", "aaaaaaaaaaaa")}
+
+
+def test_duplicate_alias_of_one_target_listed_once() -> None:
+    t = target("web", "a", address="172.18.0.5", hostname="web", aliases=("web", "x", "x"))
+    plan = resolve_aliases([t], PROXY)
+    assert plan.aliases[t.id] == ("web", "aaaaaaaaaaaa", "172.18.0.5", "x")
+    assert plan.refused == ()
+
+
+def test_hostname_equal_to_other_targets_name() -> None:
+    owner = target("db", "a", address="172.18.0.5")
+    borrower = target("evil", "b", address="172.18.0.6", hostname="db")
+    plan = resolve_aliases([owner, borrower], PROXY)
+    assert plan.aliases[owner.id] == ("db", "aaaaaaaaaaaa", "172.18.0.5")
+    assert plan.aliases[borrower.id] == ("evil", "bbbbbbbbbbbb", "172.18.0.6")
+    assert plan.refused == (("evil", "db", "belongs to target db"),)
+
+
+def test_network_alias_equal_to_other_targets_name_or_address() -> None:
+    owner = target("db", "a", address="172.18.0.5")
+    borrower = target("zz", "b", address="172.18.0.6", aliases=("db", "aaaaaaaaaaaa"))
+    plan = resolve_aliases([owner, borrower], PROXY)
+    assert plan.aliases[owner.id] == ("db", "aaaaaaaaaaaa", "172.18.0.5")
+    assert plan.aliases[borrower.id] == ("zz", "bbbbbbbbbbbb", "172.18.0.6")
+    assert set(plan.refused) == {("zz", "db", "belongs to target db"),
+                                 ("zz", "aaaaaaaaaaaa", "belongs to target db")}
+
+
+def test_shared_network_alias_refused_for_both() -> None:
+    one = target("one", "a", address="172.18.0.5", aliases=("shared", "own1"))
+    two = target("two", "b", address="172.18.0.6", aliases=("shared", "own2"))
+    plan = resolve_aliases([one, two], PROXY)
+    assert plan.aliases[one.id] == ("one", "aaaaaaaaaaaa", "172.18.0.5", "own1")
+    assert plan.aliases[two.id] == ("two", "bbbbbbbbbbbb", "172.18.0.6", "own2")
+    assert plan.refused == (("one", "shared", "also claimed by two"),
+                            ("two", "shared", "also claimed by one"))
+
+
+def test_shared_hostname_refused_for_all_three() -> None:
+    ts = [target(n, c, address=f"172.18.0.{i}", hostname="app")
+          for i, (n, c) in enumerate([("a1", "a"), ("a2", "b"), ("a3", "c")], start=5)]
+    plan = resolve_aliases(ts, PROXY)
+    for t in ts:
+        assert "app" not in plan.aliases[t.id]
+    assert plan.refused == (("a1", "app", "also claimed by a2, a3"),
+                            ("a2", "app", "also claimed by a1, a3"),
+                            ("a3", "app", "also claimed by a1, a2"))
+
+
+def test_bad_aliases_refused_with_reason() -> None:
+    t = target("web", "a", address="172.18.0.5", hostname="localhost",
+               aliases=("127.0.0.1", "ssh-proxy", "a b", "1.2.3", "2001:db8::1", "172.18.0.2"))
+    plan = resolve_aliases([t], PROXY)
+    assert plan.aliases[t.id] == ("web", "aaaaaaaaaaaa", "172.18.0.5")
+    assert plan.refused == (
+        ("web", "127.0.0.1", "loopback, unspecified, multicast or link-local address"),
+        ("web", "ssh-proxy", "name of the proxy itself"),
+        ("web", "a b", "not a valid host name"),
+        ("web", "1.2.3", "looks like an address but is not one"),
+        ("web", "2001:db8::1", "IPv6 addresses are not granted (containers here have IPv4 only)"),
+        ("web", "172.18.0.2", "address of the proxy itself"),
+        ("web", "localhost", "loopback name"),
+    )
+
+
+def test_target_named_like_the_proxy_gets_no_name() -> None:
+    t = target("ssh-proxy", "a", address="172.18.0.5")
+    plan = resolve_aliases([t], PROXY)
+    assert plan.aliases[t.id] == ("aaaaaaaaaaaa", "172.18.0.5")
+    assert plan.refused == (("ssh-proxy", "ssh-proxy", "name of the proxy itself"),)
+
+
+def test_without_pin_names_soft_aliases_refused() -> None:
+    t = target("web", "a", address="172.18.0.5", hostname="webhost",
+               aliases=("web-alias", "10.1.0.5"))
+    plan = resolve_aliases([t], PROXY, pin_names=False)
+    assert plan.aliases[t.id] == ("web", "aaaaaaaaaaaa", "172.18.0.5", "10.1.0.5")
+    reason = "hosts file not writable: only names that resolve by themselves"
+    assert plan.refused == (("web", "web-alias", reason), ("web", "webhost", reason))
+
+
+def test_resolution_is_deterministic_regardless_of_order() -> None:
+    ts = [
+        target("db", "a", address="172.18.0.5", hostname="db-host", aliases=("shared",)),
+        target("evil", "b", address="172.18.0.6", hostname="db", aliases=("shared", "e1")),
+        target("web", "c", address="172.18.0.7", hostname="web-host", aliases=("w1",)),
+        target("cache", "d", address="172.18.0.8", aliases=("db-host",)),
+    ]
+    expected = resolve_aliases(ts, PROXY)
+    assert expected.aliases[ts[0].id] == ("db", "aaaaaaaaaaaa", "172.18.0.5")
+    assert expected.aliases[ts[3].id] == ("cache", "dddddddddddd", "172.18.0.8")
+    for order in itertools.permutations(ts):
+        plan = resolve_aliases(list(order), PROXY)
+        assert plan == expected
+        assert list(plan.aliases.items()) == list(expected.aliases.items())
+        assert plan.refused == expected.refused
+
+
+def test_accepts_any_iterable_and_empty() -> None:
+    assert resolve_aliases(iter([]), PROXY) == AliasPlan(aliases={}, refused=())
+    t = target("web", "a")
+    assert resolve_aliases((x for x in [t]), PROXY).aliases == {t.id: ("web", "aaaaaaaaaaaa")}
+
+
+def test_ip_alias_equal_to_other_targets_address_not_granted() -> None:
+    borrower = target("aaa", "a", address="10.0.0.2", aliases=("10.0.0.9",))
+    owner = target("bbb", "b", address="10.0.0.9")
+    plan = resolve_aliases([borrower, owner], ProxyIdentity())
+    # A contested authoritative alias is refused for every claimant (regression: it used to
+    # go to the target whose name sorts first, here the borrower).
+    assert plan.aliases[borrower.id] == ("aaa", "aaaaaaaaaaaa", "10.0.0.2")
+    assert plan.aliases[owner.id] == ("bbb", "bbbbbbbbbbbb")
+    assert plan.refused == (("aaa", "10.0.0.9", "also claimed by bbb"),
+                            ("bbb", "10.0.0.9", "also claimed by aaa"))
+
+
+def test_soft_alias_of_target_without_address_not_granted() -> None:
+    t = Target(id="e" * 64, name="hostnet", address="", hostname="intranet.corp",
+               aliases=("net-alias",))
+    plan = resolve_aliases([t], ProxyIdentity(), pin_names=True)
+    assert "intranet.corp" not in plan.aliases[t.id]
+    assert "net-alias" not in plan.aliases[t.id]

@@ -1,0 +1,78 @@
+"""Writes the rendered files. The only module that writes what sshd reads.
+
+Readers (sshd, `look`) must never see a partial file: write a temp file in the same
+directory, set its mode (mkstemp makes 0600, which sshd's StrictModes and the unprivileged
+AuthorizedKeysCommandUser could not read), fsync, rename over the old one, fsync the directory.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .render import splice_hosts_block
+
+
+def read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fchmod(handle.fileno(), mode)
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(path.parent, os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_if_changed(path: Path, data: bytes, mode: int = 0o644) -> bool:
+    """Atomically replace `path` unless it already holds exactly `data`. True if written."""
+    if read_bytes(path) == data:
+        return False
+    atomic_write(path, data, mode)
+    return True
+
+
+def update_hosts_block(path: Path, block: str) -> bool:
+    """Rewrite the managed block of a hosts file in place.
+
+    In place, not by rename: Docker bind-mounts /etc/hosts into the container, and a rename
+    over a mount point fails. One write() of the whole file keeps the window for a reader
+    to see a short file as small as the kernel allows.
+    """
+    # surrogateescape: bytes we do not own go back exactly as they were.
+    current = path.read_bytes().decode("utf-8", errors="surrogateescape")
+    wanted = splice_hosts_block(current, block)
+    if wanted == current:
+        return False
+    data = wanted.encode("utf-8", errors="surrogateescape")
+    old_size = len(current.encode("utf-8", errors="surrogateescape"))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        # Pad with blank lines up to the old size, then truncate: a reader in between sees
+        # the new entries and harmless blank lines, never half of an old line.
+        os.write(fd, data + b"\n" * max(0, old_size - len(data)))
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True

@@ -1,0 +1,74 @@
+"""`watcher run | health | check-config`: the one place a user-facing error is printed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .config import load_settings
+from .errors import ConfigError, WatcherError
+from .logsetup import setup_logging
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+
+
+def cmd_run(_: argparse.Namespace) -> int:
+    from .app import Supervisor  # imports docker etc. only when running
+
+    settings = load_settings(os.environ)
+    return Supervisor(settings).run()
+
+
+def cmd_check_config(_: argparse.Namespace) -> int:
+    load_settings(os.environ)
+    print("configuration OK")
+    return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .status import health_problems, read_banner, read_status
+
+    try:
+        doc = read_status(Path(args.status))
+    except (OSError, ValueError) as exc:
+        print(f"unhealthy: cannot read {args.status}: {exc}")
+        return EXIT_ERROR
+    problems = health_problems(doc, time.time(), read_banner(port=args.port))
+    if problems:
+        print("unhealthy: " + "; ".join(problems))
+        return EXIT_ERROR
+    print("healthy")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="watcher", description="ssh-proxy watcher")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("run", help="supervise sshd and keep its keys in step with the targets"
+                   ).set_defaults(func=cmd_run)
+    sub.add_parser("check-config", help="validate the environment variables and exit"
+                   ).set_defaults(func=cmd_check_config)
+    health = sub.add_parser("health", help="exit 0 when sshd answers and the watcher is live")
+    health.add_argument("--status", default="/run/ssh-proxy/status.json")
+    health.add_argument("--port", type=int, default=22)
+    health.set_defaults(func=cmd_health)
+    args = parser.parse_args(argv)
+    setup_logging(os.environ.get("WATCHER_LOG_LEVEL", "info"))
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"ssh-proxy: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except WatcherError as exc:
+        print(f"ssh-proxy: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

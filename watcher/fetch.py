@@ -1,0 +1,146 @@
+"""A target's public keys: `GET /publickey` on the target, else read the key file by exec.
+
+Bounded everywhere: short connect/read timeouts, the body read with a byte cap (a hostile
+target cannot make the watcher buffer 10 MiB), a capped number of tenacity retries while the
+target boots. Validation is the pure `keys.parse_key_body`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import requests
+import tenacity
+import urllib3
+
+from .errors import FetchError, KeyRejected
+from .keys import parse_key_body
+from .model import KeyState, Target
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+_DIGITS = re.compile(r"^[0-9]{1,12}$")
+MAX_KEYS = 32
+
+
+class ExecReader(Protocol):
+    """Runs `argv` in the target and returns at most `limit` bytes of its stdout."""
+
+    def __call__(self, target: Target, argv: list[str], limit: int) -> bytes: ...
+
+
+def key_file_command(key_path: str) -> list[str]:
+    """`cat` of the key path; `~/` is the exec user's home, resolved by the target's shell."""
+    if key_path.startswith("~/"):
+        return ["sh", "-c", 'exec cat -- "$HOME"/' + shlex.quote(key_path[2:])]
+    return ["cat", "--", key_path]
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    connect_timeout: float = 2.0
+    read_timeout: float = 3.0
+    attempts: int = 5
+    max_wait: float = 4.0  # between attempts: 0.5, 1, 2, 4 s while the target boots
+
+
+def http_get_body(url: str, policy: FetchPolicy, limit: int = MAX_BODY) -> bytes:
+    """GET with a byte cap; anything but 200 is a FetchError. One byte over the cap is read
+    so the validator can say the body was too large."""
+    total = policy.connect_timeout + policy.read_timeout
+    try:
+        with requests.Session() as session:
+            session.trust_env = False  # targets are reached directly, never via HTTP_PROXY
+            with session.get(url, timeout=(policy.connect_timeout, policy.read_timeout),
+                             stream=True, allow_redirects=False) as response:
+                if response.status_code != 200:
+                    raise FetchError(f"GET {url} answered HTTP {response.status_code}")
+                declared = response.headers.get("Content-Length", "")
+                if _DIGITS.match(declared) and int(declared) > limit:
+                    return b"\0" * (limit + 1)
+                return _read_capped(response, url, limit, time.monotonic() + total)
+    except requests.RequestException as exc:
+        raise FetchError(f"GET {url} failed: {type(exc).__name__}") from exc
+    except urllib3.exceptions.HTTPError as exc:
+        raise FetchError(f"GET {url} failed: {type(exc).__name__}") from exc
+
+
+def _read_capped(response: requests.Response, url: str, limit: int, deadline: float) -> bytes:
+    """Read at most limit+1 bytes before the deadline. Timeouts are per socket read, so a target
+    dripping one byte at a time needs the overall deadline; read1 returns what has arrived
+    instead of waiting for a full chunk, so the deadline is checked between small reads."""
+    body = bytearray()
+    while len(body) <= limit:
+        chunk = response.raw.read1(limit + 1 - len(body), decode_content=True)
+        if not chunk:
+            break
+        body += chunk
+        if time.monotonic() > deadline:
+            raise FetchError(f"GET {url} did not finish within its deadline")
+    return bytes(body[: limit + 1])
+
+
+class KeyFetcher:
+    """Gets and validates one target's keys; never raises, returns a KeyState."""
+
+    def __init__(self, api_port: int, key_path: str, exec_reader: ExecReader | None,
+                 policy: FetchPolicy = FetchPolicy(),
+                 http_get: Callable[[str, FetchPolicy], bytes] = http_get_body) -> None:
+        self.api_port = api_port
+        self.key_path = key_path
+        self.exec_reader = exec_reader
+        self.policy = policy
+        self.http_get = http_get
+
+    def fetch(self, target: Target) -> KeyState:
+        try:
+            for attempt in tenacity.Retrying(
+                    stop=tenacity.stop_after_attempt(self.policy.attempts),
+                    wait=tenacity.wait_exponential(multiplier=0.5, max=self.policy.max_wait),
+                    retry=tenacity.retry_if_exception_type(FetchError),
+                    reraise=True):
+                with attempt:
+                    return self._fetch_once(target)
+        except (FetchError, KeyRejected) as exc:
+            return KeyState(status="failed", error=str(exc))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _fetch_once(self, target: Target) -> KeyState:
+        """HTTP first, exec second; both failing is a FetchError (retried)."""
+        errors: list[str] = []
+        rejected: list[str] = []
+        for via, getter in (("http", self._via_http), ("exec", self._via_exec)):
+            try:
+                body = getter(target)
+            except FetchError as exc:
+                errors.append(str(exc))
+                continue
+            try:
+                keys, bad = parse_key_body(body, max_bytes=MAX_BODY, max_keys=MAX_KEYS)
+            except KeyRejected as exc:
+                rejected.append(f"{via}: {exc}")
+                continue
+            rejected.extend(f"{via}: {reason}" for reason in bad)
+            if keys:
+                return KeyState(keys=tuple(keys), status="ok", via=via, rejected=tuple(rejected))
+            rejected.append(f"{via}: no valid key")
+        if rejected and not errors:
+            # The target answered, with nothing usable: retrying now will not change that.
+            raise KeyRejected("; ".join(rejected))
+        raise FetchError("; ".join(errors + rejected))
+
+    def _via_http(self, target: Target) -> bytes:
+        if not target.address:
+            raise FetchError("no address on a network shared with the proxy")
+        return self.http_get(f"http://{target.address}:{self.api_port}/publickey", self.policy)
+
+    def _via_exec(self, target: Target) -> bytes:
+        if self.exec_reader is None:
+            raise FetchError("exec is not available for this source")
+        return self.exec_reader(target, key_file_command(self.key_path), MAX_BODY + 1)

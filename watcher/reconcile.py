@@ -1,0 +1,340 @@
+"""Desired state and the single writer loop.
+
+Sources and key fetches only post messages; one thread applies them to the state and,
+debounced (quiet for `min_wait`, or `max_wait` after the first change at the latest),
+renders everything from the whole state and writes what changed. Level-triggered: a lost or
+duplicated event cannot leave a stale key, and a resync is just "replace the state".
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable
+
+import tenacity
+
+from .config import Settings
+from .model import KeyState, ManualLine, Target
+from .render import Rendered, ServedTarget, render
+from .targets import ProxyIdentity, is_permitted, resolve_aliases
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TargetEntry:
+    target: Target
+    keys: KeyState = field(default_factory=KeyState)
+    generation: int = 0
+    fetching: bool = False
+    failures: int = 0
+    retry_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the watcher knows, for `watcher status` and the health check."""
+
+    targets: tuple[dict, ...]
+    ignored: tuple[dict, ...]
+    refused_aliases: tuple[tuple[str, str, str], ...]
+    keys_served: int
+    writes: int
+    last_write: float
+    source: dict
+
+
+# Messages (posted by any thread, applied by the loop thread only).
+@dataclass(frozen=True)
+class _Upsert:
+    target: Target
+
+
+@dataclass(frozen=True)
+class _Remove:
+    target_id: str
+
+
+@dataclass(frozen=True)
+class _ReplaceAll:
+    targets: tuple[Target, ...]
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    target_id: str
+    generation: int
+    keys: KeyState
+
+
+@dataclass(frozen=True)
+class _Manual:
+    lines: tuple[ManualLine, ...]
+
+
+@dataclass(frozen=True)
+class _SourceStatus:
+    status: dict
+
+
+_RETRY_WAIT = tenacity.wait_exponential(multiplier=5, min=5, max=300)
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds before fetching a failed target's key again: 5, 10, 20 ... 300 (tenacity)."""
+    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+    state.attempt_number = max(1, failures)
+    return float(_RETRY_WAIT(state))
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, proxy: ProxyIdentity,
+                 fetch: Callable[[Target], KeyState],
+                 write: Callable[[Rendered], bool],
+                 publish: Callable[[Snapshot], None] = lambda s: None,
+                 pin_names: bool = True, pool_size: int = 8,
+                 min_wait: float = 0.1, max_wait: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.proxy = proxy
+        self.fetch = fetch
+        self.write = write
+        self.publish = publish
+        self.pin_names = pin_names
+        self.min_wait = min_wait
+        self.max_wait = max_wait
+        self.clock = clock
+        self.pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="keyfetch")
+        self.inbox: queue.Queue = queue.Queue()
+        self.entries: dict[str, TargetEntry] = {}
+        self.ignored: dict[str, tuple[Target, str]] = {}
+        self.manual: tuple[ManualLine, ...] = ()
+        self.source_status: dict = {}
+        self.owners: dict[str, tuple[str, ...]] = {}
+        self.alias_owners: dict[str, str] = {}
+        self.writes = 0
+        self.last_write = 0.0
+        self._generations = itertools.count(1)  # global: a re-added target never reuses one
+        self._first_dirty: float | None = None
+        self._last_dirty = 0.0
+        self._lock = threading.Lock()  # guards `owners` for readers on other threads
+
+    # ---- inputs: safe from any thread -------------------------------------------------
+    def upsert(self, target: Target) -> None:
+        self.inbox.put(_Upsert(target))
+
+    def remove(self, target_id: str) -> None:
+        self.inbox.put(_Remove(target_id))
+
+    def replace_all(self, targets: Iterable[Target]) -> None:
+        self.inbox.put(_ReplaceAll(tuple(targets)))
+
+    def set_manual(self, lines: Iterable[ManualLine]) -> None:
+        self.inbox.put(_Manual(tuple(lines)))
+
+    def set_source_status(self, status: dict) -> None:
+        self.inbox.put(_SourceStatus(dict(status)))
+
+    def owners_of(self, fingerprint: str) -> tuple[str, ...]:
+        with self._lock:
+            return self.owners.get(fingerprint, ())
+
+    def alias_owner(self, alias: str) -> str:
+        """The name of the target a granted alias leads to ("" if none)."""
+        with self._lock:
+            return self.alias_owners.get(alias, "")
+
+    # ---- the loop -----------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                timeout = self._next_wakeup()
+                try:
+                    message = self.inbox.get(timeout=timeout)
+                except queue.Empty:
+                    message = None
+                if message is not None:
+                    self._apply(message)
+                    # Drain what is already queued before deciding to render.
+                    while True:
+                        try:
+                            self._apply(self.inbox.get_nowait())
+                        except queue.Empty:
+                            break
+                self._start_due_fetches()
+                if self._due():
+                    self.flush()
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def run_once_pending(self) -> None:
+        """Apply every queued message and render now (for tests and start-up)."""
+        while True:
+            try:
+                self._apply(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        self._start_due_fetches()
+        self.flush()
+
+    def _next_wakeup(self) -> float:
+        now = self.clock()
+        wake = 1.0
+        if self._first_dirty is not None:
+            due = min(self._last_dirty + self.min_wait, self._first_dirty + self.max_wait)
+            wake = min(wake, max(0.0, due - now))
+        retries = [e.retry_at for e in self.entries.values() if e.retry_at is not None]
+        if retries:
+            wake = min(wake, max(0.0, min(retries) - now))
+        return wake
+
+    def _due(self) -> bool:
+        if self._first_dirty is None:
+            return False
+        now = self.clock()
+        return now >= self._last_dirty + self.min_wait or now >= self._first_dirty + self.max_wait
+
+    def _dirty(self) -> None:
+        now = self.clock()
+        if self._first_dirty is None:
+            self._first_dirty = now
+        self._last_dirty = now
+
+    def _apply(self, message: object) -> None:
+        if isinstance(message, _Upsert):
+            self._upsert(message.target)
+        elif isinstance(message, _Remove):
+            self._remove(message.target_id)
+        elif isinstance(message, _ReplaceAll):
+            self._replace_all(message.targets)
+        elif isinstance(message, _Fetched):
+            self._fetched(message)
+        elif isinstance(message, _Manual):
+            self.manual = message.lines
+        elif isinstance(message, _SourceStatus):
+            self.source_status = message.status
+        self._dirty()
+
+    def _upsert(self, target: Target) -> None:
+        reason = is_permitted(target, self.settings)
+        if reason:
+            if target.id in self.entries:
+                log.info("target no longer permitted: %s (%s)", target.name, reason)
+            self._remove(target.id, quiet=True)
+            self.ignored[target.id] = (target, reason)
+            return
+        self.ignored.pop(target.id, None)
+        entry = self.entries.get(target.id)
+        if entry is None:
+            log.info("target added: %s address=%s", target.name, target.address or "-")
+            self.entries[target.id] = TargetEntry(target=target, retry_at=self.clock(),
+                                                  generation=next(self._generations))
+            return
+        refetch = (entry.target.started_at != target.started_at
+                   or entry.target.address != target.address)
+        if entry.target.name != target.name:
+            log.info("target renamed: %s -> %s", entry.target.name, target.name)
+        entry.target = target
+        if refetch:
+            entry.generation = next(self._generations)
+            entry.fetching = False
+            entry.failures = 0
+            entry.keys = KeyState()
+            entry.retry_at = self.clock()
+
+    def _remove(self, target_id: str, quiet: bool = False) -> None:
+        self.ignored.pop(target_id, None)
+        entry = self.entries.pop(target_id, None)
+        if entry is not None and not quiet:
+            log.info("target removed: %s", entry.target.name)
+
+    def _replace_all(self, targets: tuple[Target, ...]) -> None:
+        wanted = {t.id for t in targets}
+        for target_id in [i for i in self.entries if i not in wanted]:
+            self._remove(target_id)
+        self.ignored = {i: v for i, v in self.ignored.items() if i in wanted}
+        for target in targets:
+            self._upsert(target)
+
+    def _fetched(self, message: _Fetched) -> None:
+        entry = self.entries.get(message.target_id)
+        if entry is None or entry.generation != message.generation:
+            return  # the target went away or restarted meanwhile: a newer fetch decides
+        entry.fetching = False
+        keys = message.keys
+        for reason in keys.rejected:
+            log.warning("target %s: key line rejected: %s", entry.target.name, reason)
+        if keys.status == "ok":
+            if entry.keys.keys != keys.keys:
+                log.info("target %s: %d key(s) via %s", entry.target.name, len(keys.keys), keys.via)
+            entry.keys = keys
+            entry.failures = 0
+            entry.retry_at = None
+        else:
+            entry.failures += 1
+            delay = retry_delay(entry.failures)
+            entry.retry_at = self.clock() + delay
+            # Keys already served stay served until the target stops: a flaky key API
+            # must not lock users out of a running target.
+            entry.keys = replace(entry.keys, status="failed" if not entry.keys.keys else "ok",
+                                 error=keys.error)
+            log.warning("target %s: no key (%s); retrying in %.0fs",
+                        entry.target.name, keys.error, delay)
+
+    def _start_due_fetches(self) -> None:
+        now = self.clock()
+        for entry in self.entries.values():
+            if entry.fetching or entry.retry_at is None or entry.retry_at > now:
+                continue
+            entry.fetching = True
+            entry.retry_at = None
+            self.pool.submit(self._fetch_job, entry.target, entry.generation)
+
+    def _fetch_job(self, target: Target, generation: int) -> None:
+        try:
+            keys = self.fetch(target)
+        except Exception as exc:  # a bug in an adapter must not kill the pool thread
+            log.exception("key fetch for %s crashed", target.name)
+            keys = KeyState(status="failed", error=f"internal error: {exc}")
+        self.inbox.put(_Fetched(target.id, generation, keys))
+
+    # ---- output -------------------------------------------------------------------------
+    def flush(self) -> None:
+        self._first_dirty = None
+        targets = [e.target for e in self.entries.values()]
+        plan = resolve_aliases(targets, self.proxy, pin_names=self.pin_names)
+        served = [ServedTarget(e.target, plan.aliases.get(e.target.id, ()), e.keys.keys)
+                  for e in self.entries.values() if e.keys.keys]
+        rendered = render(served, self.settings.permit_ports, self.manual)
+        if self.write(rendered):
+            self.writes += 1
+            self.last_write = time.time()
+        names = {e.target.id: e.target.name for e in self.entries.values()}
+        with self._lock:
+            self.owners = rendered.owners
+            self.alias_owners = {alias: names[tid] for tid, aliases in plan.aliases.items()
+                                 for alias in aliases}
+        self.publish(self._snapshot(plan.aliases, plan.refused, rendered))
+
+    def _snapshot(self, aliases: dict, refused: tuple, rendered: Rendered) -> Snapshot:
+        rows = []
+        for entry in sorted(self.entries.values(), key=lambda e: e.target.name):
+            rows.append({
+                "id": entry.target.id[:12], "name": entry.target.name,
+                "address": entry.target.address,
+                "aliases": list(aliases.get(entry.target.id, ())),
+                "key_status": entry.keys.status, "via": entry.keys.via,
+                "fingerprints": [k.fingerprint for k in entry.keys.keys],
+                "error": entry.keys.error, "rejected": list(entry.keys.rejected),
+            })
+        ignored = [{"id": t.id[:12], "name": t.name, "reason": r}
+                   for t, r in sorted(self.ignored.values(), key=lambda v: v[0].name)]
+        return Snapshot(targets=tuple(rows), ignored=tuple(ignored), refused_aliases=refused,
+                        keys_served=rendered.index.count("\n"), writes=self.writes,
+                        last_write=self.last_write, source=dict(self.source_status))

@@ -1,0 +1,316 @@
+"""Docker discovery: one list, then the events stream; reconnect + resync when it breaks.
+
+docker-py's `events()` generator ends silently when the daemon goes away and has no read
+timeout, so a half-open socket would hang it: a pinger closes the stream when the daemon
+stops answering, and every (re)connect is followed by a full relist (level-triggered).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import docker
+import docker.errors
+import requests
+import tenacity
+
+from ..errors import FetchError, SourceError
+from ..model import Target
+from ..targets import ProxyIdentity
+
+log = logging.getLogger(__name__)
+
+# Container actions that change whether a container is a target or how it is reached.
+# Everything else (exec_*, health_status, attach ...) is filtered out server-side, which
+# also keeps our own key-fetch execs from echoing back as events.
+CONTAINER_EVENTS = ("start", "restart", "unpause", "pause", "die", "stop", "kill", "destroy",
+                    "rename", "update")
+NETWORK_EVENTS = ("connect", "disconnect")
+_CONTAINER_ID = re.compile(r"/(?:docker/containers|docker|containers)/([0-9a-f]{64})")
+
+
+# ---- pure: container inspect attrs -> Target ------------------------------------------------
+def container_target(attrs: dict[str, Any], proxy_networks: set[str] | None) -> Target:
+    """A Target from `docker inspect` attrs; `proxy_networks` = network ids the proxy is on
+    (None when the proxy does not run in a container: every network is reachable)."""
+    config = attrs.get("Config") or {}
+    state = attrs.get("State") or {}
+    networks = ((attrs.get("NetworkSettings") or {}).get("Networks") or {})
+    address = ""
+    extra: list[str] = []
+    for net_name in sorted(networks):
+        net = networks[net_name] or {}
+        if proxy_networks is not None and net.get("NetworkID") not in proxy_networks:
+            continue
+        ip = net.get("IPAddress") or ""
+        if ip and not address:
+            address = ip
+        elif ip:
+            extra.append(ip)
+        for alias in (net.get("Aliases") or []) + (net.get("DNSNames") or []):
+            extra.append(alias)
+    cid = attrs.get("Id", "")
+    name = (attrs.get("Name") or "").lstrip("/")
+    hostname = config.get("Hostname") or ""
+    aliases = tuple(dict.fromkeys(a for a in extra if a not in (name, cid[:12], address)))
+    labels = tuple(sorted((config.get("Labels") or {}).items()))
+    return Target(id=cid, name=name, address=address,
+                  hostname="" if hostname == cid[:12] else hostname,
+                  aliases=aliases, labels=labels, source="docker",
+                  started_at=state.get("StartedAt", ""))
+
+
+def is_running(attrs: dict[str, Any]) -> bool:
+    state = attrs.get("State") or {}
+    return bool(state.get("Running")) and not state.get("Paused") and not state.get("Restarting")
+
+
+def own_container_id(mountinfo: str, cgroup: str) -> str:
+    """The proxy's own container id from /proc/self/{mountinfo,cgroup} ("" outside Docker).
+
+    mountinfo names /var/lib/docker/containers/<id>/ (hostname, resolv.conf mounts) on
+    cgroup v1 and v2 alike; cgroup v1 paths are the fallback.
+    """
+    for text in (mountinfo, cgroup):
+        match = _CONTAINER_ID.search(text)
+        if match:
+            return match.group(1)
+    return ""
+
+
+def identity_from_attrs(attrs: dict[str, Any]) -> ProxyIdentity:
+    networks = ((attrs.get("NetworkSettings") or {}).get("Networks") or {})
+    names = {(attrs.get("Name") or "").lstrip("/"), (attrs.get("Config") or {}).get("Hostname", ""),
+             attrs.get("Id", "")[:12]}
+    addresses = {n.get("IPAddress") for n in networks.values() if n and n.get("IPAddress")}
+    for net in networks.values():
+        names.update((net or {}).get("Aliases") or [])
+    return ProxyIdentity(names=frozenset(n for n in names if n),
+                         addresses=frozenset(a for a in addresses if a),
+                         container_id=attrs.get("Id", ""))
+
+
+def event_container_id(event: dict[str, Any]) -> str:
+    """The container an event is about (network events carry it as an attribute)."""
+    actor = event.get("Actor") or {}
+    if event.get("Type") == "network":
+        return (actor.get("Attributes") or {}).get("container", "")
+    return actor.get("ID") or event.get("id", "")
+
+
+def event_action(event: dict[str, Any]) -> str:
+    """`Action` without docker's suffix (e.g. `exec_start: cat ...` -> `exec_start`)."""
+    return (event.get("Action") or event.get("status") or "").split(":", 1)[0].strip()
+
+
+# ---- adapter ------------------------------------------------------------------------------------
+class DockerSource:
+    """Feeds a reconciler from a Docker engine until `stop` is set."""
+
+    def __init__(self, sink: Any, base_url: str | None = None, ping_interval: float = 10.0,
+                 client_factory: Callable[[], docker.DockerClient] | None = None) -> None:
+        self.sink = sink
+        self.ping_interval = ping_interval
+        self._factory = client_factory or (
+            lambda: docker.DockerClient(base_url=base_url or "unix:///var/run/docker.sock",
+                                        timeout=15))
+        self.client: docker.DockerClient | None = None
+        self.identity = ProxyIdentity()
+        self.proxy_networks: set[str] | None = None
+        self._stream: Any = None
+        self.connected = False
+        self.reconnects = 0
+
+    # -- identity --
+    def discover_identity(self) -> ProxyIdentity:
+        """Who the proxy itself is, so it never serves itself and shares networks right."""
+        client = self._client()
+        cid = own_container_id(_read("/proc/self/mountinfo"), _read("/proc/self/cgroup"))
+        if not cid:
+            self.proxy_networks = None
+            self.identity = ProxyIdentity()
+            return self.identity
+        try:
+            attrs = client.api.inspect_container(cid)
+        except docker.errors.NotFound:
+            self.proxy_networks = None
+            self.identity = ProxyIdentity(container_id=cid)
+            return self.identity
+        self.identity = identity_from_attrs(attrs)
+        networks = (attrs.get("NetworkSettings") or {}).get("Networks") or {}
+        self.proxy_networks = {n.get("NetworkID") for n in networks.values() if n}
+        return self.identity
+
+    def _client(self) -> docker.DockerClient:
+        if self.client is None:
+            try:
+                self.client = self._factory()
+            except docker.errors.DockerException as exc:
+                raise SourceError(f"cannot reach the Docker engine: {exc}; mount the socket "
+                                  "with -v /var/run/docker.sock:/var/run/docker.sock") from exc
+        return self.client
+
+    # -- listing --
+    def list_targets(self) -> list[Target]:
+        client = self._client()
+        out = []
+        for summary in client.api.containers(filters={"status": "running"}):
+            target = self.inspect_target(summary["Id"])
+            if target is not None:
+                out.append(target)
+        return out
+
+    def inspect_target(self, container_id: str) -> Target | None:
+        """The container as a Target, or None when it is gone, not running or the proxy."""
+        if container_id == self.identity.container_id:
+            return None
+        try:
+            attrs = self._client().api.inspect_container(container_id)
+        except docker.errors.NotFound:
+            return None
+        if not is_running(attrs):
+            return None
+        return container_target(attrs, self.proxy_networks)
+
+    # -- exec: the key-file fallback --
+    def exec_read(self, target: Target, argv: list[str], limit: int) -> bytes:
+        """Run argv in the container, return at most `limit` bytes of stdout (stderr apart)."""
+        api = self._client().api
+        try:
+            exec_id = api.exec_create(target.id, argv, stdout=True, stderr=True)["Id"]
+            out = bytearray()
+            err = bytearray()
+            for stdout, stderr in api.exec_start(exec_id, stream=True, demux=True):
+                if stdout:
+                    out += stdout
+                if stderr and len(err) < 1024:
+                    err += stderr
+                if len(out) >= limit:
+                    break
+            if len(out) >= limit:
+                return bytes(out[:limit])
+            code = api.exec_inspect(exec_id).get("ExitCode")
+        except (docker.errors.APIError, requests.RequestException) as exc:
+            raise FetchError(f"exec in {target.name} failed: {exc}") from exc
+        if code not in (0, None):
+            detail = err.decode(errors="replace").strip().splitlines()[:1]
+            raise FetchError(f"exec {' '.join(argv[-1:])!s} in {target.name} exited {code}"
+                             + (f": {detail[0][:200]}" if detail else ""))
+        return bytes(out)
+
+    # -- the watch loop --
+    def run(self, stop: threading.Event) -> None:
+        """Forever: connect, resync, follow events; on any break reconnect with backoff."""
+        retrying = tenacity.Retrying(
+            wait=tenacity.wait_exponential(multiplier=0.5, max=30),
+            retry=tenacity.retry_if_exception_type((docker.errors.DockerException,
+                                                    requests.RequestException, SourceError,
+                                                    OSError, _StreamEnded)),
+            stop=lambda state: stop.is_set(),
+            before_sleep=self._before_sleep,
+            sleep=lambda seconds: stop.wait(seconds))
+        try:
+            retrying(self._follow_once, stop)
+        except Exception as exc:  # only reached when stopping
+            if not stop.is_set():
+                raise
+            log.debug("docker source stopped: %s", exc)
+
+    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
+        self.connected = False
+        self.reconnects += 1
+        self.client = None
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("docker events stream lost (%s); reconnecting in %.1fs",
+                    exc or "ended", state.upcoming_sleep)
+        self.sink.set_source_status({"kind": "docker", "connected": False,
+                                     "error": str(exc), "reconnects": self.reconnects})
+
+    def _follow_once(self, stop: threading.Event) -> None:
+        client = self._client()
+        client.ping()
+        if not self.identity.container_id and self.proxy_networks is None:
+            self.discover_identity()
+        # Subscribe before listing so nothing between the two is missed; the relist then
+        # makes the state exact, and later events only refine it.
+        stream = client.api.events(decode=True, filters={
+            "type": ["container", "network"],
+            "event": list(CONTAINER_EVENTS + NETWORK_EVENTS)})
+        self._stream = stream
+        pinger = threading.Thread(target=self._ping_loop, args=(client, stream, stop),
+                                  daemon=True, name="docker-ping")
+        try:
+            self.discover_identity()
+            self.sink.replace_all(self.list_targets())
+            self.connected = True
+            self.sink.set_source_status({"kind": "docker", "connected": True, "error": "",
+                                         "reconnects": self.reconnects,
+                                         "since": time.time()})
+            pinger.start()
+            for event in stream:
+                if stop.is_set():
+                    return
+                self.handle_event(event)
+        finally:
+            self._stream = None
+            try:
+                stream.close()
+            except Exception:  # closing a dead stream may raise anything; it is dead either way
+                pass
+        if not stop.is_set():
+            raise _StreamEnded("events stream ended")
+
+    def _ping_loop(self, client: docker.DockerClient, stream: Any, stop: threading.Event) -> None:
+        while not stop.wait(self.ping_interval):
+            if self._stream is not stream:
+                return
+            try:
+                client.ping()
+            except Exception as exc:  # any failure means the stream cannot be trusted
+                log.warning("docker daemon did not answer a ping (%s): resyncing", exc)
+                try:
+                    stream.close()
+                except Exception:
+                    pass
+                return
+        try:
+            stream.close()  # stop requested: unblock the reader
+        except Exception:
+            pass
+
+    def handle_event(self, event: dict[str, Any]) -> None:
+        """One event touches one target: re-inspect it and upsert or remove."""
+        cid = event_container_id(event)
+        if not cid:
+            return
+        action = event_action(event)
+        if action == "destroy":
+            self.sink.remove(cid)
+            return
+        if event.get("Type") == "network" and cid == self.identity.container_id:
+            # The proxy itself joined or left a network: which targets it shares changes.
+            self.discover_identity()
+            self.sink.replace_all(self.list_targets())
+            return
+        target = self.inspect_target(cid)
+        if target is None:
+            self.sink.remove(cid)
+        else:
+            self.sink.upsert(target)
+
+
+class _StreamEnded(Exception):
+    """The events stream ended (daemon restart, socket closed)."""
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+

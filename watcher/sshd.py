@@ -1,0 +1,136 @@
+"""sshd: render its config, keep host keys, run it as a child and restart it if it dies."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+import tenacity
+
+from .config import Settings
+from .errors import WatcherError
+
+log = logging.getLogger(__name__)
+
+HOST_KEY_TYPES = (("ed25519", []), ("ecdsa", ["-b", "256"]), ("rsa", ["-b", "3072"]))
+
+
+@dataclass(frozen=True)
+class SshdPaths:
+    template: Path = Path("/opt/ssh-proxy/sshd/sshd_config.template")
+    config: Path = Path("/etc/ssh/sshd_config")
+    host_key_dir: Path = Path("/etc/ssh/host_keys")
+    keys_command: Path = Path("/usr/local/libexec/ssh-proxy/authorized-keys-command")
+    keys_command_user: str = "nobody"
+    index: Path = Path("/etc/ssh/authorized_keys.index")
+    sshd: str = "/usr/sbin/sshd"
+
+
+def permit_open(settings: Settings, hosts_enforced_by_sshd: bool) -> str:
+    """sshd_config `PermitOpen`: the global ceiling every key's own permitopen sits under.
+
+    With discovery, each key carries its target's aliases (names and IPs), so the ceiling
+    only limits ports: `*:<port>`. A host list here would also have to list every alias.
+    """
+    hosts = list(settings.permit_hosts) if hosts_enforced_by_sshd and not settings.any_host else ["*"]
+    ports = list(settings.permit_ports)
+    if hosts == ["*"] and ports == ["*"]:
+        return "any"
+    return " ".join(f"{h}:{p}" for h in hosts for p in ports)
+
+
+def render_sshd_config(template: str, settings: Settings, paths: SshdPaths,
+                       host_keys: list[Path], hosts_enforced_by_sshd: bool = False) -> str:
+    return Template(template).substitute(
+        host_keys="\n".join(f"HostKey {k}" for k in host_keys),
+        keys_command=str(paths.keys_command),
+        keys_command_user=paths.keys_command_user,
+        index_path=str(paths.index),
+        permit_open=permit_open(settings, hosts_enforced_by_sshd),
+        max_startups="512:50:1024",
+    )
+
+
+def ensure_host_keys(directory: Path) -> list[Path]:
+    """Generate missing host keys once; reuse them after restarts (mount the directory)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for kind, extra in HOST_KEY_TYPES:
+        path = directory / f"ssh_host_{kind}_key"
+        if not path.exists():
+            log.info("generating %s host key in %s", kind, directory)
+            subprocess.run(["ssh-keygen", "-q", "-t", kind, *extra, "-N", "", "-C", "ssh-proxy",
+                            "-f", str(path)], check=True, capture_output=True)
+        path.chmod(0o600)
+        keys.append(path)
+    return keys
+
+
+def check_config(paths: SshdPaths) -> None:
+    """`sshd -t`: refuse to start on a config sshd would reject, with its own words."""
+    result = subprocess.run([paths.sshd, "-t", "-f", str(paths.config)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise WatcherError(f"sshd rejected {paths.config}: {result.stderr.strip()}")
+
+
+class SshdProcess:
+    """sshd -D as a child; restarted with backoff if it exits while we are running."""
+
+    def __init__(self, paths: SshdPaths) -> None:
+        self.paths = paths
+        self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process and self.process.poll() is None else None
+
+    def start(self) -> None:
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation dir
+        with self._lock:
+            self.process = subprocess.Popen([self.paths.sshd, "-D", "-f", str(self.paths.config)],
+                                            stdin=subprocess.DEVNULL)
+        log.info("sshd started pid=%d", self.process.pid)
+
+    def supervise(self, stop: threading.Event) -> None:
+        """Wait on sshd; when it dies unexpectedly, start it again (tenacity backoff)."""
+        wait = tenacity.wait_exponential(multiplier=0.5, max=30)
+        while not stop.is_set():
+            process = self.process
+            if process is None:
+                return
+            while process.poll() is None:
+                if stop.wait(0.5):
+                    return
+            self.restarts += 1
+            state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+            state.attempt_number = self.restarts
+            delay = wait(state)
+            log.error("sshd exited with status %s; restarting in %.1fs", process.returncode, delay)
+            if stop.wait(delay):
+                return
+            self.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def sshd_available(paths: SshdPaths) -> bool:
+    return Path(paths.sshd).exists() or shutil.which(paths.sshd) is not None
