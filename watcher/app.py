@@ -15,11 +15,12 @@ from typing import Any, Callable, TextIO
 from .accesslog import AccessEvent, AccessTracker, format_event, parse_datagram
 from .cache import update_hosts_block, write_if_changed
 from .config import Settings
-from .errors import WatcherError
 from .fetch import KeyFetcher
+from .model import KeyState
 from .reconcile import Reconciler, Snapshot
 from .render import Rendered
 from .sources.docker import DockerSource
+from .sources.manual import ManualKeySource
 from .sshd import SshdPaths, SshdProcess, check_config, ensure_host_keys, render_sshd_config
 from .status import snapshot_document, write_status
 from .syslog_listener import SyslogListener
@@ -35,15 +36,17 @@ class Paths:
     access_log: Path = Path("/etc/ssh/access.log")
     status: Path = Path("/run/ssh-proxy/status.json")
     syslog_socket: Path = Path("/dev/log")
+    keys_dir: Path = Path("/etc/ssh/authorized_keys.d")
     sshd: SshdPaths = field(default_factory=SshdPaths)
 
 
 class OutputWriter:
     """The reconciler's single write path: hosts block, then index, then the cache."""
 
-    def __init__(self, paths: Paths, pin_names: bool) -> None:
+    def __init__(self, paths: Paths, pin_names: bool, write_cache: bool) -> None:
         self.paths = paths
         self.pin_names = pin_names
+        self.write_cache = write_cache  # False in manual mode: there the cache is an input
 
     def __call__(self, rendered: Rendered) -> bool:
         changed = False
@@ -51,7 +54,8 @@ class OutputWriter:
             # Names first, so a newly granted name resolves by the time sshd allows it.
             changed |= update_hosts_block(self.paths.hosts, rendered.hosts_block)
         changed |= write_if_changed(self.paths.sshd.index, rendered.index.encode())
-        changed |= write_if_changed(self.paths.cache, rendered.cache.encode())
+        if self.write_cache:
+            changed |= write_if_changed(self.paths.cache, rendered.cache.encode())
         return changed
 
 
@@ -120,35 +124,48 @@ class Supervisor:
         self.threads.append(thread)
 
     def run(self) -> int:
-        if self.settings.manual_auth_file:
-            raise WatcherError("MANUAL_AUTH_FILE=true is not available in this build; "
-                               "run with the Docker socket mounted")
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
-        pin_names = hosts_writable(self.paths.hosts)
-        if not pin_names:
-            log.warning("%s is not writable: only target names, ids and IPs are granted",
-                        self.paths.hosts)
-        source = DockerSource(sink=None)
-        identity = self._identity(source)
-        fetcher = KeyFetcher(self.settings.publickey_api_port, self.settings.key_path,
-                             source.exec_read)
-        reconciler = Reconciler(self.settings, identity, fetcher.fetch,
-                                OutputWriter(self.paths, pin_names), self._publish,
-                                pin_names=pin_names)
-        source.sink = reconciler
-        reconciler.run_once_pending()  # an empty index exists before sshd starts
+        manual = self.settings.manual_auth_file
+        mode = "manual" if manual else "docker"
+        source: DockerSource | None = None
+        if manual:
+            if self.settings.labels:
+                log.warning("SSH_TARGET_LABELS has no effect with MANUAL_AUTH_FILE=true "
+                            "(there is no discovery to select targets)")
+            pin_names, identity, fetch = False, ProxyIdentity(), _no_fetch
+        else:
+            pin_names = hosts_writable(self.paths.hosts)
+            if not pin_names:
+                log.warning("%s is not writable: only target names, ids and IPs are granted",
+                            self.paths.hosts)
+            source = DockerSource(sink=None)
+            identity = self._identity(source)
+            fetch = KeyFetcher(self.settings.publickey_api_port, self.settings.key_path,
+                               source.exec_read).fetch
+        reconciler = Reconciler(self.settings, identity, fetch,
+                                OutputWriter(self.paths, pin_names, write_cache=not manual),
+                                self._publish, pin_names=pin_names, scope_manual=not manual)
+        keys = ManualKeySource(reconciler, self.paths.keys_dir,
+                               seed_file=self.paths.cache if manual else None)
+        keys.load()
+        if source is not None:
+            source.sink = reconciler
+        reconciler.run_once_pending()  # the index exists before sshd starts
 
         listener = SyslogListener(str(self.paths.syslog_socket))
         access = AccessLog(self.paths.access_log, reconciler.owners_of, reconciler.alias_owner)
         self._thread(listener.serve, access, self.stop, name="syslog")
-        self._start_sshd()
+        self._start_sshd(hosts_enforced_by_sshd=manual)
         self._thread(reconciler.run, self.stop, name="reconcile")
-        self._thread(source.run, self.stop, name="docker-source")
+        self._thread(keys.run, self.stop, name="manual-keys")
+        if source is not None:
+            self._thread(source.run, self.stop, name="docker-source")
         self._thread(self.sshd.supervise, self.stop, name="sshd")
+        log.info("ready: mode=%s", mode)
         try:
             while not self.stop.wait(2.0):
-                self._write_status("docker")
+                self._write_status(mode)
                 _reap_orphans(self.sshd.pid)
         finally:
             log.info("stopping")
@@ -164,11 +181,12 @@ class Supervisor:
             log.warning("could not inspect the proxy's own container yet: %s", exc)
             return ProxyIdentity()
 
-    def _start_sshd(self) -> None:
+    def _start_sshd(self, hosts_enforced_by_sshd: bool) -> None:
         paths = self.paths.sshd
         host_keys = ensure_host_keys(paths.host_key_dir)
         template = paths.template.read_text()
-        paths.config.write_text(render_sshd_config(template, self.settings, paths, host_keys))
+        paths.config.write_text(render_sshd_config(template, self.settings, paths, host_keys,
+                                                   hosts_enforced_by_sshd))
         check_config(paths)
         self.sshd.start()
 
@@ -185,6 +203,10 @@ class Supervisor:
                                         for k, v in self.settings.labels]}}))
         except OSError as exc:
             log.warning("cannot write %s: %s", self.paths.status, exc)
+
+
+def _no_fetch(target: Any) -> KeyState:
+    return KeyState(status="failed", error="no discovery with MANUAL_AUTH_FILE=true")
 
 
 def _reap_orphans(keep: int | None) -> None:

@@ -18,7 +18,12 @@ def cmd_run(_: argparse.Namespace) -> int:
     from .app import Supervisor  # imports docker etc. only when running
 
     settings = load_settings(os.environ)
-    return Supervisor(settings).run()
+    code = Supervisor(settings).run()
+    # sshd is stopped and every file is on disk: do not wait for a key fetch still hanging
+    # on a slow target (interpreter exit would join the worker threads).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_check_config(_: argparse.Namespace) -> int:

@@ -128,8 +128,32 @@ def parse_bool(name: str, value: str) -> bool:
     raise ConfigError(f"{name}={value!r}: expected 'true' or 'false'")
 
 
+_GLOB_CHARS = set("*?[]!")
+
+
+def check_manual_mode(settings: Settings) -> None:
+    """Without discovery, sshd_config's PermitOpen is the only host check, and it takes
+    `*` or exact hosts: a pattern would have to be widened to `*`. Refuse instead."""
+    if not settings.manual_auth_file or settings.any_host:
+        return
+    patterns = [h for h in settings.permit_hosts if _GLOB_CHARS & set(h)]
+    if patterns:
+        raise ConfigError(
+            f"SSH_PERMIT_TARGET_HOST={','.join(settings.permit_hosts)!r}: with "
+            f"MANUAL_AUTH_FILE=true, {patterns[0]!r} cannot be enforced (stock sshd's "
+            "PermitOpen takes only '*' or exact hosts, and there is no discovery to expand "
+            "the pattern). List the hosts exactly (e.g. 'workspace-a,workspace-b'), or set "
+            "'*' and give each key its own permitopen=\"host:port\" option")
+
+
 def load_settings(env: Mapping[str, str]) -> Settings:
     """Read and validate every variable; the first bad one raises ConfigError."""
+    settings = _read_settings(env)
+    check_manual_mode(settings)
+    return settings
+
+
+def _read_settings(env: Mapping[str, str]) -> Settings:
     return Settings(
         permit_hosts=parse_permit_hosts(env.get("SSH_PERMIT_TARGET_HOST", "*")),
         permit_ports=parse_permit_ports(env.get("SSH_PERMIT_TARGET_PORT", "*")),

@@ -172,6 +172,10 @@ def parse_authorized_keys_line(line: str) -> tuple[tuple[str, ...], PublicKey]:
     rest = rest.lstrip(" \t")
     if not rest:
         raise KeyRejected("no key after the options")
+    if sum(1 for o in options if o.startswith("from=")) > 1:
+        # sshd refuses such a line outright ("multiple from clauses"): say so here.
+        raise KeyRejected("option 'from' given twice (sshd refuses the line); "
+                          "list all patterns in one from=\"a,b\"")
     return tuple(options), parse_public_key(rest)
 
 

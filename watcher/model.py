@@ -33,7 +33,8 @@ class Target:
     name: str
     address: str = ""  # IP on a network shared with the proxy; "" when there is none
     hostname: str = ""
-    aliases: tuple[str, ...] = ()  # network aliases, short id, extra IPs ... (not the name)
+    aliases: tuple[str, ...] = ()  # network aliases (chosen by whoever runs the target)
+    addresses: tuple[str, ...] = ()  # its other own IPs on networks shared with the proxy
     labels: tuple[tuple[str, str], ...] = ()
     source: str = "docker"
     started_at: str = ""  # changes on restart: a restarted target's key is fetched again

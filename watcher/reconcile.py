@@ -48,6 +48,7 @@ class Snapshot:
     writes: int
     last_write: float
     source: dict
+    manual: dict = field(default_factory=dict)
 
 
 # Messages (posted by any thread, applied by the loop thread only).
@@ -83,6 +84,11 @@ class _SourceStatus:
     status: dict
 
 
+@dataclass(frozen=True)
+class _ManualStatus:
+    status: dict
+
+
 _RETRY_WAIT = tenacity.wait_exponential(multiplier=5, min=5, max=300)
 
 
@@ -98,7 +104,7 @@ class Reconciler:
                  fetch: Callable[[Target], KeyState],
                  write: Callable[[Rendered], bool],
                  publish: Callable[[Snapshot], None] = lambda s: None,
-                 pin_names: bool = True, pool_size: int = 8,
+                 pin_names: bool = True, scope_manual: bool = True, pool_size: int = 8,
                  min_wait: float = 0.1, max_wait: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
@@ -107,6 +113,7 @@ class Reconciler:
         self.write = write
         self.publish = publish
         self.pin_names = pin_names
+        self.scope_manual = scope_manual
         self.min_wait = min_wait
         self.max_wait = max_wait
         self.clock = clock
@@ -116,6 +123,7 @@ class Reconciler:
         self.ignored: dict[str, tuple[Target, str]] = {}
         self.manual: tuple[ManualLine, ...] = ()
         self.source_status: dict = {}
+        self.manual_status: dict = {}
         self.owners: dict[str, tuple[str, ...]] = {}
         self.alias_owners: dict[str, str] = {}
         self.writes = 0
@@ -140,6 +148,9 @@ class Reconciler:
 
     def set_source_status(self, status: dict) -> None:
         self.inbox.put(_SourceStatus(dict(status)))
+
+    def set_manual_status(self, status: dict) -> None:
+        self.inbox.put(_ManualStatus(dict(status)))
 
     def owners_of(self, fingerprint: str) -> tuple[str, ...]:
         with self._lock:
@@ -219,10 +230,16 @@ class Reconciler:
             self.manual = message.lines
         elif isinstance(message, _SourceStatus):
             self.source_status = message.status
+        elif isinstance(message, _ManualStatus):
+            self.manual_status = message.status
         self._dirty()
 
     def _upsert(self, target: Target) -> None:
         reason = is_permitted(target, self.settings)
+        if not reason and not target.address:
+            # Unreachable from here, and its names would resolve through DNS to whoever
+            # holds them now: not served until it shares a network again.
+            reason = "no network shared with the proxy"
         if reason:
             if target.id in self.entries:
                 log.info("target no longer permitted: %s (%s)", target.name, reason)
@@ -311,7 +328,7 @@ class Reconciler:
         plan = resolve_aliases(targets, self.proxy, pin_names=self.pin_names)
         served = [ServedTarget(e.target, plan.aliases.get(e.target.id, ()), e.keys.keys)
                   for e in self.entries.values() if e.keys.keys]
-        rendered = render(served, self.settings.permit_ports, self.manual)
+        rendered = render(served, self.settings.permit_ports, self.manual, self.scope_manual)
         if self.write(rendered):
             self.writes += 1
             self.last_write = time.time()
@@ -337,4 +354,5 @@ class Reconciler:
                    for t, r in sorted(self.ignored.values(), key=lambda v: v[0].name)]
         return Snapshot(targets=tuple(rows), ignored=tuple(ignored), refused_aliases=refused,
                         keys_served=rendered.index.count("\n"), writes=self.writes,
-                        last_write=self.last_write, source=dict(self.source_status))
+                        last_write=self.last_write, source=dict(self.source_status),
+                        manual=dict(self.manual_status))

@@ -45,31 +45,109 @@ def _key_line(options: list[str], key: PublicKey, comment: str) -> str:
     return f"{','.join(options)} {key.line()} {comment}".rstrip()
 
 
-def render_discovered(served: Iterable[ServedTarget], ports: tuple[str, ...]) -> list[tuple[str, str]]:
-    """(fingerprint, line) per distinct key; a key shared by targets opens all of them."""
+@dataclass
+class Grant:
+    """What one key may do, from one source or merged from several."""
+
+    key: PublicKey
+    options: list[str]  # besides restrict/port-forwarding, in order (permitopen included)
+    tunnels: bool = True  # port-forwarding on
+    unscoped: bool = False  # no permitopen of its own: sshd_config's PermitOpen governs
+    names: list[str] = field(default_factory=list)  # targets, for the line's comment
+
+    def line(self) -> str:
+        options = [BASE_OPTIONS if self.tunnels else "restrict", *self.options]
+        comment = ",".join(self.names) if self.names else self.key.comment
+        return _key_line(options, self.key, comment)
+
+
+def discovered_grants(served: Iterable[ServedTarget], ports: tuple[str, ...]) -> list[Grant]:
+    """One grant per distinct key; a key shared by targets opens all of them."""
     by_blob: dict[str, tuple[PublicKey, list[ServedTarget]]] = {}
     for item in sorted(served, key=lambda s: (s.target.name, s.target.id)):
         if not item.aliases:
             continue
         for key in item.keys:
             by_blob.setdefault(key.blob_b64, (key, []))[1].append(item)
-    lines = []
+    grants = []
     for key, items in by_blob.values():
         aliases = [a for item in items for a in item.aliases]
-        options = [BASE_OPTIONS, *permitopen_options(dict.fromkeys(aliases), ports)]
-        comment = ",".join(item.target.name for item in items)
-        lines.append((key.fingerprint, _key_line(options, key, comment)))
-    return lines
+        grants.append(Grant(key, permitopen_options(dict.fromkeys(aliases), ports),
+                            names=[item.target.name for item in items]))
+    return grants
 
 
-def render_manual(lines: Iterable[ManualLine]) -> list[tuple[str, str]]:
-    """Admin lines keep their own options; the proxy's base options always come first."""
-    out = []
+def manual_grants(lines: Iterable[ManualLine], scope: list[str] | None = None) -> list[Grant]:
+    """Admin lines keep their own options; the proxy's base options always come first.
+
+    `scope`: permitopen options given to a line that has none of its own (with discovery:
+    every served target, so an admin key cannot reach what was not discovered); an empty
+    scope leaves such a line no forwarding at all. None: sshd_config's PermitOpen governs.
+    """
+    grants = []
     for item in lines:
-        options = [BASE_OPTIONS, *(o for o in item.options
-                                   if o not in ("restrict", "port-forwarding"))]
-        out.append((item.key.fingerprint, _key_line(options, item.key, item.key.comment)))
-    return out
+        own = [o for o in item.options if o not in ("restrict", "port-forwarding")]
+        if any(o.startswith("permitopen=") for o in own):
+            grants.append(Grant(item.key, own))
+        elif scope is None:
+            grants.append(Grant(item.key, own, unscoped=True))
+        elif scope:
+            grants.append(Grant(item.key, [*own, *scope]))
+        else:
+            grants.append(Grant(item.key, own, tunnels=False))
+    return grants
+
+
+def _conditions(grant: Grant) -> tuple[str, ...]:
+    """Options that decide whether a line applies at all (from=, expiry-time, no-* ...)."""
+    return tuple(o for o in grant.options if not o.startswith("permitopen="))
+
+
+def merge_grants(grants: Iterable[Grant]) -> list[Grant]:
+    """The lines for each key, so that no source's grant is lost.
+
+    sshd applies only the first line that matches a key, moving on when that line's
+    conditions (from=, expiry-time) do not hold. So per key: one line per set of
+    conditions, each also carrying the unconditional grants (a target's own, an admin
+    line without conditions), conditional lines first, the unconditional line last.
+    Two `from=` never share a line (sshd refuses such a line).
+    """
+    groups: dict[tuple[str, tuple[str, ...]], Grant] = {}
+    for grant in grants:
+        slot = (grant.key.blob_b64, _conditions(grant))
+        have = groups.get(slot)
+        if have is None:
+            groups[slot] = Grant(grant.key, list(grant.options), grant.tunnels,
+                                 grant.unscoped, list(grant.names))
+            continue
+        _absorb(have, grant)
+    plain = {blob: g for (blob, conds), g in groups.items() if not conds}
+    for (blob, conds), grant in groups.items():
+        if conds and blob in plain:
+            _absorb(grant, plain[blob])
+    for grant in groups.values():
+        if grant.unscoped:
+            grant.options = [o for o in grant.options if not o.startswith("permitopen=")]
+    conditional = [g for (_, conds), g in groups.items() if conds]
+    return conditional + list(plain.values())
+
+
+def _absorb(into: Grant, other: Grant) -> None:
+    into.options = list(dict.fromkeys(into.options + other.options))
+    into.tunnels = into.tunnels or other.tunnels
+    into.unscoped = into.unscoped or other.unscoped
+    into.names = list(dict.fromkeys(into.names + other.names))
+
+
+def render_discovered(served: Iterable[ServedTarget], ports: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(fingerprint, line) per distinct key of the discovered targets."""
+    return [(g.key.fingerprint, g.line()) for g in discovered_grants(served, ports)]
+
+
+def render_manual(lines: Iterable[ManualLine],
+                  scope: list[str] | None = None) -> list[tuple[str, str]]:
+    """(fingerprint, line) per admin line, unmerged (see manual_grants)."""
+    return [(g.key.fingerprint, g.line()) for g in manual_grants(lines, scope)]
 
 
 def render_hosts_block(served: Iterable[ServedTarget]) -> str:
@@ -87,15 +165,21 @@ def _looks_like_ip(text: str) -> bool:
 
 
 def render(served: Iterable[ServedTarget], ports: tuple[str, ...],
-           manual: Iterable[ManualLine] = ()) -> Rendered:
+           manual: Iterable[ManualLine] = (), scope_manual: bool = False) -> Rendered:
     served = list(served)
     manual = list(manual)
-    discovered = render_discovered(served, ports)
-    admin = render_manual(manual)
+    scope = None
+    if scope_manual:
+        aliases = [a for item in sorted(served, key=lambda s: s.target.name)
+                   if item.keys for a in item.aliases]
+        scope = permitopen_options(dict.fromkeys(aliases), ports)
+    merged = merge_grants(discovered_grants(served, ports) + manual_grants(manual, scope))
+    # (fingerprint, conditional first, line): `look` needs the index sorted by fingerprint
+    # only; within one fingerprint the order is the order sshd tries the lines in.
+    lines = sorted((g.key.fingerprint, not _conditions(g), g.line()) for g in merged)
     header = "# ssh-proxy authorized keys: rendered by the watcher, do not edit\n"
-    cache = header + "".join(line + "\n" for _, line in sorted(discovered, key=lambda p: p[1])
-                             + admin)
-    index = "".join(f"{fp} {line}\n" for fp, line in sorted(discovered + admin))
+    cache = header + "".join(line + "\n" for _, _, line in lines)
+    index = "".join(f"{fp} {line}\n" for fp, _, line in lines)
     owners: dict[str, list[str]] = {}
     for item in served:
         if item.aliases:

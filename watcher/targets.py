@@ -94,11 +94,11 @@ def alias_problem(alias: str, proxy: ProxyIdentity) -> str:
 
 
 def _candidates(target: Target) -> list[tuple[str, bool]]:
-    """(alias, authoritative) in priority order: the name and id are the target's own."""
+    """(alias, authoritative) in priority order: name, id and IPs are the target's own;
+    hostname and network aliases are whatever its owner chose (soft)."""
     out: list[tuple[str, bool]] = [(target.name, True), (target.id[:12], True)]
-    if target.address:
-        out.append((target.address, True))
-    out.extend((a, _ip(a) is not None) for a in target.aliases)
+    out.extend((ip, True) for ip in (target.address, *target.addresses) if ip)
+    out.extend((a, False) for a in target.aliases)
     if target.hostname:
         out.append((target.hostname, False))
     return out
@@ -129,6 +129,10 @@ def resolve_aliases(targets: Iterable[Target], proxy: ProxyIdentity,
     addresses = {t.id: t.address for t in targets}
 
     def contest(alias: str, target_id: str, auth: bool) -> str:
+        if not auth and _ip(alias) is not None:
+            # A hostname or network alias spelled as an address would open that address,
+            # which may be any host: only the target's own IPs (from the engine) count.
+            return "an address that is not the target's own"
         owner = name_owner.get(alias)
         if owner is not None:
             return "" if owner == target_id else f"belongs to target {names[owner]}"

@@ -6,6 +6,10 @@ import copy
 from typing import Any, Iterator
 
 import docker.errors
+import socket as _socket
+import threading
+import time
+
 import pytest
 import requests
 
@@ -14,6 +18,7 @@ from watcher.model import Target
 from watcher.sources import docker as docker_source
 from watcher.sources.docker import (
     DockerSource,
+    demux_frames,
     container_target,
     event_action,
     event_container_id,
@@ -159,7 +164,8 @@ def test_two_networks_proxy_outside_docker_sees_all() -> None:
     t = container_target(WEB_TWO_NETS, None)
     # Networks are taken in name order: backend first gives the address.
     assert t.address == "172.21.0.7"
-    assert t.aliases == ("api-internal", "172.20.0.7", "api-public")
+    assert t.aliases == ("api-internal", "api-public")
+    assert t.addresses == ("172.20.0.7",)
 
 
 def test_network_mode_host() -> None:
@@ -435,6 +441,7 @@ class ExecAPI:
         self.created: list[tuple[str, list[str], bool, bool]] = []
         self.consumed = 0
         self.inspected = 0
+        self.hang = False  # keep the stream open after the last chunk (a key file that blocks)
 
     def exec_create(self, container: str, cmd: list[str], stdout: bool = True,
                     stderr: bool = True) -> dict[str, str]:
@@ -443,11 +450,29 @@ class ExecAPI:
         self.created.append((container, cmd, stdout, stderr))
         return {"Id": "exec-1"}
 
-    def exec_start(self, exec_id: str, stream: bool = False, demux: bool = False) -> Iterator:
-        assert (exec_id, stream, demux) == ("exec-1", True, True)
-        for chunk in self.chunks:
-            self.consumed += 1
-            yield chunk
+    def exec_start(self, exec_id: str, socket: bool = False) -> Any:
+        """Docker's multiplexed stream on a real socket pair, written by a thread."""
+        assert (exec_id, socket) == ("exec-1", True)
+        ours, theirs = _socket.socketpair()
+        self.peer = theirs  # kept: a collected socket would close and end the stream
+
+        def feed() -> None:
+            try:
+                for stdout, stderr in self.chunks:
+                    for stream, data in ((1, stdout), (2, stderr)):
+                        if data:
+                            theirs.sendall(bytes([stream, 0, 0, 0]) + len(data).to_bytes(4, "big")
+                                           + data)
+                    self.consumed += 1
+                    if self.hang:
+                        continue
+                if not self.hang:
+                    theirs.close()
+            except OSError:  # the reader closed its end after the cap: stop writing
+                theirs.close()
+
+        threading.Thread(target=feed, daemon=True).start()
+        return ours
 
     def exec_inspect(self, exec_id: str) -> dict[str, Any]:
         self.inspected += 1
@@ -473,7 +498,28 @@ def test_exec_read_caps_stdout() -> None:
     api = ExecAPI([(b"a" * 100, None)] * 1000)
     out = exec_source(api).exec_read(TARGET, ARGV, 250)
     assert out == b"a" * 250
-    assert api.consumed == 3  # stopped reading once the cap was reached
+    assert api.inspected == 0  # stopped reading once the cap was reached
+
+
+def test_exec_read_that_never_ends_times_out() -> None:
+    api = ExecAPI([(b"ssh-ed25519 AAAA", None)])
+    api.hang = True
+    source = exec_source(api)
+    source.exec_timeout = 0.3
+    started = time.monotonic()
+    with pytest.raises(FetchError) as info:
+        source.exec_read(TARGET, ARGV, 1000)
+    assert time.monotonic() - started < 2
+    assert "did not finish within" in str(info.value)
+
+
+def test_demux_frames_keeps_partial_frame() -> None:
+    buffer = bytearray(b"\x01\x00\x00\x00\x00\x00\x00\x03abc\x02\x00\x00\x00\x00\x00\x00\x05er")
+    assert demux_frames(buffer) == [(1, b"abc")]
+    assert buffer == bytearray(b"\x02\x00\x00\x00\x00\x00\x00\x05er")
+    buffer += b"ror"
+    assert demux_frames(buffer) == [(2, b"error")]
+    assert buffer == bytearray()
 
 
 def test_exec_read_nonzero_exit() -> None:

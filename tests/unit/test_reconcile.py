@@ -170,11 +170,29 @@ def test_ports_from_settings() -> None:
     harness = Harness(load_settings({"SSH_PERMIT_TARGET_PORT": "22,80"}))
     try:
         harness.fetch.results["web"] = ok(KA)
-        harness.rec.upsert(target("web", 1, address=""))
+        harness.rec.upsert(target("web", 1))
         harness.settle()
         [line] = harness.index_lines()
         assert ('permitopen="web:22",permitopen="web:80",'
                 f'permitopen="{target("web", 1).id[:12]}:22"') in line
+    finally:
+        harness.rec.pool.shutdown(wait=True)
+
+
+def test_target_without_address_is_not_served() -> None:
+    # A target that shares no network with the proxy (e.g. after `network disconnect`):
+    # its names would resolve through DNS to whoever holds them now.
+    harness = Harness(load_settings({}))
+    try:
+        harness.fetch.results["web"] = ok(KA)
+        harness.rec.upsert(target("web", 1))
+        harness.settle()
+        assert len(harness.index_lines()) == 1
+        harness.rec.upsert(target("web", 1, address=""))
+        harness.settle()
+        assert harness.index_lines() == []
+        assert [row["reason"] for row in harness.snapshot.ignored] == [
+            "no network shared with the proxy"]
     finally:
         harness.rec.pool.shutdown(wait=True)
 

@@ -131,8 +131,9 @@ def test_cache_index_and_owners() -> None:
     cache_lines = rendered.cache.splitlines()
     assert cache_lines[0] == "# ssh-proxy authorized keys: rendered by the watcher, do not edit"
     assert len(cache_lines) == 3
-    assert cache_lines[1:] == sorted(cache_lines[1:])
     index_lines = rendered.index.splitlines()
+    # The cache lists the lines in the index's order (by fingerprint, the order sshd tries).
+    assert cache_lines[1:] == [line.split(" ", 1)[1] for line in index_lines]
     assert len(index_lines) == 2
     for line in index_lines:
         fp, rest = line.split(" ", 1)
@@ -193,22 +194,23 @@ def test_index_lines_are_fingerprint_then_cache_line(big_render) -> None:
 @pytest.mark.skipif(not os.access(LOOK, os.X_OK), reason=f"{LOOK} (bsdextrautils) not installed")
 def test_look_finds_exactly_one_fingerprint(big_render, tmp_path: Path) -> None:
     items, _ = big_render
-    # One key also appears as a manual line: its fingerprint has two lines in the index.
+    # One key also appears as a manual line: merged, one line carrying both grants.
     doubled = items[1234].keys[0]
     rendered = render(items, ("22",), [ManualLine("/keys/admin:1", ('permitopen="x:22"',), doubled)])
     path = tmp_path / "index"
     path.write_text(rendered.index)
     lines = rendered.index.splitlines()
-    assert len(lines) == 2001
+    assert len(lines) == 2000
     for pick in (0, 1, 999, 1998, 1999, 1234):
         wanted = items[pick].keys[0]
         expect = [line for line in lines if line.startswith(wanted.fingerprint + " ")]
-        assert len(expect) == (2 if pick == 1234 else 1)
+        assert len(expect) == 1
         result = subprocess.run([LOOK, "--", wanted.fingerprint + " ", str(path)],
                                 env={**os.environ, "LC_ALL": "C"}, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
         assert result.stdout.splitlines() == expect
         assert f'permitopen="{items[pick].target.name}:22"' in result.stdout
+        assert ('permitopen="x:22"' in result.stdout) == (pick == 1234)
     unknown = make_key(b"\xff" * 32).fingerprint
     miss = subprocess.run([LOOK, "--", unknown + " ", str(path)],
                           env={**os.environ, "LC_ALL": "C"}, capture_output=True, text=True)
@@ -319,15 +321,16 @@ def test_manual_lines_in_render() -> None:
     web = served("web", "a", "172.18.0.5", ("web",), (shared,))
     rendered = render([web], ("22",), [manual, dup])
     lines = rendered.cache.splitlines()[1:]
-    assert lines[0] == f'restrict,port-forwarding,permitopen="web:22" {shared.line()} web'
-    assert lines[1:] == [
+    # sshd applies only the first line matching a key: a key both discovered and in an
+    # admin file is one line with the union of both grants.
+    assert lines == sorted([
+        f'restrict,port-forwarding,permitopen="web:22",permitopen="y:22" {shared.line()} web',
         f'restrict,port-forwarding,permitopen="x:22" {manual.key.line()} bob',
-        f'restrict,port-forwarding,permitopen="y:22" {shared.line()}',
-    ]
+    ])
     index = rendered.index.splitlines()
     assert index == sorted(index)
-    assert len(index) == 3
-    assert sum(1 for i in index if i.startswith(shared.fingerprint + " ")) == 2
+    assert len(index) == 2
+    assert sum(1 for i in index if i.startswith(shared.fingerprint + " ")) == 1
     assert rendered.owners == {shared.fingerprint: ("/keys/a:2", "web"),
                                manual.key.fingerprint: ("/keys/a:1",)}
 

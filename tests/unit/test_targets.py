@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from dataclasses import replace
 
 from watcher.config import Settings, load_settings
 from watcher.model import Target
@@ -143,12 +144,23 @@ def test_hex_inet_aton_forms_are_refused(alias: str) -> None:
 # --- resolve_aliases ------------------------------------------------------------------
 
 def test_name_id_ip_and_soft_aliases_granted() -> None:
-    t = target("web", "a", address="172.18.0.5", hostname="webhost",
-               aliases=("web-alias", "10.1.0.5"))
+    t = replace(target("web", "a", address="172.18.0.5", hostname="webhost",
+                       aliases=("web-alias",)), addresses=("10.1.0.5",))
     plan = resolve_aliases([t], PROXY)
-    assert plan.aliases == {t.id: ("web", "aaaaaaaaaaaa", "172.18.0.5", "web-alias", "10.1.0.5",
+    assert plan.aliases == {t.id: ("web", "aaaaaaaaaaaa", "172.18.0.5", "10.1.0.5", "web-alias",
                                    "webhost")}
     assert plan.refused == ()
+
+
+@pytest.mark.parametrize("field", ["hostname", "aliases"])
+def test_ip_shaped_soft_alias_never_granted(field: str) -> None:
+    # A hostname or network alias spelled as an address (of a non-target, of the gateway)
+    # would open that address: only the engine-reported own IPs are granted.
+    value = "172.17.0.4" if field == "hostname" else ("172.17.0.4",)
+    t = replace(target("evil", "a", address="172.18.0.5"), **{field: value})
+    plan = resolve_aliases([t], PROXY)
+    assert plan.aliases[t.id] == ("evil", "aaaaaaaaaaaa", "172.18.0.5")
+    assert plan.refused == (("evil", "172.17.0.4", "an address that is not the target's own"),)
 
 
 def test_target_without_address() -> None:
@@ -227,8 +239,8 @@ def test_target_named_like_the_proxy_gets_no_name() -> None:
 
 
 def test_without_pin_names_soft_aliases_refused() -> None:
-    t = target("web", "a", address="172.18.0.5", hostname="webhost",
-               aliases=("web-alias", "10.1.0.5"))
+    t = replace(target("web", "a", address="172.18.0.5", hostname="webhost",
+                       aliases=("web-alias",)), addresses=("10.1.0.5",))
     plan = resolve_aliases([t], PROXY, pin_names=False)
     assert plan.aliases[t.id] == ("web", "aaaaaaaaaaaa", "172.18.0.5", "10.1.0.5")
     reason = "hosts file not writable: only names that resolve by themselves"
@@ -259,7 +271,8 @@ def test_accepts_any_iterable_and_empty() -> None:
 
 
 def test_ip_alias_equal_to_other_targets_address_not_granted() -> None:
-    borrower = target("aaa", "a", address="10.0.0.2", aliases=("10.0.0.9",))
+    # Two targets whose engine-reported IPs collide (overlapping subnets on two networks).
+    borrower = replace(target("aaa", "a", address="10.0.0.2"), addresses=("10.0.0.9",))
     owner = target("bbb", "b", address="10.0.0.9")
     plan = resolve_aliases([borrower, owner], ProxyIdentity())
     # A contested authoritative alias is refused for every claimant (regression: it used to

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+import select
+import socket
 import threading
 import time
 from pathlib import Path
@@ -42,6 +44,7 @@ def container_target(attrs: dict[str, Any], proxy_networks: set[str] | None) -> 
     state = attrs.get("State") or {}
     networks = ((attrs.get("NetworkSettings") or {}).get("Networks") or {})
     address = ""
+    own_ips: list[str] = []
     extra: list[str] = []
     for net_name in sorted(networks):
         net = networks[net_name] or {}
@@ -51,17 +54,18 @@ def container_target(attrs: dict[str, Any], proxy_networks: set[str] | None) -> 
         if ip and not address:
             address = ip
         elif ip:
-            extra.append(ip)
+            own_ips.append(ip)
         for alias in (net.get("Aliases") or []) + (net.get("DNSNames") or []):
             extra.append(alias)
     cid = attrs.get("Id", "")
     name = (attrs.get("Name") or "").lstrip("/")
     hostname = config.get("Hostname") or ""
     aliases = tuple(dict.fromkeys(a for a in extra if a not in (name, cid[:12], address)))
+    addresses = tuple(dict.fromkeys(ip for ip in own_ips if ip != address))
     labels = tuple(sorted((config.get("Labels") or {}).items()))
     return Target(id=cid, name=name, address=address,
                   hostname="" if hostname == cid[:12] else hostname,
-                  aliases=aliases, labels=labels, source="docker",
+                  aliases=aliases, addresses=addresses, labels=labels, source="docker",
                   started_at=state.get("StartedAt", ""))
 
 
@@ -108,6 +112,40 @@ def event_action(event: dict[str, Any]) -> str:
     return (event.get("Action") or event.get("status") or "").split(":", 1)[0].strip()
 
 
+def demux_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
+    """Take the complete frames of Docker's multiplexed stream off the front of `buffer`:
+    8-byte header (stream 1 = stdout, 2 = stderr; 3 zero bytes; big-endian size), payload."""
+    frames = []
+    while len(buffer) >= 8:
+        size = int.from_bytes(buffer[4:8], "big")
+        if len(buffer) < 8 + size:
+            break
+        frames.append((buffer[0], bytes(buffer[8:8 + size])))
+        del buffer[:8 + size]
+    return frames
+
+
+def read_exec_stream(sock: socket.socket, limit: int,
+                     deadline: float) -> tuple[bytearray, bytearray, bool]:
+    """(stdout, stderr, reached end) from an exec socket; stops at `limit` stdout bytes or
+    at the deadline, whichever comes first."""
+    buffer, out, err = bytearray(), bytearray(), bytearray()
+    while len(out) < limit:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([sock], [], [], remaining)[0]:
+            return out, err, False
+        chunk = sock.recv(65536)
+        if not chunk:
+            return out, err, True
+        buffer += chunk
+        for stream, data in demux_frames(buffer):
+            if stream == 2:
+                err += data[: max(0, 1024 - len(err))]
+            else:
+                out += data
+    return out, err, False
+
+
 # ---- adapter ------------------------------------------------------------------------------------
 class DockerSource:
     """Feeds a reconciler from a Docker engine until `stop` is set."""
@@ -116,6 +154,7 @@ class DockerSource:
                  client_factory: Callable[[], docker.DockerClient] | None = None) -> None:
         self.sink = sink
         self.ping_interval = ping_interval
+        self.exec_timeout = 5.0  # seconds for one key-file read by exec
         self._factory = client_factory or (
             lambda: docker.DockerClient(base_url=base_url or "unix:///var/run/docker.sock",
                                         timeout=15))
@@ -179,23 +218,28 @@ class DockerSource:
 
     # -- exec: the key-file fallback --
     def exec_read(self, target: Target, argv: list[str], limit: int) -> bytes:
-        """Run argv in the container, return at most `limit` bytes of stdout (stderr apart)."""
+        """Run argv in the container, return at most `limit` bytes of stdout (stderr apart).
+
+        docker-py reads exec output with socket timeouts disabled, so a key file that never
+        ends (a FIFO, /dev/zero...) would hold a fetch worker forever: read the raw stream
+        ourselves, under one overall deadline.
+        """
         api = self._client().api
         try:
             exec_id = api.exec_create(target.id, argv, stdout=True, stderr=True)["Id"]
-            out = bytearray()
-            err = bytearray()
-            for stdout, stderr in api.exec_start(exec_id, stream=True, demux=True):
-                if stdout:
-                    out += stdout
-                if stderr and len(err) < 1024:
-                    err += stderr
+            sock = api.exec_start(exec_id, socket=True)
+            try:
+                out, err, complete = read_exec_stream(getattr(sock, "_sock", sock), limit,
+                                                      time.monotonic() + self.exec_timeout)
+            finally:
+                sock.close()
+            if not complete:
                 if len(out) >= limit:
-                    break
-            if len(out) >= limit:
-                return bytes(out[:limit])
+                    return bytes(out[:limit])
+                raise FetchError(f"exec {argv[-1]!s} in {target.name} did not finish "
+                                 f"within {self.exec_timeout:.0f}s")
             code = api.exec_inspect(exec_id).get("ExitCode")
-        except (docker.errors.APIError, requests.RequestException) as exc:
+        except (docker.errors.APIError, requests.RequestException, OSError) as exc:
             raise FetchError(f"exec in {target.name} failed: {exc}") from exc
         if code not in (0, None):
             detail = err.decode(errors="replace").strip().splitlines()[:1]
