@@ -198,6 +198,11 @@ class _Connection:
         return (self.monitor,) if self.child is None else (self.monitor, self.child)
 
 
+ORPHAN_MAX_AGE = 10.0  # seconds a line of a not-yet-linked pid is kept
+ORPHAN_MAX_PIDS = 1000
+ORPHAN_MAX_LINES = 64
+
+
 class AccessTracker:
     """Turns sshd's (pid, message) stream into access events; memory stays bounded.
 
@@ -213,6 +218,9 @@ class AccessTracker:
         self._max_idle = max_idle
         self._max_pids = max_pids
         self._pids: OrderedDict[int, _Connection] = OrderedDict()  # idlest first
+        # Lines from pids not linked yet: a busy sshd's child may log before its monitor
+        # says `User child is on pid C`; they are replayed once the link arrives.
+        self._orphans: OrderedDict[int, list[tuple[str, float]]] = OrderedDict()
 
     def __len__(self) -> int:
         """How many pids are tracked (monitors and linked children)."""
@@ -236,16 +244,32 @@ class AccessTracker:
 
         conn = self._pids.get(pid)
         if conn is None:
+            self._keep_orphan(pid, message, now)
             return []
         self._touch(conn, now)
         events: list[AccessEvent] = []
+        self._dispatch(conn, pid, message, now, events)
+        return events
+
+    def _dispatch(self, conn: _Connection, pid: int, message: str, now: float,
+                  events: list[AccessEvent]) -> None:
         if pid == conn.monitor:
             self._monitor_message(conn, message, now, events)
         else:
             self._child_message(conn, message, now, events)
         if message.startswith(_END_PREFIXES) or (pid == conn.monitor and message == _MONITOR_EXIT):
             self._end(conn, now, events)
-        return events
+
+    def _keep_orphan(self, pid: int, message: str, now: float) -> None:
+        """Buffer a line of an unknown pid briefly (bounded in pids, lines and age)."""
+        while self._orphans:
+            oldest_pid, lines = next(iter(self._orphans.items()))
+            if now - lines[0][1] <= ORPHAN_MAX_AGE and len(self._orphans) < ORPHAN_MAX_PIDS:
+                break
+            del self._orphans[oldest_pid]
+        lines = self._orphans.setdefault(pid, [])
+        if len(lines) < ORPHAN_MAX_LINES:
+            lines.append((message, now))
 
     # -- per process ---------------------------------------------------------------------
 
@@ -256,7 +280,10 @@ class AccessTracker:
             events.append(self._event(conn, now, "accepted"))
         elif conn.accepted:
             if (match := _USER_CHILD.fullmatch(message)) is not None:
-                self._link_child(conn, int(match.group(1)))
+                child = int(match.group(1))
+                self._link_child(conn, child)
+                for early, when in self._orphans.pop(child, []):
+                    self._dispatch(conn, child, early, when, events)
         elif (match := _FAILED.fullmatch(message)) is not None:
             conn.auth_failure = "unknown-key"
             conn.key_type, conn.fingerprint = match.group(1), match.group(2)

@@ -19,3 +19,7 @@ class SourceError(WatcherError):
 
 class FetchError(WatcherError):
     """A target's public key could not be had; the message says which way was tried."""
+
+
+class FetchTimeout(FetchError):
+    """A key source started answering but did not finish in time (hangs, drips)."""

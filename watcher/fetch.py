@@ -18,7 +18,7 @@ import requests
 import tenacity
 import urllib3
 
-from .errors import FetchError, KeyRejected
+from .errors import FetchError, FetchTimeout, KeyRejected
 from .keys import parse_key_body
 from .model import KeyState, Target
 
@@ -48,6 +48,7 @@ class FetchPolicy:
     read_timeout: float = 3.0
     attempts: int = 5
     max_wait: float = 4.0  # between attempts: 0.5, 1, 2, 4 s while the target boots
+    max_total: float = 12.0  # no new attempt after this many seconds
 
 
 def http_get_body(url: str, policy: FetchPolicy, limit: int = MAX_BODY) -> bytes:
@@ -65,6 +66,9 @@ def http_get_body(url: str, policy: FetchPolicy, limit: int = MAX_BODY) -> bytes
                 if _DIGITS.match(declared) and int(declared) > limit:
                     return b"\0" * (limit + 1)
                 return _read_capped(response, url, limit, time.monotonic() + total)
+    except requests.ReadTimeout as exc:
+        # Connected, then no answer: a hang, not a target still booting (that refuses).
+        raise FetchTimeout(f"GET {url} failed: {type(exc).__name__}") from exc
     except requests.RequestException as exc:
         raise FetchError(f"GET {url} failed: {type(exc).__name__}") from exc
     except urllib3.exceptions.HTTPError as exc:
@@ -82,7 +86,7 @@ def _read_capped(response: requests.Response, url: str, limit: int, deadline: fl
             break
         body += chunk
         if time.monotonic() > deadline:
-            raise FetchError(f"GET {url} did not finish within its deadline")
+            raise FetchTimeout(f"GET {url} did not finish within its deadline")
     return bytes(body[: limit + 1])
 
 
@@ -101,9 +105,13 @@ class KeyFetcher:
     def fetch(self, target: Target) -> KeyState:
         try:
             for attempt in tenacity.Retrying(
-                    stop=tenacity.stop_after_attempt(self.policy.attempts),
+                    # A fetch holds a pool worker: bounded in attempts and in time, so a few
+                    # hostile targets cannot starve everyone else's key for long.
+                    stop=(tenacity.stop_after_attempt(self.policy.attempts)
+                          | tenacity.stop_after_delay(self.policy.max_total)),
                     wait=tenacity.wait_exponential(multiplier=0.5, max=self.policy.max_wait),
-                    retry=tenacity.retry_if_exception_type(FetchError),
+                    retry=(tenacity.retry_if_exception_type(FetchError)
+                           & tenacity.retry_if_not_exception_type(FetchTimeout)),
                     reraise=True):
                 with attempt:
                     return self._fetch_once(target)
@@ -115,11 +123,13 @@ class KeyFetcher:
         """HTTP first, exec second; both failing is a FetchError (retried)."""
         errors: list[str] = []
         rejected: list[str] = []
+        timed_out = False
         for via, getter in (("http", self._via_http), ("exec", self._via_exec)):
             try:
                 body = getter(target)
             except FetchError as exc:
                 errors.append(str(exc))
+                timed_out = timed_out or isinstance(exc, FetchTimeout)
                 continue
             try:
                 keys, bad = parse_key_body(body, max_bytes=MAX_BODY, max_keys=MAX_KEYS)
@@ -133,6 +143,9 @@ class KeyFetcher:
         if rejected and not errors:
             # The target answered, with nothing usable: retrying now will not change that.
             raise KeyRejected("; ".join(rejected))
+        if timed_out:
+            # A source that hangs is not a target still booting: retry in a later round.
+            raise FetchTimeout("; ".join(errors + rejected))
         raise FetchError("; ".join(errors + rejected))
 
     def _via_http(self, target: Target) -> bytes:

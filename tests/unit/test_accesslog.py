@@ -636,3 +636,37 @@ def test_an_attacker_cannot_add_a_log_line_or_a_field() -> None:
 @pytest.mark.parametrize("name", EVENTS)
 def test_event_names_are_bare(name: str) -> None:
     assert f" event={name}" in format_event(AccessEvent(0.0, name, "10.0.0.1:22"), "")
+
+
+def test_child_lines_logged_before_the_link_are_replayed() -> None:
+    # Under load the post-auth child may log its tunnel before the monitor logs
+    # `User child is on pid C`: those lines are kept briefly and replayed at the link.
+    recorded = [parse_datagram(raw) for raw in datagrams("sshd-tunnel-permitted.log")]
+    recorded = [r for r in recorded if r is not None]
+    monitor = recorded[0][0] if "Connection from" in recorded[0][1] else None
+    link = next(i for i, (pid, msg) in enumerate(recorded) if msg.startswith("User child is on pid"))
+    child = int(recorded[link][1].rsplit(" ", 1)[1])
+    after = recorded[link + 1:]
+    early = [r for r in after if r[0] == child][:6]  # the tunnel, before the link line
+    rest = [r for r in after if r not in early]
+    reordered = [r for r in recorded[:link] if r[0] != child] + early + [recorded[link]] + rest
+    tracker = AccessTracker()
+    events = [e for i, r in enumerate(reordered) for e in tracker.feed(*r, T0 + i)]
+    kinds = [(e.event, e.dest) for e in events]
+    assert ("tunnel", "127.0.0.1:2300") in kinds, kinds
+    assert kinds[0][0] == "accepted" and kinds[-1][0] == "closed"
+    assert monitor is None or monitor != child
+
+
+def test_orphan_buffer_is_bounded() -> None:
+    from watcher.accesslog import ORPHAN_MAX_LINES, ORPHAN_MAX_PIDS
+
+    tracker = AccessTracker()
+    for pid in range(ORPHAN_MAX_PIDS * 3):
+        for n in range(ORPHAN_MAX_LINES * 2):
+            tracker.feed(100000 + pid, f"debug1: noise {n}", T0)
+    assert len(tracker._orphans) <= ORPHAN_MAX_PIDS
+    assert all(len(lines) <= ORPHAN_MAX_LINES for lines in tracker._orphans.values())
+    # Old orphans expire.
+    tracker.feed(1, "debug1: late", T0 + 3600)
+    assert list(tracker._orphans) == [1]

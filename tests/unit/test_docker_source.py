@@ -552,3 +552,77 @@ def test_exec_read_api_errors(error: Exception) -> None:
         exec_source(api).exec_read(TARGET, ARGV, 10)
     assert str(info.value).startswith("exec in web failed: ")
     assert str(error) in str(info.value)
+
+
+# --- the watch loop: a broken events stream is followed by reconnect + full resync --------------
+
+class _Stream:
+    """An events stream: yields its events, then ends (daemon restart) or blocks until closed."""
+
+    def __init__(self, events: list[dict[str, Any]], ends: bool) -> None:
+        self.events = events
+        self.ends = ends
+        self.closed = threading.Event()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield from self.events
+        if not self.ends:
+            self.closed.wait(10)
+
+    def close(self) -> None:
+        self.closed.set()
+
+
+class _StreamingAPI(FakeAPI):
+    def __init__(self, containers: dict[str, dict[str, Any]], streams: list[_Stream]) -> None:
+        super().__init__(containers)
+        self.streams = streams
+        self.filters: list[dict] = []
+
+    def events(self, decode: bool = False, filters: dict | None = None) -> _Stream:
+        assert decode
+        self.filters.append(filters or {})
+        return self.streams.pop(0)
+
+
+class _PingingClient(FakeClient):
+    def ping(self) -> bool:
+        return True
+
+
+def test_stream_end_reconnects_and_resyncs(monkeypatch) -> None:
+    monkeypatch.setattr(docker_source, "_read", lambda path: "")
+    first = _Stream([container_event("start", DB_ID, "db")], ends=True)
+    second = _Stream([], ends=False)
+    api = _StreamingAPI({WEB_ID: WEB_BRIDGE, DB_ID: DB_USER_NET}, [first, second])
+    sink = FakeSink()
+    source = DockerSource(sink, ping_interval=60, client_factory=lambda: _PingingClient(api))
+    stop = threading.Event()
+
+    def after_first_stream() -> bool:
+        # While disconnected, web went away: only the resync can tell.
+        api.containers_by_id.pop(WEB_ID, None)
+        return True
+
+    runner = threading.Thread(target=source.run, args=(stop,), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and sum(c[0] == "replace_all" for c in sink.calls) < 1:
+        time.sleep(0.01)
+    after_first_stream()
+    while time.monotonic() < deadline and sum(c[0] == "replace_all" for c in sink.calls) < 2:
+        time.sleep(0.01)
+    stop.set()
+    second.close()
+    runner.join(5)
+    assert not runner.is_alive()
+    kinds = [c[0] for c in sink.calls]
+    assert kinds[:3] == ["replace_all", "status", "upsert"]
+    assert sink.calls[0] == ("replace_all", ["db", "web"])
+    lost = [c for c in sink.calls if c[0] == "status" and not c[1]["connected"]]
+    assert lost and lost[0][1]["reconnects"] == 1
+    resync = [c for c in sink.calls if c[0] == "replace_all"][1]
+    assert resync == ("replace_all", ["db"])  # the stale target is gone after the resync
+    # Filtered server-side: our own key-fetch execs never come back as events.
+    assert all("exec_start" not in f["event"] and f["type"] == ["container", "network"]
+               for f in api.filters)

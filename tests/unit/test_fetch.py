@@ -454,3 +454,16 @@ def test_key_file_command_home_with_spaces_in_home(tmp_path: Path) -> None:
                             env={"HOME": str(home), "PATH": os.environ["PATH"]},
                             capture_output=True, text=True)
     assert (result.returncode, result.stdout) == (0, "k\n")
+
+
+def test_a_hanging_source_is_not_retried_in_the_same_round(keys) -> None:
+    # A hang (exec that never ends, a body that drips) holds a pool worker: the fetch gives
+    # up after one attempt and the reconciler retries in a later round.
+    from watcher.errors import FetchTimeout
+
+    exec_reader = FakeExec(FetchTimeout("exec cat in web did not finish within 5s"))
+    policy = FetchPolicy(attempts=5, max_wait=0.01, connect_timeout=0.2, read_timeout=0.2)
+    state = KeyFetcher(1, KEY_PATH, exec_reader, policy).fetch(Target(id="x" * 64, name="web"))
+    assert state.status == "failed"
+    assert "did not finish" in state.error
+    assert len(exec_reader.calls) == 1

@@ -21,7 +21,7 @@ import docker.errors
 import requests
 import tenacity
 
-from ..errors import FetchError, SourceError
+from ..errors import FetchError, FetchTimeout, SourceError
 from ..model import Target
 from ..targets import ProxyIdentity
 
@@ -236,8 +236,8 @@ class DockerSource:
             if not complete:
                 if len(out) >= limit:
                     return bytes(out[:limit])
-                raise FetchError(f"exec {argv[-1]!s} in {target.name} did not finish "
-                                 f"within {self.exec_timeout:.0f}s")
+                raise FetchTimeout(f"exec {argv[-1]!s} in {target.name} did not finish "
+                                   f"within {self.exec_timeout:.0f}s")
             code = api.exec_inspect(exec_id).get("ExitCode")
         except (docker.errors.APIError, requests.RequestException, OSError) as exc:
             raise FetchError(f"exec in {target.name} failed: {exc}") from exc

@@ -1,0 +1,71 @@
+"""Start-up configuration errors: a bad environment variable stops the proxy before sshd
+listens, with exit code 2 and one line naming the variable and the form it expects;
+`watcher check-config` validates a set of variables without starting anything."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from helpers import TEST_LABEL, docker
+
+# (variable, bad value, pattern of the expected form the message must describe)
+BAD_VALUES = [
+    ("SSH_PERMIT_TARGET_PORT", "70000", r"1-65535"),
+    ("SSH_PERMIT_TARGET_PORT", "abc", r"1-65535"),
+    ("SSH_PERMIT_TARGET_HOST", "bad host", r"glob"),
+    ("SSH_TARGET_LABELS", "=x", r"key=value"),
+    ("SSH_TARGET_PUBLICKEY_API_PORT", "0", r"1-65535"),
+    ("SSH_TARGET_KEY_PATH", "relative", r"absolute"),
+    ("MANUAL_AUTH_FILE", "maybe", r"true.*false"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "expected_form"), BAD_VALUES,
+                         ids=[f"{v}={x!r}" for v, x, _ in BAD_VALUES])
+def test_bad_value_stops_startup_before_sshd(run_proxy_expect_exit, variable, value, expected_form):
+    started = time.monotonic()
+    code, logs = run_proxy_expect_exit(env={variable: value}, timeout=20)
+    elapsed = time.monotonic() - started
+
+    assert code == 2, f"exit code {code} (expected 2); logs:\n{logs}"
+    assert elapsed < 15, f"took {elapsed:.1f} s to give up; logs:\n{logs}"
+    lines = [line for line in logs.splitlines() if variable in line]
+    assert len(lines) == 1, f"expected one line naming {variable}; logs:\n{logs}"
+    assert value in lines[0], f"the message does not show the bad value {value!r}: {lines[0]}"
+    assert re.search(expected_form, lines[0], re.IGNORECASE), \
+        f"the message does not say what is expected ({expected_form!r}): {lines[0]}"
+    # Nothing was started: sshd never listened, no host key was made.
+    assert "sshd started" not in logs, logs
+    assert "host key" not in logs, logs
+
+
+GOOD_ENV = {
+    "SSH_PERMIT_TARGET_HOST": "workspace-*,db-1",
+    "SSH_PERMIT_TARGET_PORT": "22,8080",
+    "SSH_TARGET_LABELS": "team=a,ssh",
+    "SSH_TARGET_PUBLICKEY_API_PORT": "9090",
+    "SSH_TARGET_KEY_PATH": "/etc/ssh-keys/id.pub",
+    "MANUAL_AUTH_FILE": "false",
+}
+
+
+def _check_config(image: str, env: dict[str, str]):
+    args = ["run", "--rm", "--label", f"{TEST_LABEL}=1"]
+    for key, value in env.items():
+        args += ["-e", f"{key}={value}"]
+    return docker(*args, image, "watcher", "check-config", check=False, timeout=60)
+
+
+def test_check_config_command(proxy_image):
+    good = _check_config(proxy_image, GOOD_ENV)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "OK" in good.stdout, good.stdout + good.stderr
+
+    # The same command refuses a bad set (one bad variable among good ones).
+    bad = _check_config(proxy_image, {**GOOD_ENV, "SSH_PERMIT_TARGET_PORT": "22,abc"})
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    assert "SSH_PERMIT_TARGET_PORT" in bad.stderr
+    assert "OK" not in bad.stdout
