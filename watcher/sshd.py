@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -18,6 +18,7 @@ from .errors import WatcherError
 
 log = logging.getLogger(__name__)
 
+STABLE_AFTER = 60.0  # seconds of sshd uptime after which its next crash is a first one
 HOST_KEY_TYPES = (("ed25519", []), ("ecdsa", ["-b", "256"]), ("rsa", ["-b", "3072"]))
 
 
@@ -86,7 +87,9 @@ class SshdProcess:
     def __init__(self, paths: SshdPaths) -> None:
         self.paths = paths
         self.process: subprocess.Popen | None = None
-        self.restarts = 0
+        self.restarts = 0  # in all, for status
+        self._failures = 0  # in a row, for the backoff
+        self._started_at = 0.0
         self._lock = threading.Lock()
 
     @property
@@ -98,6 +101,7 @@ class SshdProcess:
         with self._lock:
             self.process = subprocess.Popen([self.paths.sshd, "-D", "-f", str(self.paths.config)],
                                             stdin=subprocess.DEVNULL)
+            self._started_at = time.monotonic()
         log.info("sshd started pid=%d", self.process.pid)
 
     def supervise(self, stop: threading.Event) -> None:
@@ -111,8 +115,11 @@ class SshdProcess:
                 if stop.wait(0.5):
                     return
             self.restarts += 1
+            # A crash after a long healthy run starts the backoff over.
+            stable = time.monotonic() - self._started_at > STABLE_AFTER
+            self._failures = 1 if stable else self._failures + 1
             state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
-            state.attempt_number = self.restarts
+            state.attempt_number = self._failures
             delay = wait(state)
             log.error("sshd exited with status %s; restarting in %.1fs", process.returncode, delay)
             if stop.wait(delay):
@@ -131,6 +138,3 @@ class SshdProcess:
             process.kill()
             process.wait()
 
-
-def sshd_available(paths: SshdPaths) -> bool:
-    return Path(paths.sshd).exists() or shutil.which(paths.sshd) is not None
