@@ -111,6 +111,7 @@ class Supervisor:
         self.snapshot: Snapshot | None = None
         self.sshd = SshdProcess(paths.sshd)
         self.threads: list[threading.Thread] = []
+        self.failed = False  # a component crashed: exit non-zero so a restart policy acts
 
     def _thread(self, target: Callable[..., Any], *args: Any, name: str) -> None:
         def guarded() -> None:
@@ -118,6 +119,7 @@ class Supervisor:
                 target(*args)
             except Exception:
                 log.exception("%s failed; stopping", name)
+                self.failed = True
                 self.stop.set()
         thread = threading.Thread(target=guarded, name=name, daemon=True)
         thread.start()
@@ -163,6 +165,7 @@ class Supervisor:
             self._thread(source.run, self.stop, name="docker-source")
         self._thread(self.sshd.supervise, self.stop, name="sshd")
         log.info("ready: mode=%s", mode)
+        self._write_status(mode)  # health can answer from the first second
         try:
             while not self.stop.wait(2.0):
                 self._write_status(mode)
@@ -172,7 +175,7 @@ class Supervisor:
             self.sshd.stop()
             listener.close()
             access.close()
-        return 0
+        return 1 if self.failed else 0
 
     def _identity(self, source: DockerSource) -> ProxyIdentity:
         try:

@@ -18,7 +18,6 @@ import pytest
 
 from helpers import (
     PROXY_IMAGE,
-    PUBLICKEY_BODY_PATH,
     REPO_ROOT,
     SESSION_LABEL,
     TARGET_CONTEXT,
@@ -29,19 +28,15 @@ from helpers import (
     Target,
     build_image,
     docker,
-    env_args,
-    label_args,
     make_keypair,
-    port_open,
+    proxy_run_args,
     remove_container,
-    remove_stale_container,
+    remove_containers,
+    run_proxy_container,
+    run_target_container,
     unique_name,
-    wait_for_proxy_banner,
-    wait_for_target_sshd,
-    wait_until,
 )
 
-DOCKER_SOCKET = "/var/run/docker.sock"
 _timings: dict[str, float] = {}
 
 
@@ -186,48 +181,13 @@ def start_target(request, target_image, test_network, session_id) -> Iterator[Ca
               body_file: str | Path | None = None, network: str | None = None,
               hostname: str | None = None, network_aliases: Sequence[str] | None = None,
               publickey_port: int = 8080) -> Target:
-        net = network or test_network
-        key = pubkey.public if isinstance(pubkey, KeyPair) else pubkey
-        remove_stale_container(name)
-        args = ["run", "-d", "--name", name, "--hostname", hostname or name, "--network", net,
-                "--label", f"{TEST_LABEL}=1", "--label", f"{SESSION_LABEL}={session_id}",
-                *label_args(labels),
-                "-e", f"SERVE_PUBLICKEY={1 if serve_publickey else 0}",
-                "-e", f"PUBLICKEY_PORT={publickey_port}"]
-        for alias in network_aliases or ():
-            args += ["--network-alias", alias]
-        if key is not None:
-            args += ["-e", f"TARGET_PUBKEY={key}"]
-        if body_file is not None:
-            args += ["-v", f"{Path(body_file).resolve()}:{PUBLICKEY_BODY_PATH}:ro",
-                     "-e", f"PUBLICKEY_BODY_FILE={PUBLICKEY_BODY_PATH}"]
-        args += [*env_args(env), target_image]
-        cid = docker(*args).stdout.strip()
-        target = Target(name=name, id=cid, network=net, hostname=hostname or name)
-        started.append(target)
-        target.refresh_ip()
-        wait_for_target_sshd(target)
-        if serve_publickey and not wait_until(lambda: port_open(target.ip, publickey_port), 10):
-            pytest.fail(f"target {name}: /publickey port {publickey_port} closed; logs:\n{target.logs()}",
-                        pytrace=False)
-        return target
+        return run_target_container(name, pubkey, network or test_network, session_id, image=target_image,
+                                    serve_publickey=serve_publickey, labels=labels, env=env,
+                                    body_file=body_file, hostname=hostname, network_aliases=network_aliases,
+                                    publickey_port=publickey_port, track=started.append)
 
     yield start
-    failed = _failed(request)
-    for target in started:
-        if failed and not target.removed:
-            print(f"\n===== logs of target {target.name} =====\n{target.logs()}")
-        target.remove()
-
-
-def _proxy_run_args(name: str, network: str, session_id: str, env: Mapping[str, str] | None,
-                    volumes: Sequence[str] | None, docker_args: Sequence[str] | None,
-                    image: str) -> list[str]:
-    return ["run", "-d", "--name", name, "--network", network,
-            "--label", f"{TEST_LABEL}=1", "--label", f"{SESSION_LABEL}={session_id}",
-            "-p", "127.0.0.1::22", "-v", f"{DOCKER_SOCKET}:{DOCKER_SOCKET}",
-            *(a for v in (volumes or ()) for a in ("-v", v)),
-            *env_args(env), *(docker_args or ()), image]
+    remove_containers(started, failed=_failed(request))
 
 
 @pytest.fixture
@@ -242,24 +202,11 @@ def start_proxy(request, proxy_image, test_network, session_id) -> Iterator[Call
 
     def start(env: Mapping[str, str] | None = None, name: str | None = None,
               volumes: Sequence[str] | None = None, docker_args: Sequence[str] | None = None) -> Proxy:
-        name = name or unique_name("ssh-proxy-test")
-        remove_stale_container(name)
-        cid = docker(*_proxy_run_args(name, test_network, session_id, env, volumes, docker_args,
-                                      proxy_image)).stdout.strip()
-        proxy = Proxy(name=name, id=cid)
-        started.append(proxy)
-        wait_for_proxy_banner(proxy)
-        return proxy
+        return run_proxy_container(test_network, session_id, name=name, image=proxy_image, env=env,
+                                   volumes=volumes, docker_args=docker_args, track=started.append)
 
     yield start
-    failed = _failed(request)
-    for proxy in started:
-        if failed and not proxy.removed:
-            print(f"\n===== logs of proxy {proxy.name} =====\n{proxy.logs()}")
-            log = proxy.access_log()
-            if log:
-                print(f"===== /etc/ssh/access.log of {proxy.name} =====\n{log}")
-        proxy.remove()
+    remove_containers(started, failed=_failed(request))
 
 
 @pytest.fixture
@@ -275,7 +222,8 @@ def run_proxy_expect_exit(proxy_image, test_network, session_id) -> Iterator[Cal
             volumes: Sequence[str] | None = None, docker_args: Sequence[str] | None = None) -> tuple[int, str]:
         name = unique_name("ssh-proxy-test-exit")
         names.append(name)
-        docker(*_proxy_run_args(name, test_network, session_id, env, volumes, docker_args, proxy_image))
+        docker(*proxy_run_args(name, test_network, session_id, image=proxy_image, env=env, volumes=volumes,
+                               docker_args=docker_args))
         deadline = time.monotonic() + timeout
         while True:
             state = docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).stdout.split()

@@ -8,12 +8,16 @@ proxy through the real OpenSSH client, with the options a user would pass.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import secrets
 import shlex
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,6 +36,9 @@ SESSION_LABEL = "ssh-proxy-test-session"
 PROXY_USER = "limited-user"
 PUBLICKEY_BODY_PATH = "/run/publickey-body"
 """Where start_target(body_file=...) mounts the file served as GET /publickey."""
+DOCKER_SOCKET = "/var/run/docker.sock"
+ACCESS_LOG = "/etc/ssh/access.log"
+STATUS_JSON = "/run/ssh-proxy/status.json"
 
 DOCKER_TIMEOUT = 120
 
@@ -171,14 +178,22 @@ class KeyPair:
     def public_path(self) -> Path:
         return self.private.with_name(self.private.name + ".pub")
 
+    @property
+    def blob(self) -> str:
+        """The base64 key blob of the public line (what authorized_keys files carry)."""
+        return self.public.split()[1]
 
-def make_keypair(directory: Path, name: str, comment: str | None = None) -> KeyPair:
+
+def make_keypair(directory: Path, name: str, comment: str | None = None, kind: str = "ed25519",
+                 bits: int | None = None) -> KeyPair:
+    """`ssh-keygen -t KIND [-b BITS]` without a passphrase in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     private = directory / name
     if private.exists():
         raise ValueError(f"key {name!r} already exists in {directory}")
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment or f"{name}@ssh-proxy-test",
-                    "-f", str(private)], check=True, capture_output=True, timeout=30)
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, *(["-b", str(bits)] if bits else []), "-N", "",
+                    "-C", comment or f"{name}@ssh-proxy-test", "-f", str(private)],
+                   check=True, capture_output=True, timeout=30)
     public = private.with_name(name + ".pub").read_text().strip()
     listing = subprocess.run(["ssh-keygen", "-lf", str(private)], check=True, capture_output=True,
                              text=True, timeout=30).stdout.split()
@@ -299,7 +314,7 @@ class Proxy:
         return proc.stdout if proc.returncode == 0 else ""
 
     def access_log(self) -> str:
-        return self.read_file("/etc/ssh/access.log")
+        return self.read_file(ACCESS_LOG)
 
     def stop(self, timeout: int = 10) -> None:
         docker("stop", "-t", str(timeout), self.id)
@@ -365,10 +380,206 @@ def label_args(labels: Mapping[str, str] | None) -> list[str]:
     return args
 
 
+def run_target_container(name: str, pubkey: KeyPair | str | None, network: str, session_id: str, *,
+                         image: str = TARGET_IMAGE, serve_publickey: bool = True,
+                         labels: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None,
+                         body_file: str | Path | None = None, hostname: str | None = None,
+                         network_aliases: Sequence[str] | None = None, publickey_port: int = 8080,
+                         track: Callable[[Target], object] | None = None) -> Target:
+    """`docker run -d` of a test target (what conftest's start_target and the module
+    fixtures start); returns once its sshd answers on IP:22 and, when it serves
+    /publickey, that port answers too. See start_target for the arguments.
+
+    `track` gets the Target as soon as the container exists: the caller then removes it,
+    also when it does not get ready. Without `track`, such a target is removed here.
+    """
+    key = pubkey.public if isinstance(pubkey, KeyPair) else pubkey
+    remove_stale_container(name)
+    args = ["run", "-d", "--name", name, "--hostname", hostname or name, "--network", network,
+            "--label", f"{TEST_LABEL}=1", "--label", f"{SESSION_LABEL}={session_id}",
+            *label_args(labels),
+            "-e", f"SERVE_PUBLICKEY={1 if serve_publickey else 0}",
+            "-e", f"PUBLICKEY_PORT={publickey_port}"]
+    for alias in network_aliases or ():
+        args += ["--network-alias", alias]
+    if key is not None:
+        args += ["-e", f"TARGET_PUBKEY={key}"]
+    if body_file is not None:
+        args += ["-v", f"{Path(body_file).resolve()}:{PUBLICKEY_BODY_PATH}:ro",
+                 "-e", f"PUBLICKEY_BODY_FILE={PUBLICKEY_BODY_PATH}"]
+    args += [*env_args(env), image]
+    cid = docker(*args).stdout.strip()
+    target = Target(name=name, id=cid, network=network, hostname=hostname or name)
+    if track is not None:
+        track(target)
+    try:
+        target.refresh_ip()
+        wait_for_target_sshd(target)
+        if serve_publickey and not wait_until(lambda: port_open(target.ip, publickey_port), 10):
+            pytest.fail(f"target {name}: /publickey port {publickey_port} closed; logs:\n{target.logs()}",
+                        pytrace=False)
+    except BaseException:
+        if track is None:
+            target.remove()
+        raise
+    return target
+
+
+def proxy_run_args(name: str, network: str, session_id: str, *, image: str = PROXY_IMAGE,
+                   env: Mapping[str, str] | None = None, volumes: Sequence[str] | None = None,
+                   docker_args: Sequence[str] | None = None, docker_socket: bool = True) -> list[str]:
+    """`docker run -d` arguments of a proxy: on `network`, port 22 published on
+    127.0.0.1, the Docker socket mounted (unless docker_socket=False); `volumes`: extra
+    `-v` specs; `docker_args`: extra `docker run` options."""
+    socket_mount = ["-v", f"{DOCKER_SOCKET}:{DOCKER_SOCKET}"] if docker_socket else []
+    return ["run", "-d", "--name", name, "--network", network,
+            "--label", f"{TEST_LABEL}=1", "--label", f"{SESSION_LABEL}={session_id}",
+            "-p", "127.0.0.1::22", *socket_mount,
+            *(a for v in (volumes or ()) for a in ("-v", v)),
+            *env_args(env), *(docker_args or ()), image]
+
+
+def run_proxy_container(network: str, session_id: str, *, name: str | None = None,
+                        track: Callable[[Proxy], object] | None = None, **run_args) -> Proxy:
+    """Starts a proxy (proxy_run_args; `name` defaults to a unique ssh-proxy-test-…) and
+    returns once it serves SSH (wait_for_proxy_banner). `track`: as in run_target_container."""
+    name = name or unique_name("ssh-proxy-test")
+    remove_stale_container(name)
+    cid = docker(*proxy_run_args(name, network, session_id, **run_args)).stdout.strip()
+    proxy = Proxy(name=name, id=cid)
+    if track is not None:
+        track(proxy)
+    try:
+        wait_for_proxy_banner(proxy)
+    except BaseException:
+        if track is None:
+            proxy.remove()
+        raise
+    return proxy
+
+
+def remove_containers(containers: Iterable[Target | Proxy], failed: bool) -> None:
+    """Removes the containers; when `failed`, first prints the logs of those still there
+    (and a proxy's access log, when it has one)."""
+    for container in containers:
+        if failed and not container.removed:
+            kind = "proxy" if isinstance(container, Proxy) else "target"
+            print(f"\n===== logs of {kind} {container.name} =====\n{container.logs()}")
+            log = container.access_log() if isinstance(container, Proxy) else ""
+            if log:
+                print(f"===== {ACCESS_LOG} of {container.name} =====\n{log}")
+        container.remove()
+
+
+@contextlib.contextmanager
+def module_containers(request: pytest.FixtureRequest) -> Iterator[list[Target | Proxy]]:
+    """For module-scoped fixtures: a list to put what they start in (e.g. as `track`);
+    on exit all of it is removed, with the logs when a test failed meanwhile."""
+    started: list[Target | Proxy] = []
+    failed_before = request.session.testsfailed
+    try:
+        yield started
+    finally:
+        remove_containers(started, failed=request.session.testsfailed > failed_before)
+
+
+# --------------------------------------------------------------------------- proxy state
+
+
+_LOGFMT_PAIR = re.compile(r'([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def parse_logfmt(line: str) -> dict[str, str]:
+    r"""One logfmt line -> {key: value}; an access-log line's leading timestamp (a first
+    token without `=`) is "time". Quoted values lose their quotes and the `\\` / `\"`
+    escapes; other escapes (`\n`, `\r`, `\xNN` for control characters) stay as written."""
+    fields: dict[str, str] = {}
+    head, _, rest = line.partition(" ")
+    if "=" in head:
+        rest = line
+    else:
+        fields["time"] = head
+    for key, value in _LOGFMT_PAIR.findall(rest):
+        if value.startswith('"'):
+            value = re.sub(r'\\(["\\])', r"\1", value[1:-1])
+        fields[key] = value
+    return fields
+
+
+def access_events(proxy: Proxy, since: int = 0, **match: str) -> list[dict[str, str]]:
+    """The proxy's access-log events after the first `since` (a log_mark) whose fields
+    include `match`, in log order."""
+    events = [parse_logfmt(line) for line in proxy.access_log().splitlines() if line.strip()]
+    return [e for e in events[since:] if all(e.get(k) == v for k, v in match.items())]
+
+
+def log_mark(proxy: Proxy) -> int:
+    """Number of access-log events now: pass it as `since` to look only at what follows."""
+    return len(access_events(proxy))
+
+
+def wait_for_event(proxy: Proxy, since: int = 0, deadline: float = 5, **match: str) -> dict[str, str]:
+    """The first access-log event after `since` (a log_mark) whose fields include `match`
+    (the log is written asynchronously from sshd's syslog); fails with the log since then."""
+    found: list[dict[str, str]] = []
+
+    def seen() -> bool:
+        found[:] = access_events(proxy, since, **match)
+        return bool(found)
+
+    if not wait_until(seen, deadline):
+        # AssertionError, not pytest.fail: a missing event is a finding about the product
+        raise AssertionError(f"no access-log event with {match} within {deadline} s; log since line "
+                             f"{since}:\n" + "\n".join(proxy.access_log().splitlines()[since:])
+                             + f"\n(proxy state: {proxy.state()!r})")
+    return found[0]
+
+
+def status(proxy: Proxy) -> dict:
+    """The proxy's status.json (rewritten every 2 s, so it may lag the proxy by as much);
+    {} before the first one."""
+    text = proxy.read_file(STATUS_JSON)
+    return json.loads(text) if text else {}
+
+
+def wait_for_status(proxy: Proxy, predicate: Callable[[dict], object], deadline: float = 10) -> dict:
+    """The first status.json for which predicate(doc) holds; fails after `deadline` s."""
+    doc: dict = {}
+
+    def check() -> bool:
+        doc.clear()
+        doc.update(status(proxy))
+        return bool(doc) and bool(predicate(doc))
+
+    if not wait_until(check, deadline, interval=0.5):
+        pytest.fail(f"status.json did not get there within {deadline} s:\n{json.dumps(doc, indent=1)}",
+                    pytrace=False)
+    return doc
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (at the time of asking)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fetch(url: str) -> tuple[int, bytes]:
+    """HTTP GET: (status, body), also for an error status."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
 # --------------------------------------------------------------------------- ssh client
 
 
-_COMMON_OPTS = (
+NO_PROMPT_OPTS = (
     "-F", "/dev/null",                      # no ~/.ssh/config of whoever runs the tests
     "-o", "StrictHostKeyChecking=no",
     "-o", "UserKnownHostsFile=/dev/null",
@@ -377,6 +588,7 @@ _COMMON_OPTS = (
     "-o", "IdentityAgent=none",
     "-o", "LogLevel=ERROR",                 # no "Permanently added ..." noise in stderr
 )
+"""What a user passes to keep ssh non-interactive; on every ssh the tests run."""
 
 
 @dataclass
@@ -423,7 +635,7 @@ class SshClient:
     def proxy_command(self) -> str:
         """The ProxyCommand value (ssh expands %h/%p; `%` in paths is escaped)."""
         inner = ["ssh", "-W", "%h:%p", "-p", str(self.port),
-                 "-i", self.proxy_key_path.replace("%", "%%"), *_COMMON_OPTS,
+                 "-i", self.proxy_key_path.replace("%", "%%"), *NO_PROMPT_OPTS,
                  "-o", f"ConnectTimeout={self.connect_timeout}",
                  f"{self.proxy_user}@{self.proxy_host}"]
         return shlex.join(inner)
@@ -431,7 +643,7 @@ class SshClient:
     def ssh_options(self) -> list[str]:
         """Options shared by ssh/scp/sftp/rsync/sshfs: proxy, key, no prompts."""
         return ["-o", f"ProxyCommand={self.proxy_command()}", "-i", self.key_path,
-                *_COMMON_OPTS, "-o", f"ConnectTimeout={self.connect_timeout}", *self.extra_opts]
+                *NO_PROMPT_OPTS, "-o", f"ConnectTimeout={self.connect_timeout}", *self.extra_opts]
 
     def destination(self, host: str) -> str:
         return f"{self.user}@{host}"
@@ -478,7 +690,7 @@ class SshClient:
     def direct_argv(self, *args: str, opts: Sequence[str] = ()) -> list[str]:
         """ssh straight to the proxy as limited-user (no target): for negative tests
         such as asking for a shell, -R, -A. args follow the destination."""
-        return ["ssh", "-p", str(self.port), "-i", self.proxy_key_path, *_COMMON_OPTS,
+        return ["ssh", "-p", str(self.port), "-i", self.proxy_key_path, *NO_PROMPT_OPTS,
                 "-o", f"ConnectTimeout={self.connect_timeout}", *opts,
                 f"{self.proxy_user}@{self.proxy_host}", *args]
 

@@ -12,10 +12,7 @@ import os
 import re
 import secrets
 import shlex
-import socket
 import subprocess
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -23,90 +20,34 @@ import pytest
 
 from helpers import (
     PROXY_USER,
-    SESSION_LABEL,
-    TARGET_IMAGE,
-    TEST_LABEL,
     KeyPair,
     Proxy,
     SshClient,
     Target,
     docker,
+    fetch,
+    free_port,
+    log_mark,
     make_keypair,
+    module_containers,
     port_open,
+    run_proxy_container,
+    run_target_container,
     sshfs_mount,
+    unique_name,
+    wait_for_event,
     wait_for_login,
-    wait_for_proxy_banner,
-    wait_for_target_sshd,
     wait_until,
 )
 
-DOCKER_SOCKET = "/var/run/docker.sock"
 TWO_MIB = 2 * 1024 * 1024
-
-# Options a user would pass to stay non-interactive (same as helpers' SshClient uses).
-NO_PROMPTS = ["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-              "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
-              "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
 
 
 # --------------------------------------------------------------------------- small helpers
 
 
-def parse_logfmt(line: str) -> dict[str, str]:
-    """One access-log line -> {"time": ..., "event": ..., "fp": ...}; quoted values unescaped."""
-    fields: dict[str, str] = {}
-    head, _, rest = line.partition(" ")
-    fields["time"] = head
-    for match in re.finditer(r'([A-Za-z_][A-Za-z0-9_-]*)=("(?:[^"\\]|\\.)*"|\S*)', rest):
-        value = match.group(2)
-        if value.startswith('"'):
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        fields[match.group(1)] = value
-    return fields
-
-
-def access_events(proxy: Proxy) -> list[dict[str, str]]:
-    return [parse_logfmt(line) for line in proxy.access_log().splitlines() if line.strip()]
-
-
-def wait_for_event(proxy: Proxy, since: int, deadline: float = 5, **want: str) -> dict[str, str]:
-    """The first access-log event after the first `since` lines whose fields include `want`
-    (the log is written asynchronously from sshd's syslog); fails with the log."""
-    found: list[dict[str, str]] = []
-
-    def seen() -> bool:
-        for event in access_events(proxy)[since:]:
-            if all(event.get(k) == v for k, v in want.items()):
-                found.append(event)
-                return True
-        return False
-
-    if not wait_until(seen, deadline):
-        raise AssertionError(f"no access-log event with {want} within {deadline} s; log since line "
-                             f"{since}:\n" + "\n".join(proxy.access_log().splitlines()[since:]))
-    return found[0]
-
-
-def log_mark(proxy: Proxy) -> int:
-    return len(access_events(proxy))
-
-
 def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def fetch(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
 
 
 def tree_listing(root: Path) -> dict[str, str]:
@@ -148,39 +89,9 @@ def keys(tmp_path_factory) -> dict[str, KeyPair]:
 @pytest.fixture(scope="module")
 def proxy(request, proxy_image, test_network, session_id) -> Iterator[Proxy]:
     """One ssh-proxy for the module, started like conftest's start_proxy."""
-    name = f"ssh-proxy-test-clients-{secrets.token_hex(4)}"
-    cid = docker("run", "-d", "--name", name, "--network", test_network,
-                 "--label", f"{TEST_LABEL}=1", "--label", f"{SESSION_LABEL}={session_id}",
-                 "-p", "127.0.0.1::22", "-v", f"{DOCKER_SOCKET}:{DOCKER_SOCKET}",
-                 proxy_image).stdout.strip()
-    started = Proxy(name=name, id=cid)
-    failed_before = request.session.testsfailed
-    try:
-        wait_for_proxy_banner(started)
-        yield started
-    finally:
-        if request.session.testsfailed > failed_before:
-            print(f"\n===== logs of proxy {name} =====\n{started.logs()}")
-            print(f"===== /etc/ssh/access.log of {name} =====\n{started.access_log()}")
-        started.remove()
-
-
-def start_module_target(name: str, key: KeyPair, network: str, session_id: str,
-                        hostname: str | None = None, serve_publickey: bool = True) -> Target:
-    cid = docker("run", "-d", "--name", name, "--hostname", hostname or name, "--network", network,
-                 "--label", f"{TEST_LABEL}=1", "--label", f"{SESSION_LABEL}={session_id}",
-                 "-e", f"SERVE_PUBLICKEY={1 if serve_publickey else 0}",
-                 "-e", f"TARGET_PUBKEY={key.public}", TARGET_IMAGE).stdout.strip()
-    target = Target(name=name, id=cid, network=network, hostname=hostname or name)
-    try:
-        target.refresh_ip()
-        wait_for_target_sshd(target)
-        if serve_publickey and not wait_until(lambda: port_open(target.ip, 8080), 10):
-            pytest.fail(f"target {name}: /publickey port closed; logs:\n{target.logs()}", pytrace=False)
-    except BaseException:
-        target.remove()
-        raise
-    return target
+    with module_containers(request) as started:
+        yield run_proxy_container(test_network, session_id, name=unique_name("ssh-proxy-test-clients"),
+                                  image=proxy_image, track=started.append)
 
 
 @pytest.fixture(scope="module")
@@ -188,15 +99,9 @@ def workspace(request, proxy, keys, target_image, test_network, session_id) -> I
     """A target serving GET /publickey, started after the proxy (found by event), with a
     hostname that differs from its container name."""
     suffix = secrets.token_hex(3)
-    target = start_module_target(f"cli-ws-{suffix}", keys["workspace"], test_network, session_id,
-                                 hostname=f"cli-host-{suffix}")
-    failed_before = request.session.testsfailed
-    try:
-        yield target
-    finally:
-        if request.session.testsfailed > failed_before:
-            print(f"\n===== logs of target {target.name} =====\n{target.logs()}")
-        target.remove()
+    with module_containers(request) as started:
+        yield run_target_container(f"cli-ws-{suffix}", keys["workspace"], test_network, session_id,
+                                   image=target_image, hostname=f"cli-host-{suffix}", track=started.append)
 
 
 @pytest.fixture(scope="module")

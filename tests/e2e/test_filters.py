@@ -15,36 +15,11 @@ import subprocess
 
 import pytest
 
-from helpers import Proxy, SshClient, wait_for_login, wait_until
+from helpers import Proxy, SshClient, access_events, status, wait_for_event, wait_for_login, wait_until
 
 HTTP_GET = "GET /publickey HTTP/1.0\r\nHost: x\r\n\r\n"
 
 # ---------------------------------------------------------------- helpers (proxy state)
-
-_PAIR = re.compile(r'([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|\S*)')
-
-
-def logfmt(line: str) -> dict[str, str]:
-    return {k: (v[1:-1].replace('\\"', '"') if v.startswith('"') else v)
-            for k, v in _PAIR.findall(line)}
-
-
-def access_events(proxy: Proxy, **match: str) -> list[dict[str, str]]:
-    events = [logfmt(line) for line in proxy.access_log().splitlines()]
-    return [e for e in events if all(e.get(k) == v for k, v in match.items())]
-
-
-def wait_for_event(proxy: Proxy, deadline: float = 10, **match: str) -> dict[str, str]:
-    found: list[dict[str, str]] = []
-    if not wait_until(lambda: bool(found.extend(access_events(proxy, **match)) or found), deadline):
-        pytest.fail(f"no access-log event {match} within {deadline} s; access log:\n{proxy.access_log()}",
-                    pytrace=False)
-    return found[0]
-
-
-def status(proxy: Proxy) -> dict:
-    text = proxy.read_file("/run/ssh-proxy/status.json")
-    return json.loads(text) if text else {}
 
 
 def wait_for_ignored(proxy: Proxy, name: str, deadline: float = 10) -> str:
@@ -62,10 +37,6 @@ def wait_for_ignored(proxy: Proxy, name: str, deadline: float = 10) -> str:
     return reasons[name]
 
 
-def key_blob(public: str) -> str:
-    return public.split()[1]
-
-
 def cache_lines(proxy: Proxy) -> list[str]:
     text = proxy.read_file("/etc/ssh/authorized_keys_cache")
     return [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
@@ -81,12 +52,12 @@ def assert_not_served(proxy: Proxy, key, target_name: str, expect_reason: str) -
     refused = SshClient(proxy, key).ssh(target_name, "true", timeout=30)
     assert refused.returncode == 255, (refused.returncode, refused.stderr)
     assert "Permission denied" in refused.stderr, refused.stderr
-    wait_for_event(proxy, event="denied", fp=key.fingerprint)
+    wait_for_event(proxy, event="denied", fp=key.fingerprint, deadline=10)
     assert not access_events(proxy, event="accepted", fp=key.fingerprint)
     reason = wait_for_ignored(proxy, target_name)
     assert expect_reason in reason, reason
     assert target_name not in [t["name"] for t in status(proxy)["targets"]]
-    assert not [line for line in cache_lines(proxy) if key_blob(key.public) in line]
+    assert not [line for line in cache_lines(proxy) if key.blob in line]
 
 
 def tunnel(proxy: Proxy, key, host: str, port: int, payload: str = "") -> subprocess.CompletedProcess:
@@ -109,7 +80,7 @@ def test_host_glob_serves_matching_names_only(start_target, start_proxy, keypair
     # ... and the served key does not open the excluded target either.
     denied = tunnel(proxy, ws_key, db.name, 22)
     assert denied.returncode != 0 and "SSH-2.0-" not in denied.stdout, denied
-    wait_for_event(proxy, event="tunnel-denied", fp=ws_key.fingerprint, dest=f"{db.name}:22")
+    wait_for_event(proxy, event="tunnel-denied", fp=ws_key.fingerprint, dest=f"{db.name}:22", deadline=10)
 
 
 def test_host_comma_list(start_target, start_proxy, keypair):
@@ -147,16 +118,18 @@ def test_permit_target_port(start_target, start_proxy, keypair, ports, open_8080
     if open_8080:
         assert http.returncode == 0, http
         assert http.stdout.startswith("HTTP/1.0 200"), http.stdout
-        assert key_blob(key.public) in http.stdout
-        wait_for_event(proxy, event="tunnel", fp=key.fingerprint, dest=f"{target.name}:8080")
+        assert key.blob in http.stdout
+        wait_for_event(proxy, event="tunnel", fp=key.fingerprint, dest=f"{target.name}:8080",
+                       deadline=10)
     else:
         assert http.returncode == 255, http
         assert "HTTP/" not in http.stdout, http.stdout
         assert "forwarding failed" in http.stderr or "open failed" in http.stderr, http.stderr
-        wait_for_event(proxy, event="tunnel-denied", fp=key.fingerprint, dest=f"{target.name}:8080")
+        wait_for_event(proxy, event="tunnel-denied", fp=key.fingerprint, dest=f"{target.name}:8080",
+                       deadline=10)
 
     # The key's own permitopen options carry exactly these ports ...
-    lines = [line for line in cache_lines(proxy) if key_blob(key.public) in line]
+    lines = [line for line in cache_lines(proxy) if key.blob in line]
     assert len(lines) == 1, lines
     assert {port for _, port in permitopens(lines[0])} == permitopen_ports, lines[0]
     # ... and sshd_config's PermitOpen is the port ceiling on top.

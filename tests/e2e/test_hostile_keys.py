@@ -18,49 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from helpers import (PUBLICKEY_BODY_PATH, KeyPair, SshClient, access_events, make_keypair, parse_logfmt, status,
+                     wait_for_login, wait_until)
 
-from helpers import PUBLICKEY_BODY_PATH, Proxy, SshClient, wait_for_login, wait_until
-
-_PAIR = re.compile(r'([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|\S*)')
 BASE_OPTIONS = "restrict,port-forwarding,permitopen="
 
 
-def logfmt(line: str) -> dict[str, str]:
-    return {k: (v[1:-1].replace('\\"', '"').replace("\\\\", "\\") if v.startswith('"') else v)
-            for k, v in _PAIR.findall(line)}
-
-
-def access_events(proxy: Proxy, **match: str) -> list[dict[str, str]]:
-    events = [logfmt(line) for line in proxy.access_log().splitlines()]
-    return [e for e in events if all(e.get(k) == v for k, v in match.items())]
-
-
-def status(proxy: Proxy) -> dict:
-    text = proxy.read_file("/run/ssh-proxy/status.json")
-    return json.loads(text) if text else {}
-
-
-@dataclass(frozen=True)
-class Key:
-    """A key pair made here (the keypair fixture only makes ed25519)."""
-
-    private: Path
-    public: str
-    fingerprint: str
-
-    @property
-    def blob(self) -> str:
-        return self.public.split()[1]
-
-
-def make_key(directory: Path, name: str, kind: str = "ed25519", bits: int | None = None) -> Key:
-    path = directory / name
-    subprocess.run(["ssh-keygen", "-q", "-t", kind, *(["-b", str(bits)] if bits else []), "-N", "",
-                    "-C", f"{name}@hostile-test", "-f", str(path)], check=True, capture_output=True)
-    fp = subprocess.run(["ssh-keygen", "-lf", str(path)], check=True, capture_output=True,
-                        text=True).stdout.split()[1]
-    return Key(path, path.with_name(name + ".pub").read_text().strip(), fp)
+def make_key(directory: Path, name: str, kind: str = "ed25519", bits: int | None = None) -> KeyPair:
+    """A key pair of any type (the keypair fixture only makes ed25519)."""
+    return make_keypair(directory, name, comment=f"{name}@hostile-test", kind=kind, bits=bits)
 
 
 @dataclass
@@ -68,7 +34,7 @@ class Hostile:
     label: str
     body: bytes
     reason: str  # regex the logged rejection must match
-    keys: tuple[Key, ...]  # private keys behind whatever valid-looking keys the body holds
+    keys: tuple[KeyPair, ...]  # private keys behind whatever valid-looking keys the body holds
     accepted: bool = False  # the body's keys are fine: served, but for this target only
 
 
@@ -118,7 +84,7 @@ def test_hostile_publickey_bodies(start_target, start_proxy, keypair, tmp_path):
         name = targets[h.label].name
         return [line for line in proxy.logs().splitlines()
                 if "level=warning" in line and f"target {name}" in line
-                and re.search(h.reason, logfmt(line).get("msg", ""), re.IGNORECASE)]
+                and re.search(h.reason, parse_logfmt(line).get("msg", ""), re.IGNORECASE)]
 
     for h in hostiles:
         if h.accepted:
@@ -147,7 +113,7 @@ def test_hostile_publickey_bodies(start_target, start_proxy, keypair, tmp_path):
         assert re.search(h.reason, said, re.IGNORECASE), row
 
     # ---- no key of a hostile body opens the control target
-    def through_proxy_to_control(key: Key) -> subprocess.CompletedProcess:
+    def through_proxy_to_control(key: KeyPair) -> subprocess.CompletedProcess:
         # The control key logs in to the control target: only the proxy hop can stop this.
         return SshClient(proxy, control_key, proxy_key=key.private).ssh(control.name, "true", timeout=30)
 

@@ -15,51 +15,40 @@ import secrets
 import socket
 import subprocess
 import time
-from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterator
 
 import pytest
 
 from helpers import (
-    SESSION_LABEL,
-    TARGET_IMAGE,
-    TEST_LABEL,
+    DOCKER_SOCKET,
     PROXY_USER,
     KeyPair,
     Proxy,
     SshClient,
     Target,
+    access_events,
     docker,
-    label_args,
+    free_port,
     listening_inside,
+    log_mark,
     make_keypair,
+    module_containers,
+    parse_logfmt,
     port_open,
+    run_proxy_container,
+    run_target_container,
+    unique_name,
+    wait_for_event,
     wait_for_login,
-    wait_for_proxy_banner,
-    wait_for_target_sshd,
     wait_until,
 )
 
-DOCKER_SOCKET = "/var/run/docker.sock"
 ISO_LABEL = "ssh-proxy-isolation"
 NO_SHELL_MESSAGE = "only opens tunnels"
 REVOKE_DEADLINE = 10.0
 
 
 # --------------------------------------------------------------------------- access log
-
-
-def parse_logfmt(line: str) -> dict[str, str]:
-    """One access-log line -> {"time": ..., "event": ..., "fp": ...}; quoted values unescaped."""
-    fields: dict[str, str] = {}
-    head, _, rest = line.partition(" ")
-    fields["time"] = head
-    for match in re.finditer(r'([A-Za-z_][A-Za-z0-9_-]*)=("(?:[^"\\]|\\.)*"|\S*)', rest):
-        value = match.group(2)
-        if value.startswith('"'):
-            value = re.sub(r"\\(.)", r"\1", value[1:-1])
-        fields[match.group(1)] = value
-    return fields
 
 
 def test_parse_logfmt():
@@ -69,39 +58,6 @@ def test_parse_logfmt():
         "time": "2026-11-25T15:42:27.219Z", "event": "tunnel-denied", "client": "172.18.0.1:40000",
         "fp": "SHA256:abc+/d", "key": "ED25519", "target": "ws-a", "dest": 'we ird"x:22',
         "reason": "not-permitted"}
-
-
-def access_events(proxy: Proxy) -> list[dict[str, str]]:
-    return [parse_logfmt(line) for line in proxy.access_log().splitlines() if line.strip()]
-
-
-def log_mark(proxy: Proxy) -> int:
-    """Number of access-log lines now: pass it as `since` to look only at what follows."""
-    return len(access_events(proxy))
-
-
-def wait_for_event(proxy: Proxy, since: int, deadline: float = 5, **want: str) -> dict[str, str]:
-    """The first access-log event after line `since` whose fields include `want` (the log is
-    written asynchronously from sshd's syslog); fails with the log lines since `since`."""
-    found: list[dict[str, str]] = []
-
-    def seen() -> bool:
-        for event in access_events(proxy)[since:]:
-            if all(event.get(k) == v for k, v in want.items()):
-                found.append(event)
-                return True
-        return False
-
-    if not wait_until(seen, deadline):
-        # AssertionError, not pytest.fail: a missing event is a finding about the product
-        raise AssertionError(f"no access-log event with {want} within {deadline} s; log since line "
-                             f"{since}:\n" + "\n".join(proxy.access_log().splitlines()[since:])
-                             + f"\n(proxy state: {proxy.state()!r})")
-    return found[0]
-
-
-def events_since(proxy: Proxy, since: int, **want: str) -> list[dict[str, str]]:
-    return [e for e in access_events(proxy)[since:] if all(e.get(k) == v for k, v in want.items())]
 
 
 # --------------------------------------------------------------------------- clients
@@ -140,7 +96,7 @@ def assert_tunnel_refused(proxy: Proxy, key: KeyPair, dest: str,
         want["target"] = target
     event = wait_for_event(proxy, mark, **want)
     # and that connection opened no tunnel at all
-    assert not events_since(proxy, mark, event="tunnel", client=event["client"]), proxy.access_log()
+    assert not access_events(proxy, mark, event="tunnel", client=event["client"]), proxy.access_log()
     return event
 
 
@@ -187,39 +143,10 @@ def label_value() -> str:
 def proxy(request, proxy_image, test_network, session_id, label_value) -> Iterator[Proxy]:
     """One ssh-proxy for the module, started like conftest's start_proxy, serving only
     containers labelled ssh-proxy-isolation=<this module's value>."""
-    name = f"ssh-proxy-test-iso-{secrets.token_hex(4)}"
-    cid = docker("run", "-d", "--name", name, "--network", test_network,
-                 "--label", f"{TEST_LABEL}=1", "--label", f"{SESSION_LABEL}={session_id}",
-                 "-p", "127.0.0.1::22", "-v", f"{DOCKER_SOCKET}:{DOCKER_SOCKET}",
-                 "-e", f"SSH_TARGET_LABELS={ISO_LABEL}={label_value}", proxy_image).stdout.strip()
-    started = Proxy(name=name, id=cid)
-    failed_before = request.session.testsfailed
-    try:
-        wait_for_proxy_banner(started)
-        yield started
-    finally:
-        if request.session.testsfailed > failed_before:
-            print(f"\n===== logs of proxy {name} =====\n{started.logs()}")
-            print(f"===== /etc/ssh/access.log of {name} =====\n{started.access_log()}")
-        started.remove()
-
-
-def run_target(name: str, key: KeyPair, network: str, session_id: str,
-               labels: Mapping[str, str] | None = None, serve_publickey: bool = True) -> Target:
-    cid = docker("run", "-d", "--name", name, "--hostname", name, "--network", network,
-                 "--label", f"{TEST_LABEL}=1", "--label", f"{SESSION_LABEL}={session_id}",
-                 *label_args(labels), "-e", f"SERVE_PUBLICKEY={1 if serve_publickey else 0}",
-                 "-e", f"TARGET_PUBKEY={key.public}", TARGET_IMAGE).stdout.strip()
-    target = Target(name=name, id=cid, network=network, hostname=name)
-    try:
-        target.refresh_ip()
-        wait_for_target_sshd(target)
-        if serve_publickey and not wait_until(lambda: port_open(target.ip, 8080), 10):
-            pytest.fail(f"target {name}: /publickey port closed; logs:\n{target.logs()}", pytrace=False)
-    except BaseException:
-        target.remove()
-        raise
-    return target
+    with module_containers(request) as started:
+        yield run_proxy_container(test_network, session_id, name=unique_name("ssh-proxy-test-iso"),
+                                  image=proxy_image, env={"SSH_TARGET_LABELS": f"{ISO_LABEL}={label_value}"},
+                                  track=started.append)
 
 
 @pytest.fixture(scope="module")
@@ -228,23 +155,17 @@ def targets(request, proxy, keys, target_image, test_network, session_id, label_
     O publishes its key by HTTP but lacks the label."""
     suffix = secrets.token_hex(3)
     labels = {ISO_LABEL: label_value}
-    started: dict[str, Target] = {}
-    failed_before = request.session.testsfailed
-    try:
-        started["a"] = run_target(f"iso-a-{suffix}", keys["a"], test_network, session_id, labels)
-        started["b"] = run_target(f"iso-b-{suffix}", keys["b"], test_network, session_id, labels,
-                                  serve_publickey=False)
-        started["outsider"] = run_target(f"iso-outsider-{suffix}", keys["outsider"], test_network, session_id,
-                                         {ISO_LABEL: "someone-else"})
-        wait_for_login(client_for(proxy, keys["a"]), started["a"].name, deadline=20)
-        wait_for_login(client_for(proxy, keys["b"]), started["b"].name, deadline=20)
-        yield started
-    finally:
-        failed = request.session.testsfailed > failed_before
-        for target in started.values():
-            if failed:
-                print(f"\n===== logs of target {target.name} =====\n{target.logs()}")
-            target.remove()
+    with module_containers(request) as started:
+        def run(name: str, key: KeyPair, **kwargs) -> Target:
+            return run_target_container(name, key, test_network, session_id, image=target_image,
+                                        track=started.append, **kwargs)
+
+        a = run(f"iso-a-{suffix}", keys["a"], labels=labels)
+        b = run(f"iso-b-{suffix}", keys["b"], labels=labels, serve_publickey=False)
+        outsider = run(f"iso-outsider-{suffix}", keys["outsider"], labels={ISO_LABEL: "someone-else"})
+        wait_for_login(client_for(proxy, keys["a"]), a.name, deadline=20)
+        wait_for_login(client_for(proxy, keys["b"]), b.name, deadline=20)
+        yield {"a": a, "b": b, "outsider": outsider}
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +231,7 @@ def test_key_cannot_reach_undiscovered_hosts(proxy, keys, targets):
     assert proc.returncode == 255 and "Permission denied" in proc.stderr, proc.stderr
     wait_for_event(proxy, mark, event="denied", fp=keys["outsider"].fingerprint, reason="unknown-key",
                    target="-")
-    assert keys["outsider"].public.split()[1] not in proxy.read_file("/etc/ssh/authorized_keys_cache")
+    assert keys["outsider"].blob not in proxy.read_file("/etc/ssh/authorized_keys_cache")
 
 
 @pytest.mark.parametrize("claim", ["hostname", "network-alias", "gateway-hostname"])
@@ -419,24 +340,11 @@ def test_agent_forwarding_refused(proxy, keys, targets, tmp_path):
         agent.wait(timeout=10)
 
 
-def _unix_http_get(path: Path) -> bytes:
-    """Sends `GET /version` to the unix socket at `path`; returns what came back."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+def _get_version(family: socket.AddressFamily, address: str | tuple[str, int]) -> bytes:
+    """Sends `GET /version` to the unix socket path or TCP address; returns what came back."""
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(10)
-        s.connect(str(path))
-        s.sendall(b"GET /version HTTP/1.0\r\nHost: docker\r\n\r\n")
-        data = b""
-        try:
-            while chunk := s.recv(65536):
-                data += chunk
-        except (socket.timeout, ConnectionResetError):
-            pass
-        return data
-
-
-def _tcp_http_get(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.settimeout(10)
+        s.connect(address)
         s.sendall(b"GET /version HTTP/1.0\r\nHost: docker\r\n\r\n")
         data = b""
         try:
@@ -455,13 +363,11 @@ def test_docker_socket_never_reachable(proxy, keys, targets, tmp_path, local):
     if local == "unix":
         listen = tmp_path / "docker.sock"
         spec, ready = f"{listen}:{DOCKER_SOCKET}", lambda: listen.exists()
-        get = lambda: _unix_http_get(listen)  # noqa: E731
+        get = lambda: _get_version(socket.AF_UNIX, str(listen))  # noqa: E731
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         spec, ready = f"127.0.0.1:{port}:{DOCKER_SOCKET}", lambda: port_open("127.0.0.1", port)
-        get = lambda: _tcp_http_get(port)  # noqa: E731
+        get = lambda: _get_version(socket.AF_INET, ("127.0.0.1", port))  # noqa: E731
     c = client_for(proxy, keys["a"])
     mark = log_mark(proxy)
     ssh = subprocess.Popen(c.direct_argv(opts=["-N", "-o", "ExitOnForwardFailure=yes", "-L", spec]),
@@ -474,11 +380,11 @@ def test_docker_socket_never_reachable(proxy, keys, targets, tmp_path, local):
             assert b"ApiVersion" not in answer and b"HTTP/" not in answer, answer[:300]
         refused = wait_for_event(proxy, mark, event="forward-refused", fp=keys["a"].fingerprint,
                                  reason="local-streamlocal", dest=DOCKER_SOCKET, target=targets["a"].name)
-        assert len(events_since(proxy, mark, event="forward-refused", client=refused["client"])) >= 1
+        assert len(access_events(proxy, mark, event="forward-refused", client=refused["client"])) >= 1
     finally:
         ssh.terminate()
         ssh.communicate(timeout=10)
-    assert not events_since(proxy, mark, event="tunnel", client=refused["client"]), proxy.access_log()
+    assert not access_events(proxy, mark, event="tunnel", client=refused["client"]), proxy.access_log()
 
 
 def test_unknown_key_denied(proxy, keys, targets):
@@ -491,7 +397,7 @@ def test_unknown_key_denied(proxy, keys, targets):
     assert b"Permission denied (publickey)" in proc.stderr, proc.stderr
     event = wait_for_event(proxy, mark, event="denied", fp=keys["unknown"].fingerprint, reason="unknown-key")
     assert event["target"] == "-", event
-    assert not events_since(proxy, mark, event="accepted", fp=keys["unknown"].fingerprint)
+    assert not access_events(proxy, mark, event="accepted", fp=keys["unknown"].fingerprint)
 
 
 def test_stopped_removed_and_restarted_target(proxy, keys, targets, label_value, start_target):
@@ -533,5 +439,5 @@ def test_stopped_removed_and_restarted_target(proxy, keys, targets, label_value,
     mark = log_mark(proxy)
     assert wait_for_key_refused(proxy, keys["c"]) < REVOKE_DEADLINE
     wait_for_event(proxy, mark, event="denied", fp=fp, reason="unknown-key", target="-")
-    assert keys["c"].public.split()[1] not in proxy.read_file("/etc/ssh/authorized_keys_cache")
+    assert keys["c"].blob not in proxy.read_file("/etc/ssh/authorized_keys_cache")
     b_works()

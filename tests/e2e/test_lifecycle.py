@@ -3,59 +3,14 @@ disconnects, restarted targets, a burst of new targets and a burst of logins."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import secrets
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-
-from helpers import (PUBLICKEY_BODY_PATH, Proxy, SshClient, docker, wait_for_login, wait_for_target_sshd,
-                     wait_until)
-
-_PAIR = re.compile(r'([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|\S*)')
-
-
-def logfmt(line: str) -> dict[str, str]:
-    return {k: (v[1:-1].replace('\\"', '"') if v.startswith('"') else v)
-            for k, v in _PAIR.findall(line)}
-
-
-def access_events(proxy: Proxy, **match: str) -> list[dict[str, str]]:
-    events = [logfmt(line) for line in proxy.access_log().splitlines()]
-    return [e for e in events if all(e.get(k) == v for k, v in match.items())]
-
-
-def wait_for_event(proxy: Proxy, deadline: float = 10, **match: str) -> dict[str, str]:
-    found: list[dict[str, str]] = []
-    if not wait_until(lambda: bool(found.extend(access_events(proxy, **match)) or found), deadline):
-        pytest.fail(f"no access-log event {match} within {deadline} s; access log:\n{proxy.access_log()}",
-                    pytrace=False)
-    return found[0]
-
-
-def status(proxy: Proxy) -> dict:
-    """status.json (rewritten every 2 s, so it may lag the proxy by as much)."""
-    text = proxy.read_file("/run/ssh-proxy/status.json")
-    return json.loads(text) if text else {}
-
-
-def wait_for_status(proxy: Proxy, predicate, deadline: float = 10) -> dict:
-    """The first status.json for which predicate(doc) holds; fails after `deadline` s."""
-    doc: dict = {}
-
-    def check() -> bool:
-        doc.clear()
-        doc.update(status(proxy))
-        return bool(doc) and bool(predicate(doc))
-
-    if not wait_until(check, deadline, interval=0.5):
-        pytest.fail(f"status.json did not get there within {deadline} s:\n{json.dumps(doc, indent=1)}",
-                    pytrace=False)
-    return doc
+from helpers import (PUBLICKEY_BODY_PATH, Proxy, SshClient, access_events, docker, wait_for_event,
+                     wait_for_login, wait_for_status, wait_for_target_sshd, wait_until)
 
 
 def target_row(doc: dict, name: str) -> dict:
@@ -65,10 +20,6 @@ def target_row(doc: dict, name: str) -> dict:
 
 def served_blobs(proxy: Proxy) -> str:
     return proxy.read_file("/etc/ssh/authorized_keys.index")
-
-
-def blob(key) -> str:
-    return key.public.split()[1]
 
 
 def host_keys(proxy: Proxy) -> set[tuple[str, str]]:
@@ -184,7 +135,7 @@ def test_rename_disconnect_reconnect_and_restart(start_target, start_proxy, keyp
     wait_for_login(client, new, deadline=20)
     refused = client.ssh(old, "true", timeout=30)
     assert refused.returncode == 255, refused
-    wait_for_event(proxy, event="tunnel-denied", fp=first.fingerprint, dest=f"{old}:22")
+    wait_for_event(proxy, event="tunnel-denied", fp=first.fingerprint, dest=f"{old}:22", deadline=10)
     doc = wait_for_status(proxy, lambda d: target_row(d, new))
     assert old not in [a for t in doc["targets"] for a in t["aliases"]], doc
 
@@ -229,7 +180,7 @@ def test_network_disconnect_revokes_key(start_target, start_proxy, keypair, test
     hijack = SshClient(proxy, y_key, proxy_key=x_key).ssh(x.name, "hostname", timeout=30)
     assert hijack.returncode != 0 and y.name not in hijack.stdout, \
         f"x's key reached {hijack.stdout.strip()} through the proxy"
-    assert blob(x_key) not in served_blobs(proxy), proxy.read_file("/etc/ssh/authorized_keys_cache")
+    assert x_key.blob not in served_blobs(proxy), proxy.read_file("/etc/ssh/authorized_keys_cache")
     denied = SshClient(proxy, x_key).direct_proxy(opts=["-W", f"{x.name}:22"], input="", timeout=30)
     assert denied.returncode == 255 and "Permission denied" in denied.stderr, denied
 

@@ -19,20 +19,16 @@ from typing import Callable, Iterator, Mapping, Sequence
 import pytest
 
 from helpers import (
-    SESSION_LABEL,
-    TEST_LABEL,
     KeyPair,
     Proxy,
     SshClient,
     Target,
-    docker,
-    env_args,
     make_keypair,
-    remove_stale_container,
+    module_containers,
+    run_proxy_container,
+    run_target_container,
     unique_name,
     wait_for_login,
-    wait_for_proxy_banner,
-    wait_for_target_sshd,
     wait_until,
 )
 
@@ -43,83 +39,45 @@ DELAYS: dict[str, float] = {}
 
 # --------------------------------------------------------------------------- starters
 
-def _run_manual_proxy(proxy_image: str, network: str, session_id: str,
-                      env: Mapping[str, str], volumes: Sequence[str]) -> Proxy:
-    """Like conftest's start_proxy, without the Docker socket."""
-    name = unique_name("ssh-proxy-test-manual")
-    remove_stale_container(name)
-    args = ["run", "-d", "--name", name, "--network", network,
-            "--label", f"{TEST_LABEL}=1", "--label", f"{SESSION_LABEL}={session_id}",
-            "-p", "127.0.0.1::22",
-            *(a for v in volumes for a in ("-v", v)),
-            *env_args({"MANUAL_AUTH_FILE": "true", **env}), proxy_image]
-    cid = docker(*args).stdout.strip()
-    proxy = Proxy(name=name, id=cid)
-    wait_for_proxy_banner(proxy)
-    return proxy
-
-
-def _run_target(target_image: str, network: str, session_id: str, name: str,
-                pubkey: str) -> Target:
-    """A test target without /publickey (as start_target(..., serve_publickey=False)), but
-    module-scoped: the manual tests share it."""
-    remove_stale_container(name)
-    cid = docker("run", "-d", "--name", name, "--hostname", name, "--network", network,
-                 "--label", f"{TEST_LABEL}=1", "--label", f"{SESSION_LABEL}={session_id}",
-                 "-e", "SERVE_PUBLICKEY=0", "-e", f"TARGET_PUBKEY={pubkey}",
-                 target_image).stdout.strip()
-    target = Target(name=name, id=cid, network=network, hostname=name)
-    target.refresh_ip()
-    wait_for_target_sshd(target)
-    return target
-
 
 class Env:
     """What the module shares: keys, targets A and B, and manual proxies."""
 
     def __init__(self, root: Path, proxy_image: str, target_image: str, network: str,
-                 session_id: str) -> None:
+                 session_id: str, started: list[Target | Proxy]) -> None:
         self.root = root
         self.proxy_image = proxy_image
         self.target_image = target_image
         self.network = network
         self.session_id = session_id
         self.keys_root = root / "client-keys"
-        self.proxies: list[Proxy] = []
-        self.targets: list[Target] = []
+        self.started = started
+        """Every container this module starts (removed when the module ends)."""
         self.tag = secrets.token_hex(3)
 
     def key(self, name: str) -> KeyPair:
         return make_keypair(self.keys_root, f"{name}-{secrets.token_hex(3)}")
 
     def target(self, label: str, pubkey: str) -> Target:
-        t = _run_target(self.target_image, self.network, self.session_id,
-                        f"mt-{label}-{self.tag}", pubkey)
-        self.targets.append(t)
-        return t
+        """A test target without /publickey (as start_target(..., serve_publickey=False)), but
+        module-scoped: the manual tests share it."""
+        return run_target_container(f"mt-{label}-{self.tag}", pubkey, self.network, self.session_id,
+                                    image=self.target_image, serve_publickey=False, track=self.started.append)
 
     def proxy(self, env: Mapping[str, str] | None = None,
               volumes: Sequence[str] = ()) -> Proxy:
-        p = _run_manual_proxy(self.proxy_image, self.network, self.session_id, env or {}, volumes)
-        self.proxies.append(p)
-        return p
-
-    def close(self, failed: bool) -> None:
-        for p in self.proxies:
-            if failed:
-                print(f"\n===== logs of proxy {p.name} =====\n{p.logs()}")
-                print(f"===== access.log =====\n{p.access_log()}")
-            p.remove()
-        for t in self.targets:
-            t.remove()
+        """Like conftest's start_proxy, without the Docker socket."""
+        return run_proxy_container(self.network, self.session_id, name=unique_name("ssh-proxy-test-manual"),
+                                   image=self.proxy_image, env={"MANUAL_AUTH_FILE": "true", **(env or {})},
+                                   volumes=volumes, docker_socket=False, track=self.started.append)
 
 
 @pytest.fixture(scope="module")
 def env(request, tmp_path_factory, proxy_image, target_image, test_network,
         session_id) -> Iterator[Env]:
-    e = Env(tmp_path_factory.mktemp("manual"), proxy_image, target_image, test_network, session_id)
-    yield e
-    e.close(failed=request.session.testsfailed > 0)
+    with module_containers(request) as started:
+        yield Env(tmp_path_factory.mktemp("manual"), proxy_image, target_image, test_network, session_id,
+                  started)
     if DELAYS:
         print("\nhost-side change-to-login delays (manual proxy):")
         for label, delay in DELAYS.items():

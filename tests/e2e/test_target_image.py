@@ -3,33 +3,15 @@ test says nothing about the proxy."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import urllib.error
-import urllib.request
 
-from helpers import SshClient, port_open, sshfs_mount, wait_for_login, wait_until
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def fetch(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+from helpers import (NO_PROMPT_OPTS, SshClient, fetch, free_port, port_open, sshfs_mount, wait_for_login,
+                     wait_until)
 
 
 def direct_ssh(target, key, *cmd: str) -> subprocess.CompletedProcess:
     """ssh straight to the target's IP from the host, same options as through the proxy."""
-    argv = ["ssh", "-i", str(key.private), "-F", "/dev/null", "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
-            "-o", "IdentityAgent=none", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10",
+    argv = ["ssh", "-i", str(key.private), *NO_PROMPT_OPTS, "-o", "ConnectTimeout=10",
             f"root@{target.ip}", *cmd]
     return SshClient.run(argv, timeout=60)
 

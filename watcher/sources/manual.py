@@ -44,10 +44,11 @@ def parse_key_file(data: bytes, origin: str, known: dict[str, Any] | None = None
     """
     lines: list[ManualLine] = []
     errors: list[str] = []
-    for number, raw in enumerate(data.split(b"\n"), 1):
-        if raw.endswith(b"\r"):
+    # Decoded once (a bad byte becomes U+FFFD, which the validator rejects on its line).
+    for number, raw in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
+        if raw.endswith("\r"):
             raw = raw[:-1]
-        text = raw.decode("utf-8", errors="replace").strip(" \t")
+        text = raw.strip(" \t")
         if not text or text.startswith("#"):
             continue
         result = known.get(text) if known is not None else None
