@@ -79,6 +79,12 @@ class AccessLog:
         os.chmod(path, 0o644)
 
     def __call__(self, datagram: bytes) -> None:
+        try:
+            self._handle(datagram)
+        except Exception:  # one odd line must not take the access log (or the proxy) down
+            log.exception("access log: cannot handle sshd line %r", datagram[:200])
+
+    def _handle(self, datagram: bytes) -> None:
         parsed = parse_datagram(datagram)
         if parsed is None:
             return

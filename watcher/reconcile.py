@@ -85,6 +85,11 @@ class _SourceStatus:
 
 
 @dataclass(frozen=True)
+class _Identity:
+    proxy: ProxyIdentity
+
+
+@dataclass(frozen=True)
 class _ManualStatus:
     status: dict
 
@@ -148,6 +153,10 @@ class Reconciler:
 
     def set_source_status(self, status: dict) -> None:
         self.inbox.put(_SourceStatus(dict(status)))
+
+    def set_proxy_identity(self, proxy: ProxyIdentity) -> None:
+        """The proxy's own names/addresses, refreshed by the source on every (re)connect."""
+        self.inbox.put(_Identity(proxy))
 
     def set_manual_status(self, status: dict) -> None:
         self.inbox.put(_ManualStatus(dict(status)))
@@ -230,6 +239,8 @@ class Reconciler:
             self.manual = message.lines
         elif isinstance(message, _SourceStatus):
             self.source_status = message.status
+        elif isinstance(message, _Identity):
+            self.proxy = message.proxy
         elif isinstance(message, _ManualStatus):
             self.manual_status = message.status
         self._dirty()

@@ -334,6 +334,9 @@ class FakeSink:
     def set_source_status(self, status: dict) -> None:
         self.calls.append(("status", status))
 
+    def set_proxy_identity(self, identity: Any) -> None:
+        self.calls.append(("identity", identity))
+
 
 def make_source(containers: dict[str, dict[str, Any]]) -> tuple[DockerSource, FakeSink, FakeAPI]:
     api = FakeAPI(containers)
@@ -412,7 +415,8 @@ def test_proxy_network_change_resyncs(monkeypatch) -> None:
     source.handle_event(network_event("connect", PROXY_ID, BACKEND_NET))
     assert source.proxy_networks == {FRONTEND_NET}
     assert source.identity.container_id == PROXY_ID
-    assert sink.calls == [("replace_all", ["api", "db"])]
+    assert sink.calls == [("identity", source.identity), ("replace_all", ["api", "db"])]
+    assert source.identity.container_id == PROXY_ID
 
 
 def test_discover_identity_outside_docker(monkeypatch) -> None:
@@ -616,9 +620,10 @@ def test_stream_end_reconnects_and_resyncs(monkeypatch) -> None:
     second.close()
     runner.join(5)
     assert not runner.is_alive()
-    kinds = [c[0] for c in sink.calls]
+    kinds = [c[0] for c in sink.calls if c[0] != "identity"]
     assert kinds[:3] == ["replace_all", "status", "upsert"]
-    assert sink.calls[0] == ("replace_all", ["db", "web"])
+    assert sink.calls[0][0] == "identity"  # before the first list: the proxy never serves itself
+    assert [c for c in sink.calls if c[0] == "replace_all"][0] == ("replace_all", ["db", "web"])
     lost = [c for c in sink.calls if c[0] == "status" and not c[1]["connected"]]
     assert lost and lost[0][1]["reconnects"] == 1
     resync = [c for c in sink.calls if c[0] == "replace_all"][1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 import hashlib
 import struct
 import threading
@@ -588,3 +589,17 @@ def test_loop_retries_on_its_own() -> None:
         loop.join(5)
     assert fetch.count("web") == 2
     assert writes[-1].index.split()[0] == KA.fingerprint
+
+
+def test_proxy_identity_learned_later_is_applied(h: Harness) -> None:
+    # The Docker socket may be unreachable when the watcher starts: the proxy's own names
+    # arrive with the first connection and must then be refused as aliases.
+    h.fetch.results["web"] = ok(KA)
+    web = replace(target("web", 1), aliases=("gateway-name",))
+    h.rec.upsert(web)
+    h.settle()
+    assert 'permitopen="gateway-name:*"' in h.index_lines()[0]
+    h.rec.set_proxy_identity(ProxyIdentity(names=frozenset({"gateway-name"})))
+    h.settle()
+    assert 'gateway-name' not in h.index_lines()[0]
+    assert ("web", "gateway-name", "name of the proxy itself") in h.snapshot.refused_aliases

@@ -278,8 +278,6 @@ class DockerSource:
     def _follow_once(self, stop: threading.Event) -> None:
         client = self._client()
         client.ping()
-        if not self.identity.container_id and self.proxy_networks is None:
-            self.discover_identity()
         # Subscribe before listing so nothing between the two is missed; the relist then
         # makes the state exact, and later events only refine it.
         stream = client.api.events(decode=True, filters={
@@ -289,7 +287,7 @@ class DockerSource:
         pinger = threading.Thread(target=self._ping_loop, args=(client, stream, stop),
                                   daemon=True, name="docker-ping")
         try:
-            self.discover_identity()
+            self.sink.set_proxy_identity(self.discover_identity())
             self.sink.replace_all(self.list_targets())
             self.connected = True
             self.sink.set_source_status({"kind": "docker", "connected": True, "error": "",
@@ -338,7 +336,7 @@ class DockerSource:
             return
         if event.get("Type") == "network" and cid == self.identity.container_id:
             # The proxy itself joined or left a network: which targets it shares changes.
-            self.discover_identity()
+            self.sink.set_proxy_identity(self.discover_identity())
             self.sink.replace_all(self.list_targets())
             return
         target = self.inspect_target(cid)
