@@ -35,14 +35,14 @@ def cmd_check_config(_: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .status import health_problems, read_banner, read_status
+    from .status import health_problems, read_status, sshd_listening
 
     try:
         doc = read_status(Path(args.status))
     except (OSError, ValueError) as exc:
         print(f"unhealthy: cannot read {args.status}: {exc}")
         return EXIT_ERROR
-    problems = health_problems(doc, time.time(), read_banner(port=args.port))
+    problems = health_problems(doc, time.time(), sshd_listening(args.port))
     if problems:
         print("unhealthy: " + "; ".join(problems))
         return EXIT_ERROR
