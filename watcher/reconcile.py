@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 
 import tenacity
 
+from . import backoff
 from .config import Settings
 from .model import KeyState, ManualLine, Target
 from .render import Rendered, ServedTarget, render
@@ -80,7 +81,8 @@ class _Manual:
 
 
 @dataclass(frozen=True)
-class _SourceStatus:
+class _Status:
+    part: str  # "source" (discovery) or "manual" (key files)
     status: dict
 
 
@@ -89,19 +91,12 @@ class _Identity:
     proxy: ProxyIdentity
 
 
-@dataclass(frozen=True)
-class _ManualStatus:
-    status: dict
-
-
 _RETRY_WAIT = tenacity.wait_exponential(multiplier=5, min=5, max=300)
 
 
 def retry_delay(failures: int) -> float:
     """Seconds before fetching a failed target's key again: 5, 10, 20 ... 300 (tenacity)."""
-    state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
-    state.attempt_number = max(1, failures)
-    return float(_RETRY_WAIT(state))
+    return backoff.delay(_RETRY_WAIT, failures)
 
 
 class Reconciler:
@@ -127,8 +122,7 @@ class Reconciler:
         self.entries: dict[str, TargetEntry] = {}
         self.ignored: dict[str, tuple[Target, str]] = {}
         self.manual: tuple[ManualLine, ...] = ()
-        self.source_status: dict = {}
-        self.manual_status: dict = {}
+        self.status: dict[str, dict] = {"source": {}, "manual": {}}
         self.owners: dict[str, tuple[str, ...]] = {}
         self.alias_owners: dict[str, str] = {}
         self.writes = 0
@@ -152,14 +146,14 @@ class Reconciler:
         self.inbox.put(_Manual(tuple(lines)))
 
     def set_source_status(self, status: dict) -> None:
-        self.inbox.put(_SourceStatus(dict(status)))
+        self.inbox.put(_Status("source", dict(status)))
 
     def set_proxy_identity(self, proxy: ProxyIdentity) -> None:
         """The proxy's own names/addresses, refreshed by the source on every (re)connect."""
         self.inbox.put(_Identity(proxy))
 
     def set_manual_status(self, status: dict) -> None:
-        self.inbox.put(_ManualStatus(dict(status)))
+        self.inbox.put(_Status("manual", dict(status)))
 
     def owners_of(self, fingerprint: str) -> tuple[str, ...]:
         with self._lock:
@@ -237,12 +231,10 @@ class Reconciler:
             self._fetched(message)
         elif isinstance(message, _Manual):
             self.manual = message.lines
-        elif isinstance(message, _SourceStatus):
-            self.source_status = message.status
+        elif isinstance(message, _Status):
+            self.status[message.part] = message.status
         elif isinstance(message, _Identity):
             self.proxy = message.proxy
-        elif isinstance(message, _ManualStatus):
-            self.manual_status = message.status
         self._dirty()
 
     def _upsert(self, target: Target) -> None:
@@ -365,5 +357,5 @@ class Reconciler:
                    for t, r in sorted(self.ignored.values(), key=lambda v: v[0].name)]
         return Snapshot(targets=tuple(rows), ignored=tuple(ignored), refused_aliases=refused,
                         keys_served=rendered.index.count("\n"), writes=self.writes,
-                        last_write=self.last_write, source=dict(self.source_status),
-                        manual=dict(self.manual_status))
+                        last_write=self.last_write, source=dict(self.status["source"]),
+                        manual=dict(self.status["manual"]))

@@ -13,6 +13,7 @@ from string import Template
 
 import tenacity
 
+from . import backoff
 from .config import Settings
 from .errors import WatcherError
 
@@ -118,9 +119,7 @@ class SshdProcess:
             # A crash after a long healthy run starts the backoff over.
             stable = time.monotonic() - self._started_at > STABLE_AFTER
             self._failures = 1 if stable else self._failures + 1
-            state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
-            state.attempt_number = self._failures
-            delay = wait(state)
+            delay = backoff.delay(wait, self._failures)
             log.error("sshd exited with status %s; restarting in %.1fs", process.returncode, delay)
             if stop.wait(delay):
                 return

@@ -300,10 +300,7 @@ class DockerSource:
                 self.handle_event(event)
         finally:
             self._stream = None
-            try:
-                stream.close()
-            except Exception:  # closing a dead stream may raise anything; it is dead either way
-                pass
+            _close_quietly(stream)
         if not stop.is_set():
             raise _StreamEnded("events stream ended")
 
@@ -315,15 +312,9 @@ class DockerSource:
                 client.ping()
             except Exception as exc:  # any failure means the stream cannot be trusted
                 log.warning("docker daemon did not answer a ping (%s): resyncing", exc)
-                try:
-                    stream.close()
-                except Exception:
-                    pass
+                _close_quietly(stream)
                 return
-        try:
-            stream.close()  # stop requested: unblock the reader
-        except Exception:
-            pass
+        _close_quietly(stream)  # stop requested: unblock the reader
 
     def handle_event(self, event: dict[str, Any]) -> None:
         """One event touches one target: re-inspect it and upsert or remove."""
@@ -348,6 +339,13 @@ class DockerSource:
 
 class _StreamEnded(Exception):
     """The events stream ended (daemon restart, socket closed)."""
+
+
+def _close_quietly(stream: Any) -> None:
+    try:
+        stream.close()
+    except Exception:  # closing a dead stream may raise anything; it is dead either way
+        pass
 
 
 def _read(path: str) -> str:
