@@ -27,8 +27,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TARGET_CONTEXT = REPO_ROOT / "tests" / "images" / "target"
 
-TARGET_IMAGE = "ssh-proxy-target:test"
-PROXY_IMAGE = "ssh-proxy:test"
+# Overridable so that two checkouts can run their e2e suites side by side on one engine.
+TARGET_IMAGE = os.environ.get("SSH_PROXY_TEST_TARGET_IMAGE", "ssh-proxy-target:test")
+PROXY_IMAGE = os.environ.get("SSH_PROXY_TEST_PROXY_IMAGE", "ssh-proxy:test")
 TEST_LABEL = "ssh-proxy-test"
 """Every container and network the tests create carries `ssh-proxy-test=1`; tests/run.sh
 removes whatever carries it before and after a run."""
