@@ -127,6 +127,9 @@ class Reconciler:
         self.unmanaged_hosts = unmanaged_hosts  # hosts-file lines outside the managed block
         self.local_names = local_names  # the proxy's own names from its resolver (FQDN)
         self._refused_logged: frozenset[tuple[str, str, str]] = frozenset()
+        # permitopen hosts of the manual lines, kept until the lines change (100k lines
+        # take a third of a second to scan: not on every render).
+        self._manual_reserved: tuple[tuple[ManualLine, ...], ReservedNames] = ((), ReservedNames())
         self.pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="keyfetch")
         self.inbox: queue.Queue = queue.Queue()
         self.entries: dict[str, TargetEntry] = {}
@@ -362,9 +365,11 @@ class Reconciler:
         other lines, the proxy's own names."""
         if not self.entries:
             return ReservedNames()
-        return ReservedNames.of(itertools.chain(
+        if self._manual_reserved[0] is not self.manual:
+            self._manual_reserved = (self.manual,
+                                     ReservedNames.of(permitopen_reservations(self.manual)))
+        return self._manual_reserved[1].with_(itertools.chain(
             container_reservations(t for t, _ in self.ignored.values()),
-            permitopen_reservations(self.manual),
             hosts_file_reservations(hosts),
             proxy_reservations(self.local_names)))
 

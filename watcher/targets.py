@@ -69,12 +69,16 @@ class ReservedNames:
 
     @classmethod
     def of(cls, pairs: Iterable[tuple[str, Reservation]]) -> ReservedNames:
-        entries: dict[str, tuple[Reservation, ...]] = {}
+        return cls().with_(pairs)
+
+    def with_(self, pairs: Iterable[tuple[str, Reservation]]) -> ReservedNames:
+        """A copy with more reservations (this one is left as it is)."""
+        entries = dict(self.entries)
         for name, reservation in pairs:
             key = fold(name)
             if reservation not in entries.get(key, ()):
                 entries[key] = (*entries.get(key, ()), reservation)
-        return cls(entries)
+        return ReservedNames(entries)
 
     def conflict(self, alias: str, target: Target, authoritative: bool) -> str:
         """Why `target` may not have `alias` because of a name seen elsewhere, or ""."""

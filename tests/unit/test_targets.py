@@ -560,3 +560,11 @@ def test_every_source_together_is_independent_of_order() -> None:
     }
     for order in itertools.permutations(ts):
         assert resolve_aliases(list(order), PROXY, reserved=reserved) == expected
+
+
+def test_reserved_names_with_leaves_the_original_unchanged() -> None:
+    base = ReservedNames.of([("a", Reservation("first"))])
+    more = base.with_([("A", Reservation("second")), ("b", Reservation("third"))])
+    assert base.entries == {"a": (Reservation("first"),)}
+    assert more.entries == {"a": (Reservation("first"), Reservation("second")),
+                            "b": (Reservation("third"),)}
