@@ -155,9 +155,10 @@ def test_hostname_of_a_non_permitted_container_is_not_granted(world):
     assert "db" in refusal(doc, t.name, db.name) and "not served" in refusal(doc, t.name, db.name)
     assert db.name not in granted(doc, t.name)
     assert db.name not in hosts_block(world).lower()
-    # The name still resolves, inside the proxy, to the container that bears it.
+    # The name still resolves through Docker's DNS, to the container that bears it (and,
+    # as Docker registers hostnames as network aliases, maybe to `t` too: not the proxy's).
     resolved = world.proxy.exec(["getent", "ahostsv4", db.name]).stdout.split()
-    assert resolved and resolved[0] == db.ip, resolved
+    assert db.ip in resolved, resolved
     assert_tunnel_refused(world, "t", f"{db.name}:22")
 
 
