@@ -9,6 +9,7 @@ Three outputs, always rendered together from the same state:
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -160,8 +161,8 @@ def render_hosts_block(served: Iterable[ServedTarget],
     rows = []
     written = set(pinned_elsewhere)
     for item in sorted(served, key=lambda s: (s.target.name, s.target.id)):
-        if not (item.target.address and item.keys):
-            continue
+        if not (_ipv4(item.target.address) and item.keys):
+            continue  # no address, or one that is not plainly an IPv4 address: no row
         names = []
         for alias in item.aliases:
             if not _looks_like_ip(alias) and alias.lower() not in written:
@@ -170,6 +171,13 @@ def render_hosts_block(served: Iterable[ServedTarget],
         if names:
             rows.append(f"{item.target.address}\t{' '.join(names)}")
     return "\n".join([HOSTS_BEGIN, *rows, HOSTS_END]) + "\n"
+
+
+def _ipv4(text: str) -> bool:
+    try:
+        return str(ipaddress.IPv4Address(text)) == text
+    except ValueError:
+        return False
 
 
 def _looks_like_ip(text: str) -> bool:

@@ -403,3 +403,10 @@ def test_read_unmanaged_hosts(tmp_path: Path) -> None:
     block = render_hosts_block([served("web", "a", "172.18.0.5", ("web",), (K1,))])
     path.write_bytes(b"10.0.0.9 db-1 caf\xe9\n" + block.encode())
     assert read_unmanaged_hosts(path) == (("10.0.0.9", ("db-1", "caf\udce9")),)
+
+
+@pytest.mark.parametrize("address", ["172.18.0.5\n10.0.0.1", "172.18.0.5 ", "172.18.0.5\tevil",
+                                     "fd00::5", "172.018.0.5", "web"])
+def test_hosts_block_row_only_for_a_plain_ipv4_address(address: str) -> None:
+    t = served("web", "a", address, ("web",), (K1,))
+    assert render_hosts_block([t]) == f"{HOSTS_BEGIN}\n{HOSTS_END}\n"
