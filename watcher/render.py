@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .model import ManualLine, PublicKey, Target
+from .targets import fold
 
 BASE_OPTIONS = "restrict,port-forwarding"
 HOSTS_BEGIN = "# BEGIN ssh-proxy targets (managed by the watcher; edits are overwritten)"
@@ -165,8 +166,8 @@ def render_hosts_block(served: Iterable[ServedTarget],
             continue  # no address, or one that is not plainly an IPv4 address: no row
         names = []
         for alias in item.aliases:
-            if not _looks_like_ip(alias) and alias.lower() not in written:
-                written.add(alias.lower())
+            if not _looks_like_ip(alias) and fold(alias) not in written:
+                written.add(fold(alias))
                 names.append(alias)
         if names:
             rows.append(f"{item.target.address}\t{' '.join(names)}")

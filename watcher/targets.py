@@ -11,6 +11,7 @@ import fnmatch
 import ipaddress
 import re
 import socket
+import string
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping
 
@@ -33,9 +34,13 @@ class ProxyIdentity:
     container_id: str = ""
 
 
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
 def fold(name: str) -> str:
-    """The form names are compared in: the resolver (/etc/hosts, DNS) ignores ASCII case."""
-    return name.lower()
+    """The form names are compared in: the resolver (/etc/hosts, DNS) ignores ASCII case,
+    and only ASCII case (str.lower would also fold e.g. the Kelvin sign into 'k')."""
+    return name.translate(_ASCII_LOWER)
 
 
 def valid_name(name: str) -> bool:

@@ -568,3 +568,11 @@ def test_reserved_names_with_leaves_the_original_unchanged() -> None:
     assert base.entries == {"a": (Reservation("first"),)}
     assert more.entries == {"a": (Reservation("first"), Reservation("second")),
                             "b": (Reservation("third"),)}
+
+
+def test_fold_is_ascii_only_as_the_resolver() -> None:
+    assert fold("WS-A.Example_1") == "ws-a.example_1"
+    assert fold("\u212aey") == "\u212aey"  # Kelvin sign: str.lower() would make it "key"
+    other = target("other", "b", address="172.18.0.6", aliases=("\u212aey",))
+    t = target("web", "a", address="172.18.0.5", hostname="key")
+    assert resolve_aliases([t, other], PROXY).aliases[t.id][-1] == "key"
