@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from .accesslog import AccessEvent, AccessTracker, format_event, parse_datagram
-from .cache import update_hosts_block, write_if_changed
+from .cache import read_unmanaged_hosts, update_hosts_block, write_if_changed
 from .config import Settings
 from .fetch import KeyFetcher
 from .model import KeyState
@@ -153,7 +154,9 @@ class Supervisor:
                                source.exec_read).fetch
         reconciler = Reconciler(self.settings, identity, fetch,
                                 OutputWriter(self.paths, pin_names, write_cache=not manual),
-                                self._publish, pin_names=pin_names, scope_manual=not manual)
+                                self._publish, pin_names=pin_names, scope_manual=not manual,
+                                unmanaged_hosts=lambda: read_unmanaged_hosts(self.paths.hosts),
+                                local_names=frozenset() if manual else local_names())
         keys = ManualKeySource(reconciler, self.paths.keys_dir,
                                seed_file=self.paths.cache if manual else None)
         keys.load()
@@ -212,6 +215,17 @@ class Supervisor:
                                         for k, v in self.settings.labels]}}))
         except OSError as exc:
             log.warning("cannot write %s: %s", self.paths.status, exc)
+
+
+def local_names() -> frozenset[str]:
+    """The proxy's own names as its resolver knows them (hostname, FQDN): never a
+    target's. Read once at start-up (the hosts block never holds the proxy's address)."""
+    names = {socket.gethostname()}
+    try:
+        names.add(socket.getfqdn())
+    except OSError as exc:  # the FQDN is extra; the hostname is what matters
+        log.warning("cannot resolve the proxy's FQDN: %s", exc)
+    return frozenset(n for n in names if n)
 
 
 def _no_fetch(target: Any) -> KeyState:

@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .render import splice_hosts_block
+from .render import splice_hosts_block, unmanaged_hosts_entries
 
 
 def read_bytes(path: Path) -> bytes | None:
@@ -76,3 +76,12 @@ def update_hosts_block(path: Path, block: str) -> bool:
     finally:
         os.close(fd)
     return True
+
+
+def read_unmanaged_hosts(path: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`(address, names)` of the hosts file's lines outside the managed block (none when
+    the file does not exist)."""
+    data = read_bytes(path)
+    if data is None:
+        return ()
+    return unmanaged_hosts_entries(data.decode("utf-8", errors="surrogateescape"))

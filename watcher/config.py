@@ -14,12 +14,13 @@ from .errors import ConfigError
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
+# Always used with fullmatch: with match, `$` also matches before a final newline.
 # A host pattern: Docker/Kubernetes name characters plus the glob characters * ? [ ].
-_HOST_PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]+$")
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
-_LABEL_VALUE = re.compile(r"^[A-Za-z0-9_./:@+-]*$")
-_PORT = re.compile(r"^[0-9]{1,5}$")  # ASCII digits only: str.isdigit() accepts '²'
-_KEY_PATH = re.compile(r"^(~/|/)[^\x00-\x1f\x7f]*$")
+_HOST_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]*")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9_./:@+-]*")
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() accepts '²'
+_KEY_PATH = re.compile(r"(~/|/)[^\x00-\x1f\x7f]*")
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def parse_permit_hosts(value: str) -> tuple[str, ...]:
         raise ConfigError(f"{name}={value!r}: expected a glob on target names such as '*', "
                           "'workspace-*' or a comma list 'db-1,web-*'")
     for part in parts:
-        if not _HOST_PATTERN.match(part):
+        if not _HOST_PATTERN.fullmatch(part):
             raise ConfigError(f"{name}={value!r}: {part!r} is not a host name or glob "
                               "(letters, digits, '.', '-', '_' and the globs '*', '?', '[...]')")
         if part.count("[") != part.count("]"):
@@ -76,7 +77,7 @@ def parse_permit_ports(value: str) -> tuple[str, ...]:
     for part in parts:
         if part == "*":
             continue
-        if not _PORT.match(part) or not 1 <= int(part) <= 65535:
+        if not _PORT.fullmatch(part) or not 1 <= int(part) <= 65535:
             raise ConfigError(f"{name}={value!r}: {part!r} is not '*' or a port 1-65535")
     if "*" in parts:
         return ("*",)
@@ -89,12 +90,12 @@ def parse_labels(value: str) -> tuple[tuple[str, str | None], ...]:
     for part in _split(value):
         key, sep, val = part.partition("=")
         key = key.strip()
-        if not _LABEL_KEY.match(key):
+        if not _LABEL_KEY.fullmatch(key):
             raise ConfigError(f"{name}={value!r}: {part!r} is not 'key=value' or 'key' "
                               "(a label key starts with a letter or digit)")
         if sep:
             val = val.strip()
-            if not _LABEL_VALUE.match(val):
+            if not _LABEL_VALUE.fullmatch(val):
                 raise ConfigError(f"{name}={value!r}: the value in {part!r} has characters "
                                   "a label value cannot have")
             out.append((key, val))
@@ -105,7 +106,7 @@ def parse_labels(value: str) -> tuple[tuple[str, str | None], ...]:
 
 def parse_port(name: str, value: str) -> int:
     text = value.strip()
-    if not _PORT.match(text) or not 1 <= int(text) <= 65535:
+    if not _PORT.fullmatch(text) or not 1 <= int(text) <= 65535:
         raise ConfigError(f"{name}={value!r}: expected a TCP port 1-65535")
     return int(text)
 
@@ -113,7 +114,7 @@ def parse_port(name: str, value: str) -> int:
 def parse_key_path(value: str) -> str:
     name = "SSH_TARGET_KEY_PATH"
     text = value.strip()
-    if not _KEY_PATH.match(text) or "/../" in text + "/" or text.endswith("/"):
+    if not _KEY_PATH.fullmatch(text) or "/../" in text + "/" or text.endswith("/"):
         raise ConfigError(f"{name}={value!r}: expected an absolute file path or one under the "
                           "target user's home such as '~/.ssh/id_ed25519.pub'")
     return text

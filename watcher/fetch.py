@@ -25,7 +25,7 @@ from .model import KeyState, Target
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
-_DIGITS = re.compile(r"^[0-9]{1,12}$")
+_DIGITS = re.compile(r"[0-9]{1,12}")  # fullmatch: `$` would allow a final newline
 MAX_KEYS = 32
 
 
@@ -63,7 +63,7 @@ def http_get_body(url: str, policy: FetchPolicy, limit: int = MAX_BODY) -> bytes
                 if response.status_code != 200:
                     raise FetchError(f"GET {url} answered HTTP {response.status_code}")
                 declared = response.headers.get("Content-Length", "")
-                if _DIGITS.match(declared) and int(declared) > limit:
+                if _DIGITS.fullmatch(declared) and int(declared) > limit:
                     return b"\0" * (limit + 1)
                 return _read_capped(response, url, limit, time.monotonic() + total)
     except requests.ReadTimeout as exc:

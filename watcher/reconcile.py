@@ -23,7 +23,9 @@ from . import backoff
 from .config import Settings
 from .model import KeyState, ManualLine, Target
 from .render import Rendered, ServedTarget, render
-from .targets import ProxyIdentity, is_permitted, resolve_aliases
+from .targets import (ProxyIdentity, ReservedNames, container_reservations, fold,
+                      hosts_file_reservations, is_permitted, permitopen_reservations,
+                      proxy_reservations, resolve_aliases)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,9 @@ class _Identity:
     proxy: ProxyIdentity
 
 
+HostsEntries = tuple[tuple[str, tuple[str, ...]], ...]  # (address, names) per hosts line
+
+
 _RETRY_WAIT = tenacity.wait_exponential(multiplier=5, min=5, max=300)
 
 
@@ -106,7 +111,9 @@ class Reconciler:
                  publish: Callable[[Snapshot], None] = lambda s: None,
                  pin_names: bool = True, scope_manual: bool = True, pool_size: int = 8,
                  min_wait: float = 0.1, max_wait: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 unmanaged_hosts: Callable[[], HostsEntries] = lambda: (),
+                 local_names: frozenset[str] = frozenset()) -> None:
         self.settings = settings
         self.proxy = proxy
         self.fetch = fetch
@@ -117,6 +124,12 @@ class Reconciler:
         self.min_wait = min_wait
         self.max_wait = max_wait
         self.clock = clock
+        self.unmanaged_hosts = unmanaged_hosts  # hosts-file lines outside the managed block
+        self.local_names = local_names  # the proxy's own names from its resolver (FQDN)
+        self._refused_logged: frozenset[tuple[str, str, str]] = frozenset()
+        # permitopen hosts of the manual lines, kept until the lines change (100k lines
+        # take a third of a second to scan: not on every render).
+        self._manual_reserved: tuple[tuple[ManualLine, ...], ReservedNames] = ((), ReservedNames())
         self.pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="keyfetch")
         self.inbox: queue.Queue = queue.Queue()
         self.entries: dict[str, TargetEntry] = {}
@@ -162,7 +175,7 @@ class Reconciler:
     def alias_owner(self, alias: str) -> str:
         """The name of the target a granted alias leads to ("" if none)."""
         with self._lock:
-            return self.alias_owners.get(alias, "")
+            return self.alias_owners.get(fold(alias), "")
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -328,19 +341,45 @@ class Reconciler:
     def flush(self) -> None:
         self._first_dirty = None
         targets = [e.target for e in self.entries.values()]
-        plan = resolve_aliases(targets, self.proxy, pin_names=self.pin_names)
+        hosts = self.unmanaged_hosts() if targets else ()
+        plan = resolve_aliases(targets, self.proxy, pin_names=self.pin_names,
+                               reserved=self._reserved_names(hosts))
+        self._log_refused(plan.refused)
         served = [ServedTarget(e.target, plan.aliases.get(e.target.id, ()), e.keys.keys)
                   for e in self.entries.values() if e.keys.keys]
-        rendered = render(served, self.settings.permit_ports, self.manual, self.scope_manual)
+        rendered = render(served, self.settings.permit_ports, self.manual, self.scope_manual,
+                          pinned_elsewhere=frozenset(fold(n) for _, names in hosts for n in names))
         if self.write(rendered):
             self.writes += 1
             self.last_write = time.time()
         names = {e.target.id: e.target.name for e in self.entries.values()}
         with self._lock:
             self.owners = rendered.owners
-            self.alias_owners = {alias: names[tid] for tid, aliases in plan.aliases.items()
+            self.alias_owners = {fold(alias): names[tid] for tid, aliases in plan.aliases.items()
                                  for alias in aliases}
         self.publish(self._snapshot(plan.aliases, plan.refused, rendered))
+
+    def _reserved_names(self, hosts: HostsEntries) -> ReservedNames:
+        """Names a target's soft alias would take from someone else: other containers the
+        proxy reaches (served or not), hosts of admin keys' permitopen, the hosts file's
+        other lines, the proxy's own names."""
+        if not self.entries:
+            return ReservedNames()
+        if self._manual_reserved[0] is not self.manual:
+            self._manual_reserved = (self.manual,
+                                     ReservedNames.of(permitopen_reservations(self.manual)))
+        return self._manual_reserved[1].with_(itertools.chain(
+            container_reservations(t for t, _ in self.ignored.values()),
+            hosts_file_reservations(hosts),
+            proxy_reservations(self.local_names)))
+
+    def _log_refused(self, refused: tuple[tuple[str, str, str], ...]) -> None:
+        """Each refusal once, when it first appears (the same state renders many times)."""
+        current = frozenset(refused)
+        for name, alias, reason in refused:
+            if (name, alias, reason) not in self._refused_logged:
+                log.warning("target %r: alias %r refused: %s", name, alias, reason)
+        self._refused_logged = current
 
     def _snapshot(self, aliases: dict, refused: tuple, rendered: Rendered) -> Snapshot:
         rows = []

@@ -9,10 +9,12 @@ Three outputs, always rendered together from the same state:
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable
 
 from .model import ManualLine, PublicKey, Target
+from .targets import fold
 
 BASE_OPTIONS = "restrict,port-forwarding"
 HOSTS_BEGIN = "# BEGIN ssh-proxy targets (managed by the watcher; edits are overwritten)"
@@ -150,14 +152,33 @@ def render_manual(lines: Iterable[ManualLine],
     return [(g.key.fingerprint, g.line()) for g in manual_grants(lines, scope)]
 
 
-def render_hosts_block(served: Iterable[ServedTarget]) -> str:
-    """`<address> <names...>` for each target with names; IP aliases need no entry."""
+def render_hosts_block(served: Iterable[ServedTarget],
+                       pinned_elsewhere: frozenset[str] = frozenset()) -> str:
+    """`<address> <names...>` for each target with names; IP aliases need no entry.
+
+    Each name at most once in the whole file, compared folded (the resolver ignores
+    case): names already pinned outside the block (`pinned_elsewhere`, folded) are left out.
+    """
     rows = []
+    written = set(pinned_elsewhere)
     for item in sorted(served, key=lambda s: (s.target.name, s.target.id)):
-        names = [a for a in item.aliases if not _looks_like_ip(a)]
-        if item.target.address and names and item.keys:
+        if not (_ipv4(item.target.address) and item.keys):
+            continue  # no address, or one that is not plainly an IPv4 address: no row
+        names = []
+        for alias in item.aliases:
+            if not _looks_like_ip(alias) and fold(alias) not in written:
+                written.add(fold(alias))
+                names.append(alias)
+        if names:
             rows.append(f"{item.target.address}\t{' '.join(names)}")
     return "\n".join([HOSTS_BEGIN, *rows, HOSTS_END]) + "\n"
+
+
+def _ipv4(text: str) -> bool:
+    try:
+        return str(ipaddress.IPv4Address(text)) == text
+    except ValueError:
+        return False
 
 
 def _looks_like_ip(text: str) -> bool:
@@ -165,7 +186,8 @@ def _looks_like_ip(text: str) -> bool:
 
 
 def render(served: Iterable[ServedTarget], ports: tuple[str, ...],
-           manual: Iterable[ManualLine] = (), scope_manual: bool = False) -> Rendered:
+           manual: Iterable[ManualLine] = (), scope_manual: bool = False,
+           pinned_elsewhere: frozenset[str] = frozenset()) -> Rendered:
     served = list(served)
     manual = list(manual)
     scope = None
@@ -187,7 +209,7 @@ def render(served: Iterable[ServedTarget], ports: tuple[str, ...],
                 owners.setdefault(key.fingerprint, []).append(item.target.name)
     for item in manual:
         owners.setdefault(item.key.fingerprint, []).append(item.origin)
-    return Rendered(cache=cache, index=index, hosts_block=render_hosts_block(served),
+    return Rendered(cache=cache, index=index, hosts_block=render_hosts_block(served, pinned_elsewhere),
                     owners={fp: tuple(sorted(set(v))) for fp, v in owners.items()})
 
 
@@ -209,3 +231,21 @@ def splice_hosts_block(hosts: str, block: str) -> str:
     if out and not out[-1].endswith("\n"):
         out[-1] += "\n"
     return "".join(out) + block
+
+
+def unmanaged_hosts_entries(hosts: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`(address, names)` of every hosts-file line outside the managed block (comments and
+    blank lines skipped): names that already resolve before the block is read."""
+    entries = []
+    inside = False
+    for line in hosts.splitlines():
+        if line == HOSTS_BEGIN:
+            inside = True
+            continue
+        if line == HOSTS_END and inside:
+            inside = False
+            continue
+        fields = line.split("#", 1)[0].split()
+        if not inside and len(fields) >= 2:
+            entries.append((fields[0], tuple(fields[1:])))
+    return tuple(entries)

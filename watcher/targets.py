@@ -11,14 +11,16 @@ import fnmatch
 import ipaddress
 import re
 import socket
+import string
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Iterator, Mapping
 
 from .config import Settings
-from .model import Target
+from .model import ManualLine, Target
 
-# RFC 1123 labels plus '_' (Docker names and network aliases allow it).
-_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+# RFC 1123 labels plus '_' (Docker names and network aliases allow it). Always fullmatch:
+# with re.match, `$` also matches before a final newline ("victim\n" would pass).
+_NAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 _LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback",
                    "localhost4", "localhost6"}
 
@@ -30,6 +32,123 @@ class ProxyIdentity:
     names: frozenset[str] = frozenset()
     addresses: frozenset[str] = frozenset()
     container_id: str = ""
+
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def fold(name: str) -> str:
+    """The form names are compared in: the resolver (/etc/hosts, DNS) ignores ASCII case,
+    and only ASCII case (str.lower would also fold e.g. the Kelvin sign into 'k')."""
+    return name.translate(_ASCII_LOWER)
+
+
+def valid_name(name: str) -> bool:
+    """A host name we may write into a permitopen option or the hosts file: no whitespace,
+    no control character, nothing but letters, digits, '_', '.' and inner '-'."""
+    return _NAME.fullmatch(name) is not None
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """A name already in use outside the permitted targets: granting it would hijack it."""
+
+    reason: str  # for logs and the status snapshot
+    hard: bool = False  # something's own name: refused even as a target's own (container) name
+    addresses: frozenset[str] = frozenset()  # where it already resolves, when known: no
+    # conflict for a target that owns every one of them (it leads there anyway)
+
+    def blocks(self, target: Target, authoritative: bool) -> bool:
+        if self.addresses and self.addresses <= {target.address, *target.addresses}:
+            return False
+        return self.hard or not authoritative
+
+
+@dataclass(frozen=True)
+class ReservedNames:
+    """Names seen elsewhere, by folded name: built by the reconciler from what it sees
+    (non-served containers, admin keys' permitopen hosts, the hosts file's other lines,
+    the proxy's own names); resolve_aliases only reads it."""
+
+    entries: Mapping[str, tuple[Reservation, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, pairs: Iterable[tuple[str, Reservation]]) -> ReservedNames:
+        return cls().with_(pairs)
+
+    def with_(self, pairs: Iterable[tuple[str, Reservation]]) -> ReservedNames:
+        """A copy with more reservations (this one is left as it is)."""
+        entries = dict(self.entries)
+        for name, reservation in pairs:
+            key = fold(name)
+            if reservation not in entries.get(key, ()):
+                entries[key] = (*entries.get(key, ()), reservation)
+        return ReservedNames(entries)
+
+    def conflict(self, alias: str, target: Target, authoritative: bool) -> str:
+        """Why `target` may not have `alias` because of a name seen elsewhere, or ""."""
+        for reservation in self.entries.get(fold(alias), ()):
+            if reservation.blocks(target, authoritative):
+                return reservation.reason
+        return ""
+
+
+def container_reservations(others: Iterable[Target]) -> Iterator[tuple[str, Reservation]]:
+    """Names of running containers the proxy can reach but does not serve. Their name, id
+    and addresses are theirs alone; their hostname and network aliases are soft claims."""
+    for other in sorted(others, key=lambda t: (t.name, t.id)):
+        if not other.address:
+            continue  # on no network the proxy shares: the proxy cannot resolve its names
+        def why(kind: str) -> str:
+            return f"{kind} of container {other.name}, which is not served"
+        yield other.name, Reservation(why("name"), hard=True)
+        yield other.id[:12], Reservation(why("id"), hard=True)
+        for ip in (other.address, *other.addresses):
+            yield ip, Reservation(why("address"), hard=True)
+        if other.hostname:
+            yield other.hostname, Reservation(why("hostname"))
+        for alias in other.aliases:
+            yield alias, Reservation(why("network alias"))
+
+
+def permitopen_hosts(options: Iterable[str]) -> Iterator[str]:
+    """The hosts of `permitopen="host:port"` options (already validated by keys.py)."""
+    for option in options:
+        if not option.startswith('permitopen="') or not option.endswith('"'):
+            continue
+        value = option[len('permitopen="'):-1]
+        if value.startswith("["):
+            yield value[1:].partition("]")[0]
+        else:
+            yield value.rpartition(":")[0]
+
+
+def permitopen_reservations(lines: Iterable[ManualLine]) -> Iterator[tuple[str, Reservation]]:
+    """Hosts an admin's key may open: a target's soft name must not redirect them."""
+    for line in lines:
+        for host in permitopen_hosts(line.options):
+            yield host, Reservation(f"host of a permitopen in {line.origin}")
+
+
+def hosts_file_reservations(
+        entries: Iterable[tuple[str, tuple[str, ...]]]) -> Iterator[tuple[str, Reservation]]:
+    """`(address, names)` lines of the hosts file outside the managed block: a name there
+    already resolves (first, and with `multi on` as well) to those addresses."""
+    addresses: dict[str, set[str]] = {}
+    for address, names in entries:
+        for name in names:
+            addresses.setdefault(fold(name), set()).add(address)
+    for name, where in addresses.items():
+        yield name, Reservation(
+            f"in the hosts file outside the managed block (-> {', '.join(sorted(where))})",
+            hard=True, addresses=frozenset(where))
+
+
+def proxy_reservations(names: Iterable[str]) -> Iterator[tuple[str, Reservation]]:
+    """The proxy's own names known locally (hostname, FQDN)."""
+    for name in names:
+        if name:
+            yield name, Reservation("name of the proxy itself", hard=True)
 
 
 @dataclass(frozen=True)
@@ -80,12 +199,12 @@ def alias_problem(alias: str, proxy: ProxyIdentity) -> str:
         if alias in proxy.addresses:
             return "address of the proxy itself"
         return ""
-    if not _NAME.match(alias):
+    if not valid_name(alias):
         return "not a valid host name"
-    lowered = alias.lower()
+    lowered = fold(alias)
     if lowered in _LOOPBACK_NAMES or lowered.endswith(".localhost"):
         return "loopback name"
-    if lowered in {n.lower() for n in proxy.names}:
+    if lowered in {fold(n) for n in proxy.names}:
         return "name of the proxy itself"
     if re.fullmatch(r"[0-9.]+", alias) or _inet_aton_form(alias):
         # glibc resolves these numeric forms (e.g. 0x7f000001 = 127.0.0.1) before /etc/hosts.
@@ -105,48 +224,55 @@ def _candidates(target: Target) -> list[tuple[str, bool]]:
 
 
 def resolve_aliases(targets: Iterable[Target], proxy: ProxyIdentity,
-                    pin_names: bool = True) -> AliasPlan:
+                    pin_names: bool = True,
+                    reserved: ReservedNames = ReservedNames()) -> AliasPlan:
     """Give each target the aliases that are unambiguously its own.
 
-    A container name belongs to its container only. Other authoritative aliases (short id,
-    own IPs) belong to their target when exactly one target has them; a soft alias
-    (hostname, network alias) only when no one else claims it at all. Anything contested is
-    refused for every claimant, so one target can never borrow a name or address that leads
-    to another. Without `pin_names` (no hosts block to pin names to addresses), soft aliases
-    are refused: sshd would resolve them through DNS, where they may lead somewhere else.
+    Names compare case-insensitively (folded), as the resolver compares them. A container
+    name belongs to its container only; two containers whose names differ only in case
+    both lose it (ambiguous). Other authoritative aliases (short id, own IPs) belong to
+    their target when exactly one target has them; a soft alias (hostname, network alias)
+    only when no one else claims it at all and it names nothing else the proxy can see
+    (`reserved`). Anything contested is refused for every claimant, so one target can
+    never borrow a name or address that leads to another. Without `pin_names` (no hosts
+    block to pin names to addresses), soft aliases are refused: sshd would resolve them
+    through DNS, where they may lead somewhere else.
     """
     targets = sorted(targets, key=lambda t: (t.name, t.id))
     claims: dict[str, set[str]] = {}
     auth_claims: dict[str, set[str]] = {}
-    name_owner: dict[str, str] = {}
+    name_owners: dict[str, set[str]] = {}
     for t in targets:
-        name_owner.setdefault(t.name, t.id)
+        name_owners.setdefault(fold(t.name), set()).add(t.id)
         for alias, auth in _candidates(t):
-            claims.setdefault(alias, set()).add(t.id)
+            claims.setdefault(fold(alias), set()).add(t.id)
             if auth:
-                auth_claims.setdefault(alias, set()).add(t.id)
+                auth_claims.setdefault(fold(alias), set()).add(t.id)
     names = {t.id: t.name for t in targets}
-    addresses = {t.id: t.address for t in targets}
 
-    def contest(alias: str, target_id: str, auth: bool) -> str:
+    def listed(ids: Iterable[str]) -> str:
+        return ", ".join(sorted(names[i] for i in ids))
+
+    def contest(alias: str, t: Target, auth: bool) -> str:
         if not auth and _ip(alias) is not None:
             # A hostname or network alias spelled as an address would open that address,
             # which may be any host: only the target's own IPs (from the engine) count.
             return "an address that is not the target's own"
-        owner = name_owner.get(alias)
-        if owner is not None:
-            return "" if owner == target_id else f"belongs to target {names[owner]}"
-        others = sorted(names[o] for o in claims[alias] if o != target_id)
-        auth_owners = auth_claims.get(alias, set())
-        if len(auth_owners) == 1 and target_id not in auth_owners:
-            return f"belongs to target {names[next(iter(auth_owners))]}"
-        if len(auth_owners) > 1:
-            return f"also claimed by {', '.join(others)}"
-        if not auth_owners and others:
-            return f"also claimed by {', '.join(others)}"
+        key = fold(alias)
+        owners = name_owners.get(key, set())
+        if t.id in owners and len(owners) > 1:
+            return f"ambiguous: target {listed(owners - {t.id})} has the same name but for case"
+        if owners:
+            return "" if t.id in owners else f"belongs to target {listed(owners)}"
+        others = claims[key] - {t.id}
+        auth_owners = auth_claims.get(key, set())
+        if len(auth_owners) == 1 and t.id not in auth_owners:
+            return f"belongs to target {listed(auth_owners)}"
+        if len(auth_owners) > 1 or (not auth_owners and others):
+            return f"also claimed by {listed(others)}"
         if not auth and not pin_names:
             return "hosts file not writable: only names that resolve by themselves"
-        if not auth and not addresses.get(target_id):
+        if not auth and not t.address:
             return "no address to pin the name to"
         return ""
 
@@ -154,13 +280,22 @@ def resolve_aliases(targets: Iterable[Target], proxy: ProxyIdentity,
     refused: list[tuple[str, str, str]] = []
     for t in targets:
         granted: list[str] = []
+        seen: set[str] = set()
         for alias, auth in _candidates(t):
-            if alias in granted:
-                continue
-            problem = alias_problem(alias, proxy) or contest(alias, t.id, auth)
+            if fold(alias) in seen:
+                continue  # the same name again (maybe in another case): granted once
+            problem = (_bad_target_name(t) or alias_problem(alias, proxy)
+                       or reserved.conflict(alias, t, auth) or contest(alias, t, auth))
             if problem:
                 refused.append((t.name, alias, problem))
             else:
                 granted.append(alias)
+                seen.add(fold(alias))
         result[t.id] = tuple(granted)
     return AliasPlan(aliases=result, refused=tuple(refused))
+
+
+def _bad_target_name(target: Target) -> str:
+    # The name is written into key-line comments, logs and the access log: a name with
+    # whitespace or control characters gets the target nothing at all.
+    return "" if valid_name(target.name) else "the target's own name is not a valid host name"

@@ -76,13 +76,20 @@ class FakeFetch:
 
 class Harness:
     def __init__(self, settings: Settings = Settings(), pool_size: int = 4,
-                 pin_names: bool = True) -> None:
+                 pin_names: bool = True, local_names: frozenset[str] = frozenset()) -> None:
         self.fetch = FakeFetch()
         self.clock = FakeClock()
         self.writes: list[Rendered] = []
         self.snapshots: list[Snapshot] = []
+        self.hosts: tuple[tuple[str, tuple[str, ...]], ...] = ()  # unmanaged hosts lines
+        self.hosts_reads = 0
         self.rec = Reconciler(settings, PROXY, self.fetch, self.write, self.snapshots.append,
-                              pin_names=pin_names, pool_size=pool_size, clock=self.clock)
+                              pin_names=pin_names, pool_size=pool_size, clock=self.clock,
+                              unmanaged_hosts=self.read_hosts, local_names=local_names)
+
+    def read_hosts(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        self.hosts_reads += 1
+        return self.hosts
 
     def write(self, rendered: Rendered) -> bool:
         self.writes.append(rendered)
@@ -279,6 +286,124 @@ def test_refused_aliases_in_snapshot(h: Harness) -> None:
     h.settle()
     assert h.snapshot.refused_aliases == (("evil", "db", "belongs to target db"),)
     assert h.rec.alias_owner("db") == "db"
+
+
+# --- names seen elsewhere (issue 15) ----------------------------------------------------
+
+def own(name: str, n: int, **fields: object) -> Target:
+    """target() with an id of its own digit (the default ids share their first 12)."""
+    return replace(target(name, n), id=f"{n}c" * 32, **fields)
+
+
+def refusals(h: Harness, name: str) -> dict[str, str]:
+    return {alias: reason for t, alias, reason in h.snapshot.refused_aliases if t == name}
+
+
+def test_alias_owner_ignores_case(h: Harness) -> None:
+    h.fetch.results["Web"] = ok(KA)
+    web = own("Web", 1)
+    h.rec.upsert(web)
+    h.settle()
+    for spelling in ("Web", "web", "WEB"):
+        assert h.rec.alias_owner(spelling) == "Web"
+    assert h.rec.alias_owner(web.id[:12].upper()) == "Web"
+    assert h.rec.alias_owner("web\n") == ""
+
+
+def test_impostor_hostname_in_another_case_is_refused(h: Harness) -> None:
+    victim = own("ws-a", 1)
+    imp = own("imp", 2, hostname="WS-A")
+    h.fetch.results.update({"ws-a": ok(KA), "imp": ok(KB)})
+    h.rec.upsert(victim)
+    h.rec.upsert(imp)
+    h.settle()
+    assert refusals(h, "imp") == {"WS-A": "belongs to target ws-a"}
+    assert h.rec.alias_owner("WS-A") == "ws-a"
+    block = h.last.hosts_block.lower()
+    assert block.count("ws-a") == 1
+
+
+def test_non_served_containers_names_reserved() -> None:
+    harness = Harness(load_settings({"SSH_PERMIT_TARGET_HOST": "web-*"}))
+    try:
+        web = own("web-1", 1, hostname="db-1", aliases=("db-alias", "free"))
+        db = own("db-1", 2, aliases=("db-alias",))
+        unreachable = own("far", 3, address="", hostname="free")
+        harness.fetch.results["web-1"] = ok(KA)
+        for t in (web, db, unreachable):
+            harness.rec.upsert(t)
+        harness.settle()
+        assert refusals(harness, "web-1") == {
+            "db-1": "name of container db-1, which is not served",
+            "db-alias": "network alias of container db-1, which is not served"}
+        [row] = harness.snapshot.targets
+        assert row["aliases"] == ["web-1", web.id[:12], web.address, "free"]
+        assert "db-1" not in harness.last.hosts_block
+        # The container goes away: its names are free again.
+        harness.rec.remove(db.id)
+        harness.settle()
+        assert refusals(harness, "web-1") == {}
+        assert "db-1" in harness.last.hosts_block
+    finally:
+        harness.rec.pool.shutdown(wait=True)
+
+
+def test_admin_permitopen_hosts_reserved(h: Harness) -> None:
+    web = own("web", 1, hostname="DB-1")
+    h.fetch.results["web"] = ok(KA)
+    h.rec.upsert(web)
+    h.rec.set_manual([ManualLine("/keys/admin:4", ('permitopen="db-1:5432"',), KD)])
+    h.settle()
+    assert refusals(h, "web") == {"DB-1": "host of a permitopen in /keys/admin:4"}
+    h.rec.set_manual([])
+    h.settle()
+    assert refusals(h, "web") == {}
+
+
+def test_unmanaged_hosts_lines_reserved_and_not_pinned_twice(h: Harness) -> None:
+    h.hosts = (("10.0.0.5", ("db-1",)), ("172.18.0.11", ("WEB",)))
+    web = own("web", 1, hostname="db-1")
+    h.fetch.results["web"] = ok(KA)
+    h.rec.upsert(web)
+    h.settle()
+    assert refusals(h, "web") == {
+        "db-1": "in the hosts file outside the managed block (-> 10.0.0.5)"}
+    # `web` is granted (the line leads to web itself) but pinned there already, not again.
+    assert h.rec.alias_owner("web") == "web"
+    assert h.last.hosts_block.splitlines()[1] == f"172.18.0.11\t{web.id[:12]}"
+
+
+def test_hosts_file_read_only_when_there_are_targets(h: Harness) -> None:
+    h.rec.set_manual([ManualLine("/keys/admin:1", (), KD)])
+    h.settle()
+    assert h.hosts_reads == 0
+    h.fetch.results["web"] = ok(KA)
+    h.rec.upsert(own("web", 1))
+    h.settle()
+    assert h.hosts_reads > 0
+
+
+def test_proxy_local_names_reserved() -> None:
+    harness = Harness(local_names=frozenset({"proxy.example.org"}))
+    try:
+        harness.fetch.results["web"] = ok(KA)
+        harness.rec.upsert(own("web", 1, hostname="PROXY.example.org"))
+        harness.settle()
+        assert refusals(harness, "web") == {"PROXY.example.org": "name of the proxy itself"}
+    finally:
+        harness.rec.pool.shutdown(wait=True)
+
+
+def test_refusal_logged_once(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    h.fetch.results.update({"ws-a": ok(KA), "imp": ok(KB)})
+    h.rec.upsert(own("ws-a", 1))
+    h.rec.upsert(own("imp", 2, hostname="WS-A\n"))
+    with caplog.at_level("WARNING", logger="watcher.reconcile"):
+        h.settle()
+        h.rec.upsert(own("other", 3))
+        h.settle()
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refused == ["target 'imp': alias 'WS-A\\n' refused: not a valid host name"]
 
 
 # --- restarts and stale results -------------------------------------------------------

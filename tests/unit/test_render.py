@@ -26,6 +26,7 @@ from watcher.render import (
     render_hosts_block,
     render_manual,
     splice_hosts_block,
+    unmanaged_hosts_entries,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -349,3 +350,63 @@ def test_real_ssh_keygen_key(tmp_path: Path) -> None:
     rendered = render([served("web", "a", "172.18.0.5", ("web",), (key,))], ("22",))
     assert rendered.index == (f'{fp} restrict,port-forwarding,permitopen="web:22" '
                               f"ssh-ed25519 {blob_b64} web\n")
+
+
+# --- hosts block: each name once in the whole file (issue 15) ---------------------------
+
+def test_hosts_block_writes_each_folded_name_once() -> None:
+    # resolve_aliases never grants one folded name twice; the block holds anyway.
+    web = served("web", "a", "172.18.0.5", ("web", "WEB", "Box"), (K1,))
+    imp = served("imp", "b", "172.18.0.6", ("imp", "box", "Web"), (K2,))
+    block = render_hosts_block([web, imp])
+    assert block == f"{HOSTS_BEGIN}\n172.18.0.6\timp box Web\n{HOSTS_END}\n"
+    web_only = served("web", "a", "172.18.0.5", ("web", "WEB", "Web", "aaaaaaaaaaaa"), (K1,))
+    assert render_hosts_block([web_only]) == \
+        f"{HOSTS_BEGIN}\n172.18.0.5\tweb aaaaaaaaaaaa\n{HOSTS_END}\n"
+
+
+def test_hosts_block_leaves_out_names_pinned_outside_it() -> None:
+    linked = served("linked", "a", "172.18.0.5", ("linked", "aaaaaaaaaaaa"), (K1,))
+    only = served("only", "b", "172.18.0.6", ("ONLY",), (K2,))
+    block = render_hosts_block([linked, only], frozenset({"linked", "only"}))
+    assert block == f"{HOSTS_BEGIN}\n172.18.0.5\taaaaaaaaaaaa\n{HOSTS_END}\n"
+    assert render([linked, only], ("22",), pinned_elsewhere=frozenset({"linked", "only"})
+                  ).hosts_block == block
+
+
+def test_unmanaged_hosts_entries() -> None:
+    hosts = ("127.0.0.1\tlocalhost\n"
+             "# 10.0.0.1 commented\n"
+             "\n"
+             "::1 localhost ip6-localhost  # trailing comment\n"
+             "10.0.0.5\n"
+             f"{HOSTS_BEGIN}\n172.18.0.5\tweb\n{HOSTS_END}\n"
+             "10.0.0.9   db-1 DB-1.corp\n")
+    assert unmanaged_hosts_entries(hosts) == (
+        ("127.0.0.1", ("localhost",)),
+        ("::1", ("localhost", "ip6-localhost")),
+        ("10.0.0.9", ("db-1", "DB-1.corp")),
+    )
+
+
+def test_unmanaged_hosts_entries_round_trip_with_splice() -> None:
+    hosts = "127.0.0.1 localhost\n10.0.0.9 db-1\n"
+    block = render_hosts_block([served("web", "a", "172.18.0.5", ("web",), (K1,))])
+    assert unmanaged_hosts_entries(splice_hosts_block(hosts, block)) == \
+        unmanaged_hosts_entries(hosts)
+
+
+def test_read_unmanaged_hosts(tmp_path: Path) -> None:
+    from watcher.cache import read_unmanaged_hosts
+    path = tmp_path / "hosts"
+    assert read_unmanaged_hosts(path) == ()
+    block = render_hosts_block([served("web", "a", "172.18.0.5", ("web",), (K1,))])
+    path.write_bytes(b"10.0.0.9 db-1 caf\xe9\n" + block.encode())
+    assert read_unmanaged_hosts(path) == (("10.0.0.9", ("db-1", "caf\udce9")),)
+
+
+@pytest.mark.parametrize("address", ["172.18.0.5\n10.0.0.1", "172.18.0.5 ", "172.18.0.5\tevil",
+                                     "fd00::5", "172.018.0.5", "web"])
+def test_hosts_block_row_only_for_a_plain_ipv4_address(address: str) -> None:
+    t = served("web", "a", address, ("web",), (K1,))
+    assert render_hosts_block([t]) == f"{HOSTS_BEGIN}\n{HOSTS_END}\n"
