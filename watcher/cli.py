@@ -16,8 +16,9 @@ EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
 def cmd_run(_: argparse.Namespace) -> int:
     from .app import Supervisor  # imports docker etc. only when running
+    from .platforms import gather_facts
 
-    settings = load_settings(os.environ)
+    settings = load_settings(os.environ, gather_facts())
     code = Supervisor(settings).run()
     # sshd is stopped and every file is on disk: do not wait for a key fetch still hanging
     # on a slow target (interpreter exit would join the worker threads).
@@ -27,7 +28,7 @@ def cmd_run(_: argparse.Namespace) -> int:
 
 
 def cmd_check_config(_: argparse.Namespace) -> int:
-    load_settings(os.environ)
+    load_settings(os.environ)  # the variables only: no platform needs to be mounted
     print("configuration OK")
     return EXIT_OK
 

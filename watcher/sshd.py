@@ -34,13 +34,15 @@ class SshdPaths:
     sshd: str = "/usr/sbin/sshd"
 
 
-def permit_open(settings: Settings, hosts_enforced_by_sshd: bool) -> str:
+def permit_open(settings: Settings) -> str:
     """sshd_config `PermitOpen`: the global ceiling every key's own permitopen sits under.
 
     With discovery, each key carries its target's aliases (names and IPs), so the ceiling
     only limits ports: `*:<port>`. A host list here would also have to list every alias.
+    Without discovery (manual mode) it is the only host check: the listed hosts.
     """
-    hosts = list(settings.permit_hosts) if hosts_enforced_by_sshd and not settings.any_host else ["*"]
+    sshd_checks_hosts = not settings.mode.discovers and not settings.any_host
+    hosts = list(settings.permit_hosts) if sshd_checks_hosts else ["*"]
     ports = list(settings.permit_ports)
     if hosts == ["*"] and ports == ["*"]:
         return "any"
@@ -48,13 +50,13 @@ def permit_open(settings: Settings, hosts_enforced_by_sshd: bool) -> str:
 
 
 def render_sshd_config(template: str, settings: Settings, paths: SshdPaths,
-                       host_keys: list[Path], hosts_enforced_by_sshd: bool = False) -> str:
+                       host_keys: list[Path]) -> str:
     return Template(template).substitute(
         host_keys="\n".join(f"HostKey {k}" for k in host_keys),
         keys_command=str(paths.keys_command),
         keys_command_user=paths.keys_command_user,
         index_path=str(paths.index),
-        permit_open=permit_open(settings, hosts_enforced_by_sshd),
+        permit_open=permit_open(settings),
         max_startups="512:50:1024",
     )
 

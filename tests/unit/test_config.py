@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from watcher.config import Settings, load_settings
+from watcher.config import RunMode, Settings, load_settings
 from watcher.errors import ConfigError
 
 
@@ -20,7 +20,7 @@ def test_empty_environment_gives_every_default() -> None:
     assert settings.labels == ()
     assert settings.publickey_api_port == 8080
     assert settings.key_path == "~/.ssh/id_ed25519.pub"
-    assert settings.manual_auth_file is False
+    assert (settings.mode is RunMode.MANUAL) is False
     assert settings.any_host is True
     assert settings.any_port is True
 
@@ -187,7 +187,7 @@ def test_key_path_invalid(value: str) -> None:
     ("false", False), ("False", False), ("0", False), ("no", False), ("off", False), ("", False),
 ])
 def test_manual_auth_file_valid(value: str, expected: bool) -> None:
-    assert load_settings({"MANUAL_AUTH_FILE": value}).manual_auth_file is expected
+    assert (load_settings({"MANUAL_AUTH_FILE": value}).mode is RunMode.MANUAL) is expected
 
 
 @pytest.mark.parametrize("value", ["maybe", "2", "y", "n", "tru", "enabled"])
@@ -213,7 +213,7 @@ def test_full_environment() -> None:
     assert settings == Settings(permit_hosts=("db-*", "web-1"), permit_ports=("22", "5432"),
                                 labels=(("ssh-proxy", "on"), ("team", None)),
                                 publickey_api_port=9090, key_path="/keys/id.pub",
-                                manual_auth_file=False)
+                                mode=RunMode.DOCKER)
     assert settings.any_host is False
     assert settings.any_port is False
 

@@ -3,6 +3,8 @@ watcher.status.health_problems."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import os
 import shutil
 import stat
@@ -14,6 +16,7 @@ from typing import Iterator
 import pytest
 
 from watcher.config import Settings, load_settings
+from watcher.config import RunMode
 from watcher.sshd import SshdPaths, ensure_host_keys, permit_open, render_sshd_config
 from watcher.status import STALE_AFTER, health_problems
 
@@ -38,7 +41,9 @@ SSHD = "/usr/sbin/sshd"
     ({"SSH_PERMIT_TARGET_HOST": "*", "SSH_PERMIT_TARGET_PORT": "5432"}, True, "*:5432"),
 ])
 def test_permit_open(env: dict[str, str], enforced: bool, expected: str) -> None:
-    assert permit_open(load_settings(env), enforced) == expected
+    """`enforced`: sshd is the host check (manual mode, no discovery)."""
+    mode = RunMode.MANUAL if enforced else RunMode.DOCKER
+    assert permit_open(replace(load_settings(env), mode=mode)) == expected
 
 
 # --- rendered sshd_config ------------------------------------------------------------------
