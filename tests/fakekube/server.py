@@ -72,7 +72,7 @@ class Recorded:
 class _Event:
     rv: int
     resource: str
-    type: str  # ADDED | MODIFIED | DELETED | BOOKMARK
+    type: str  # ADDED | MODIFIED | DELETED | BOOKMARK | CLOSE (the stream ends here)
     obj: dict[str, Any]
     old: dict[str, Any] | None = None
 
@@ -85,7 +85,6 @@ class _State:
     log: list[_Event] = field(default_factory=list)
     oldest_rv: int = 0  # a watch from an older resourceVersion gets 410 Gone
     gone_epoch: int = 0  # bumped by expire(): open watches end with 410
-    close_epoch: int = 0  # bumped by close_streams(): open watches end cleanly
     generation: int = 0  # bumped by down(): handlers of an old server abort
 
 
@@ -223,10 +222,11 @@ class FakeKube:
             self._cond.notify_all()
 
     def close_streams(self) -> None:
-        """Every open watch ends cleanly (as at the server's own timeout)."""
+        """Open watches end cleanly (as at the server's own timeout) once they have sent
+        what happened before this call; so does a later watch from an older version."""
         with self._cond:
-            self._state.close_epoch += 1
-            self._cond.notify_all()
+            for resource in RESOURCES:
+                self._append(_Event(self._state.rv, resource, "CLOSE", {}))
 
     def bookmark(self) -> None:
         """A BOOKMARK at the current resourceVersion to watches that allow them."""
@@ -460,7 +460,7 @@ class _Handler(BaseHTTPRequestHandler):
                            sorted(state.objects[resource].items()) if o_ns == ns]
                 since = state.rv
             pos = bisect.bisect_right([e.rv for e in state.log], since)
-            gone, closed = state.gone_epoch, state.close_epoch
+            gone = state.gone_epoch
             fake.open_watches[resource] += 1
             fake._cond.notify_all()
         try:
@@ -471,7 +471,6 @@ class _Handler(BaseHTTPRequestHandler):
                 with fake._cond:
                     fake._cond.wait_for(
                         lambda: (len(state.log) > pos or state.gone_epoch != gone
-                                 or state.close_epoch != closed
                                  or state.generation != self.generation
                                  or time.monotonic() >= deadline),
                         timeout=max(0.0, deadline - time.monotonic()))
@@ -480,11 +479,13 @@ class _Handler(BaseHTTPRequestHandler):
                         return None  # cut, no terminating chunk: the server went away
                     if state.gone_epoch != gone:
                         return self._gone(since)
-                    if state.close_epoch != closed or time.monotonic() >= deadline:
+                    if time.monotonic() >= deadline:
                         return self._end()
                     events, pos = state.log[pos:], len(state.log)
                 for event in events:
                     since = event.rv
+                    if event.type == "CLOSE" and event.resource == resource:
+                        return self._end()
                     self._send_event(event, ns, resource, query, bookmarks)
         except OSError:
             self.close_connection = True

@@ -1,0 +1,578 @@
+"""Kubernetes discovery: list pods and services, then watch both; relist on every stream end.
+
+The proxy runs as a pod in one namespace and serves the other pods there. A pod is a target
+while it is Running and Ready and not terminating; it is reached at its pod IP. Service
+names (`svc`, `svc.ns`, `svc.ns.svc`, `svc.ns.svc.<domain>`) are soft aliases of the one
+target pod a Service selects. When a Service selects several target pods the name is
+ambiguous: it is granted to none of them (a key opens exactly one target, and a name pinned
+in /etc/hosts leads to one address), and the pods stay reachable by their own names.
+
+Level-triggered like the Docker source: every (re)connect lists and replaces the desired
+state, so a lost event cannot leave a stale key. The watches carry `timeoutSeconds` (the
+server ends them) and a client read timeout (an outage cannot hang them); 410 Gone and any
+other end lead to a relist.
+
+Library pitfalls handled here: `load_kube_config` raises ConfigException when there is no
+config; `stream()` patches the ApiClient it is given, so every exec gets its own; the
+websocket reader of `WSClient.update` drains every available frame without bound, so exec
+output is read frame by frame here, under a byte cap and a deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import tenacity
+import urllib3
+import websocket
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes import watch as k8s_watch
+from kubernetes.config.config_exception import ConfigException
+from kubernetes.stream import stream as k8s_stream
+
+from .. import backoff
+from ..errors import FetchError, FetchTimeout, SourceError
+from ..model import Target
+from ..targets import ProxyIdentity
+
+log = logging.getLogger(__name__)
+
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+DEFAULT_KUBECONFIG = "/root/.kube/config"
+DEFAULT_DOMAIN = "cluster.local"
+DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
+_STDOUT, _STDERR, _ERROR, _CLOSE = 1, 2, 3, 255
+
+Obj = Mapping[str, Any]  # an API object as the server sends it (camelCase JSON)
+
+
+# ---- pure: pods and services -> targets -------------------------------------------------------
+def _meta(obj: Obj) -> Mapping[str, Any]:
+    return obj.get("metadata") or {}
+
+
+def pod_uid(pod: Obj) -> str:
+    return _meta(pod).get("uid") or ""
+
+
+def pod_labels(pod: Obj) -> dict[str, str]:
+    return dict(_meta(pod).get("labels") or {})
+
+
+def pod_ips(pod: Obj) -> tuple[str, ...]:
+    """The pod's IPs, primary first (podIPs when sent, else podIP)."""
+    status = pod.get("status") or {}
+    ips = [entry.get("ip", "") for entry in status.get("podIPs") or []]
+    return tuple(dict.fromkeys(ip for ip in [status.get("podIP") or "", *ips] if ip))
+
+
+def is_target_pod(pod: Obj) -> bool:
+    """Running, Ready condition True, not terminating, and with an address."""
+    status = pod.get("status") or {}
+    if _meta(pod).get("deletionTimestamp") or status.get("phase") != "Running":
+        return False
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                for c in status.get("conditions") or [])
+    return ready and bool(pod_ips(pod))
+
+
+def pod_fqdn(pod: Obj, domain: str = DEFAULT_DOMAIN) -> str:
+    """`hostname.subdomain.ns.svc.<domain>` when the pod sets both, else ""."""
+    spec = pod.get("spec") or {}
+    hostname, subdomain = spec.get("hostname") or "", spec.get("subdomain") or ""
+    if not hostname or not subdomain:
+        return ""
+    return f"{hostname}.{subdomain}.{_meta(pod).get('namespace', '')}.svc.{domain}"
+
+
+def pod_started_at(pod: Obj) -> str:
+    """Changes whenever a container (re)starts, so a restarted pod's key is fetched again."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    parts = []
+    for status in sorted(statuses, key=lambda s: s.get("name", "")):
+        running = (status.get("state") or {}).get("running") or {}
+        parts.append(f"{status.get('name')}:{status.get('restartCount', 0)}:"
+                     f"{running.get('startedAt', '')}")
+    return ",".join(parts)
+
+
+def service_selects(service: Obj, pod: Obj) -> bool:
+    """The Service's selector is non-empty and matches the pod (same namespace)."""
+    selector = (service.get("spec") or {}).get("selector") or {}
+    if not selector or _meta(service).get("namespace") != _meta(pod).get("namespace"):
+        return False
+    labels = pod_labels(pod)
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def service_names(service: Obj, domain: str = DEFAULT_DOMAIN) -> tuple[str, ...]:
+    """The names cluster DNS gives a Service: svc, svc.ns, svc.ns.svc, svc.ns.svc.<domain>."""
+    name, ns = _meta(service).get("name", ""), _meta(service).get("namespace", "")
+    return (name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.{domain}")
+
+
+def service_aliases(pod: Obj, services: Iterable[Obj], target_pods: Iterable[Obj],
+                    domain: str = DEFAULT_DOMAIN) -> tuple[str, ...]:
+    """Names of the Services that select this pod and no other target pod (see the module
+    docstring: a name shared by several pods is granted to none)."""
+    uid = pod_uid(pod)
+    targets = list(target_pods)
+    out: list[str] = []
+    for service in sorted(services, key=lambda s: _meta(s).get("name", "")):
+        if not service_selects(service, pod):
+            continue
+        others = [p for p in targets if pod_uid(p) != uid and service_selects(service, p)]
+        if not others:
+            out.extend(service_names(service, domain))
+    return tuple(out)
+
+
+def pod_target(pod: Obj, aliases: tuple[str, ...] = (), domain: str = DEFAULT_DOMAIN) -> Target:
+    """The pod as a Target: id = uid, name = pod name, address = primary pod IP."""
+    ips = pod_ips(pod)
+    fqdn = pod_fqdn(pod, domain)
+    return Target(id=pod_uid(pod), name=_meta(pod).get("name", ""),
+                  address=ips[0] if ips else "", addresses=ips[1:],
+                  hostname=(pod.get("spec") or {}).get("hostname") or "",
+                  aliases=tuple(dict.fromkeys(((fqdn,) if fqdn else ()) + aliases)),
+                  labels=tuple(sorted(pod_labels(pod).items())), source="kubernetes",
+                  started_at=pod_started_at(pod))
+
+
+def derive_targets(pods: Mapping[str, Obj], services: Iterable[Obj], proxy_pod: str = "",
+                   domain: str = DEFAULT_DOMAIN,
+                   only: Iterable[str] | None = None) -> dict[str, Target]:
+    """Targets by uid for the target pods among `only` (all when None); `pods` by uid.
+    The proxy's own pod (by name) is never a target."""
+    services = list(services)
+    candidates = [p for p in pods.values()
+                  if is_target_pod(p) and _meta(p).get("name") != proxy_pod]
+    wanted = set(only) if only is not None else None
+    out = {}
+    for pod in candidates:
+        uid = pod_uid(pod)
+        if wanted is None or uid in wanted:
+            out[uid] = pod_target(pod, service_aliases(pod, services, candidates, domain), domain)
+    return out
+
+
+def pods_selected(services: Iterable[Obj], pods: Mapping[str, Obj]) -> set[str]:
+    """Uids of the pods any of these Services selects."""
+    services = list(services)
+    return {uid for uid, pod in pods.items() if any(service_selects(s, pod) for s in services)}
+
+
+def proxy_identity(pod: Obj | None, services: Iterable[Obj],
+                   domain: str = DEFAULT_DOMAIN) -> ProxyIdentity:
+    """The proxy pod's names (its name, hostname, FQDN, names of Services selecting it) and
+    IPs: never granted to a target."""
+    if pod is None:
+        return ProxyIdentity()
+    names = {_meta(pod).get("name", ""), (pod.get("spec") or {}).get("hostname") or "",
+             pod_fqdn(pod, domain)}
+    for service in services:
+        if service_selects(service, pod):
+            names.update(service_names(service, domain))
+    return ProxyIdentity(names=frozenset(n for n in names if n),
+                         addresses=frozenset(pod_ips(pod)))
+
+
+def label_selector(labels: Iterable[tuple[str, str | None]]) -> str:
+    """SSH_TARGET_LABELS pairs as a server-side label selector (`k=v,k2`)."""
+    return ",".join(key if value is None else f"{key}={value}" for key, value in labels)
+
+
+def exec_exit_code(status_text: str) -> int:
+    """The exit code from the exec error channel's Status JSON (0 = Success); -1 when the
+    Status is a failure without an exit code (e.g. the container is gone)."""
+    try:
+        status = json.loads(status_text or "{}")
+    except ValueError:
+        return -1
+    if status.get("status") == "Success":
+        return 0
+    for cause in (status.get("details") or {}).get("causes") or []:
+        if cause.get("reason") == "ExitCode" and str(cause.get("message", "")).isdigit():
+            return int(cause["message"])
+    return -1
+
+
+def forbidden_message(exc: k8s.ApiException, verb: str, resource: str, namespace: str) -> str:
+    """One line naming what the Role lacks, with the server's own words."""
+    detail = ""
+    try:
+        detail = json.loads(exc.body or "{}").get("message", "")
+    except (ValueError, AttributeError):
+        pass
+    return (f"Kubernetes RBAC: the proxy's Role lacks verb {verb!r} on {resource!r} in "
+            f"namespace {namespace!r}; add it to the Role bound to the proxy's service account"
+            + (f" ({detail})" if detail else ""))
+
+
+# ---- config ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KubeConfig:
+    configuration: k8s.Configuration
+    namespace: str
+    source: str  # "in-cluster" or the kubeconfig path, for messages
+
+
+def load_config(kubeconfig: str | None = None,
+                service_account_dir: Path = SERVICE_ACCOUNT_DIR) -> KubeConfig:
+    """In-cluster config (namespace from the service account), else the kubeconfig
+    (`kubeconfig`, `$KUBECONFIG`, /root/.kube/config; namespace from its current context)."""
+    configuration = k8s.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=configuration)
+        namespace = (service_account_dir / "namespace").read_text().strip()
+        if namespace:
+            return KubeConfig(configuration, namespace, "in-cluster")
+    except (ConfigException, OSError):
+        pass
+    path = kubeconfig or os.environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
+    configuration = k8s.Configuration()
+    try:
+        k8s_config.load_kube_config(config_file=path, client_configuration=configuration)
+        _, current = k8s_config.list_kube_config_contexts(config_file=path)
+    except (ConfigException, OSError, ValueError, TypeError) as exc:
+        raise SourceError(f"no Kubernetes configuration: not running in a pod with a service "
+                          f"account, and kubeconfig {path} cannot be used ({exc}); run the "
+                          "proxy in the cluster or set KUBECONFIG") from exc
+    namespace = ((current or {}).get("context") or {}).get("namespace") or ""
+    if not namespace:
+        raise SourceError(f"kubeconfig {path}: context {(current or {}).get('name', '?')!r} "
+                          "names no namespace; set one (kubectl config set-context --current "
+                          "--namespace=<ns>)")
+    return KubeConfig(configuration, namespace, path)
+
+
+# ---- client ------------------------------------------------------------------------------------
+class KubernetesClient:
+    """List, watch and exec against one namespace."""
+
+    def __init__(self, config: KubeConfig, exec_timeout: float = 5.0,
+                 request_timeout: float = 15.0) -> None:
+        self.config = config
+        self.namespace = config.namespace
+        self.exec_timeout = exec_timeout
+        self.request_timeout = request_timeout
+        self.api = k8s.CoreV1Api(k8s.ApiClient(config.configuration))
+
+    def list(self, resource: str, selector: str = "") -> tuple[dict[str, dict], str]:
+        """(objects as JSON dicts, the list's resourceVersion)."""
+        call = (self.api.list_namespaced_pod if resource == "pods"
+                else self.api.list_namespaced_service)
+        kwargs: dict[str, Any] = {"_request_timeout": self.request_timeout}
+        if selector:
+            kwargs["label_selector"] = selector
+        result = _call(lambda: call(self.namespace, **kwargs), "list", resource, self.namespace)
+        items = [self.api.api_client.sanitize_for_serialization(i) for i in result.items]
+        return items, result.metadata.resource_version or ""
+
+    def watch(self, resource: str, resource_version: str, timeout_seconds: int,
+              selector: str = "") -> tuple[k8s_watch.Watch, Iterable[dict]]:
+        """A Watch (to stop it) and its events, with bookmarks, from `resource_version`."""
+        call = (self.api.list_namespaced_pod if resource == "pods"
+                else self.api.list_namespaced_service)
+        kwargs: dict[str, Any] = {
+            "resource_version": resource_version, "allow_watch_bookmarks": True,
+            "timeout_seconds": timeout_seconds,
+            # connect, read: the server ends the stream first; a dead link errors soon after
+            "_request_timeout": (self.request_timeout, timeout_seconds + self.request_timeout)}
+        if selector:
+            kwargs["label_selector"] = selector
+        watcher = k8s_watch.Watch()
+        return watcher, watcher.stream(call, self.namespace, **kwargs)
+
+    def exec_read(self, target: Target, argv: list[str], limit: int) -> bytes:
+        """Run argv in the pod's default container; at most `limit` bytes of stdout.
+
+        Exec goes through a fresh ApiClient (stream() patches the one it is given, and the
+        fetch pool runs several execs at once), and frames are read here under one deadline.
+        """
+        deadline = time.monotonic() + self.exec_timeout
+        api = k8s.CoreV1Api(k8s.ApiClient(self.config.configuration))
+        container = self._exec_container(api, target)
+        # The handshake itself has no timeout in ws_client (it sets none on the socket);
+        # everything after it is bounded below.
+        try:
+            ws = k8s_stream(api.connect_get_namespaced_pod_exec, target.name, self.namespace,
+                            command=argv, container=container, stderr=True, stdin=False,
+                            stdout=True, tty=False, _preload_content=False, binary=True)
+        except k8s.ApiException as exc:
+            raise FetchError(f"exec in {target.name} failed: {_exec_reason(exc, self.namespace)}") from exc
+        try:
+            out, err, status = _read_exec(ws.sock, limit, deadline)
+        except websocket.WebSocketTimeoutException as exc:
+            raise FetchTimeout(f"exec {argv[-1]!s} in {target.name} did not finish within "
+                               f"{self.exec_timeout:.0f}s") from exc
+        except (websocket.WebSocketException, OSError) as exc:
+            raise FetchError(f"exec in {target.name} failed: {exc}") from exc
+        finally:
+            _close_quietly(ws.sock)
+        if len(out) >= limit:
+            return bytes(out[:limit])
+        code = exec_exit_code(status)
+        if code != 0:
+            detail = err.decode(errors="replace").strip().splitlines()[:1]
+            raise FetchError(f"exec {argv[-1]!s} in {target.name} exited {code}"
+                             + (f": {detail[0][:200]}" if detail else ""))
+        return bytes(out)
+
+    def _exec_container(self, api: k8s.CoreV1Api, target: Target) -> str:
+        """The pod's default container; refuses a pod that is no longer the target (same
+        name, new uid: a replaced pod answers for itself once the watch reports it)."""
+        try:
+            pod = api.read_namespaced_pod(target.name, self.namespace,
+                                          _request_timeout=self.exec_timeout)
+        except k8s.ApiException as exc:
+            raise FetchError(f"exec in {target.name} failed: {_exec_reason(exc, self.namespace, 'get', 'pods')}"
+                             ) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise FetchError(f"exec in {target.name} failed: {exc}") from exc
+        if pod.metadata.uid != target.id:
+            raise FetchError(f"exec in {target.name} skipped: the pod was replaced")
+        annotations = pod.metadata.annotations or {}
+        return annotations.get(DEFAULT_CONTAINER_ANNOTATION) or pod.spec.containers[0].name
+
+
+def _read_exec(sock: websocket.WebSocket, limit: int,
+               deadline: float) -> tuple[bytearray, bytearray, str]:
+    """(stdout, stderr, error-channel Status) until the server closes, `limit` stdout bytes
+    arrive, or the deadline passes (WebSocketTimeoutException)."""
+    out, err, status = bytearray(), bytearray(), ""
+    while len(out) < limit:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise websocket.WebSocketTimeoutException("deadline")
+        sock.settimeout(remaining)
+        opcode, frame = sock.recv_data_frame(True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            break
+        data = frame.data if isinstance(frame.data, bytes) else frame.data.encode()
+        if opcode not in (websocket.ABNF.OPCODE_BINARY, websocket.ABNF.OPCODE_TEXT) or not data:
+            continue
+        channel, payload = data[0], data[1:]
+        if channel == _STDOUT:
+            out += payload
+        elif channel == _STDERR:
+            err += payload[: max(0, 1024 - len(err))]
+        elif channel == _ERROR:
+            status += payload.decode(errors="replace")
+    return out, err, status
+
+
+def _exec_reason(exc: k8s.ApiException, namespace: str, verb: str = "create",
+                 resource: str = "pods/exec") -> str:
+    if exc.status == 403:
+        return forbidden_message(exc, verb, resource, namespace)
+    return f"HTTP {exc.status} {exc.reason}" if exc.status else str(exc.reason)
+
+
+def _call(fn: Any, verb: str, resource: str, namespace: str) -> Any:
+    """Run an API call; a 403 becomes a SourceError naming what the Role lacks."""
+    try:
+        return fn()
+    except k8s.ApiException as exc:
+        if exc.status == 403:
+            raise SourceError(forbidden_message(exc, verb, resource, namespace)) from exc
+        if exc.status == 410:
+            raise _Expired(f"{resource}: {exc.reason}") from exc
+        raise
+
+
+# ---- watcher -----------------------------------------------------------------------------------
+class KubernetesWatcher:
+    """Feeds a reconciler from one namespace until `stop` is set."""
+
+    def __init__(self, sink: Any, kube: KubernetesClient, label_selector: str = "",
+                 domain: str = DEFAULT_DOMAIN, proxy_pod: str | None = None,
+                 watch_timeout: int = 300, healthy_after: float = 10.0) -> None:
+        self.sink = sink
+        self.kube = kube
+        self.selector = label_selector
+        self.domain = domain
+        self.proxy_pod = (proxy_pod if proxy_pod is not None
+                          else os.environ.get("POD_NAME") or os.environ.get("HOSTNAME", ""))
+        self.watch_timeout = watch_timeout
+        self.healthy_after = healthy_after  # a round this long resets the backoff
+        self.wait = tenacity.wait_exponential(multiplier=0.2, max=30)
+        self.pods: dict[str, dict] = {}  # uid -> pod
+        self.services: dict[str, dict] = {}  # name -> service
+        self.emitted: dict[str, Target] = {}
+        self.identity = ProxyIdentity()
+        self.connected = False
+        self.reconnects = 0
+        self._last_error = ""
+
+    # -- the loop: forever > one round (list + watches) > one event --
+    def run(self, stop: threading.Event) -> None:
+        attempt = 0
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                self._round(stop)
+                attempt = 0 if time.monotonic() - started >= self.healthy_after else attempt
+                error = "watch ended"
+            except _Expired as exc:
+                log.info("kubernetes watch expired (%s): relisting", exc)
+                continue
+            except Exception as exc:  # any failure of a round: report, back off, relist
+                error = _describe(exc, self.kube)
+            if stop.is_set():
+                return
+            attempt += 1
+            delay = backoff.delay(self.wait, attempt)
+            self._lost(error, delay)
+            stop.wait(delay)
+
+    def _lost(self, error: str, delay: float) -> None:
+        self.connected = False
+        self.reconnects += 1
+        if error != self._last_error:  # one line per distinct problem, not one per retry
+            level = logging.DEBUG if error == "watch ended" else logging.WARNING
+            log.log(level, "kubernetes: %s; relisting in %.1fs", error, delay)
+            self._last_error = error
+        self.sink.set_source_status({"kind": "kubernetes", "connected": False, "error": error,
+                                     "reconnects": self.reconnects})
+
+    def _round(self, stop: threading.Event) -> None:
+        self.resync()
+        events: queue.Queue = queue.Queue()
+        watches = [self._start_watch(resource, version, events)
+                   for resource, version in self._versions.items()]
+        try:
+            while not stop.is_set():
+                try:
+                    resource, item = events.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if item is None:
+                    return  # a stream ended: relist
+                self.handle_event(resource, item)
+        finally:
+            for watcher in watches:
+                watcher.stop()
+
+    def _start_watch(self, resource: str, version: str, events: queue.Queue) -> k8s_watch.Watch:
+        watcher, stream = self.kube.watch(resource, version, self.watch_timeout,
+                                          self.selector if resource == "pods" else "")
+
+        def pump() -> None:
+            try:
+                for event in stream:
+                    events.put((resource, event))
+                events.put((resource, None))
+            except k8s.ApiException as exc:
+                events.put((resource, _classify(exc, "watch", resource, self.kube.namespace)))
+            except Exception as exc:  # handed to the round, which reports and relists
+                events.put((resource, exc))
+
+        threading.Thread(target=pump, daemon=True, name=f"k8s-watch-{resource}").start()
+        return watcher
+
+    def resync(self) -> None:
+        """List both resources and replace the desired state."""
+        pods, pods_version = self.kube.list("pods", self.selector)
+        services, services_version = self.kube.list("services")
+        self._versions = {"pods": pods_version, "services": services_version}
+        self.pods = {pod_uid(p): p for p in pods}
+        self.services = {_meta(s).get("name", ""): s for s in services}
+        self._refresh_identity(force=True)
+        self.emitted = derive_targets(self.pods, self.services.values(), self.proxy_pod,
+                                      self.domain)
+        self.sink.replace_all(list(self.emitted.values()))
+        self.connected = True
+        self._last_error = ""
+        self.sink.set_source_status({"kind": "kubernetes", "connected": True, "error": "",
+                                     "namespace": self.kube.namespace,
+                                     "reconnects": self.reconnects, "since": time.time()})
+
+    # -- events --
+    def handle_event(self, resource: str, event: Mapping[str, Any]) -> None:
+        kind, obj = event.get("type"), event.get("raw_object") or {}
+        if kind not in ("ADDED", "MODIFIED", "DELETED") or not obj:
+            return  # BOOKMARK: the Watch keeps its resourceVersion; nothing changed
+        if resource == "pods":
+            uid = pod_uid(obj)
+            old = self.pods.get(uid)
+            if kind == "DELETED":
+                self.pods.pop(uid, None)
+            else:
+                self.pods[uid] = dict(obj)
+            touched = [s for s in self.services.values()
+                       if service_selects(s, obj) or (old is not None and service_selects(s, old))]
+            self._refresh({uid} | pods_selected(touched, self.pods))
+            if _meta(obj).get("name") == self.proxy_pod:
+                self._refresh_identity()
+        else:
+            name = _meta(obj).get("name", "")
+            old = self.services.get(name)
+            if kind == "DELETED":
+                self.services.pop(name, None)
+            else:
+                self.services[name] = dict(obj)
+            self._refresh(pods_selected([s for s in (old, obj) if s], self.pods))
+            self._refresh_identity()
+
+    def _refresh(self, uids: set[str]) -> None:
+        """Re-derive these pods; emit only what changed (an unchanged MODIFIED fetches
+        nothing), remove at once what stopped being a target."""
+        wanted = derive_targets(self.pods, self.services.values(), self.proxy_pod, self.domain,
+                                only=uids)
+        for uid in sorted(uids):
+            target = wanted.get(uid)
+            if target is None:
+                if self.emitted.pop(uid, None) is not None:
+                    self.sink.remove(uid)
+            elif self.emitted.get(uid) != target:
+                self.emitted[uid] = target
+                self.sink.upsert(target)
+
+    def _refresh_identity(self, force: bool = False) -> None:
+        own = next((p for p in self.pods.values() if _meta(p).get("name") == self.proxy_pod),
+                   None) if self.proxy_pod else None
+        identity = proxy_identity(own, self.services.values(), self.domain)
+        if force or identity != self.identity:
+            self.identity = identity
+            self.sink.set_proxy_identity(identity)
+
+
+class _Expired(Exception):
+    """410 Gone: the watch's resourceVersion is too old; relist."""
+
+
+def _classify(exc: k8s.ApiException, verb: str, resource: str, namespace: str) -> Exception:
+    if exc.status == 410:
+        return _Expired(f"{resource}: {exc.reason}")
+    if exc.status == 403:
+        return SourceError(forbidden_message(exc, verb, resource, namespace))
+    return exc
+
+
+def _describe(exc: Exception, kube: KubernetesClient) -> str:
+    """One line for the log and the status: what failed and what to do."""
+    if isinstance(exc, SourceError):
+        return str(exc)
+    if isinstance(exc, k8s.ApiException) and exc.status:
+        return f"Kubernetes API answered HTTP {exc.status} {exc.reason}"
+    return (f"cannot reach the Kubernetes API at {kube.config.configuration.host} "
+            f"({type(exc).__name__}); retrying")
+
+
+def _close_quietly(sock: Any) -> None:
+    try:
+        sock.shutdown()
+    except Exception:  # closing a dead socket may raise anything; it is dead either way
+        pass
