@@ -14,20 +14,23 @@ from typing import Any
 NOW = "2026-12-04T10:00:00Z"
 
 
-def make_pod(name: str, namespace: str = "default", ip: str = "10.244.0.10",
+def make_pod(name: str, namespace: str = "", ip: str = "10.244.0.10",
              labels: dict[str, str] | None = None, phase: str = "Running", ready: bool = True,
              hostname: str = "", subdomain: str = "", restart_count: int = 0,
              started_at: str = NOW, uid: str = "", deletion: bool = False,
              containers: tuple[str, ...] = ("main",), node: str = "node-1") -> dict[str, Any]:
-    """A pod as `kubectl get pod -o json` shows it (kind/apiVersion added by the server)."""
+    """A pod as `kubectl get pod -o json` shows it (kind/apiVersion added by the server;
+    without `namespace`, the server's namespace is filled in when it is stored)."""
     running = phase == "Running"
     metadata: dict[str, Any] = {
-        "name": name, "namespace": namespace, "uid": uid or str(uuid.uuid4()),
+        "name": name, "uid": uid or str(uuid.uuid4()),
         "creationTimestamp": NOW, "labels": dict(labels or {}),
         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
                              "name": f"{name}-rs", "uid": str(uuid.uuid5(uuid.NAMESPACE_DNS, name)),
                              "controller": True, "blockOwnerDeletion": True}],
     }
+    if namespace:
+        metadata["namespace"] = namespace
     if deletion:
         metadata["deletionTimestamp"] = NOW
         metadata["deletionGracePeriodSeconds"] = 30
@@ -71,7 +74,7 @@ def make_pod(name: str, namespace: str = "default", ip: str = "10.244.0.10",
     return {"metadata": metadata, "spec": spec, "status": status}
 
 
-def make_service(name: str, selector: dict[str, str] | None, namespace: str = "default",
+def make_service(name: str, selector: dict[str, str] | None, namespace: str = "",
                  cluster_ip: str = "10.96.0.20", headless: bool = False,
                  ports: tuple[int, ...] = (22,), uid: str = "") -> dict[str, Any]:
     """A ClusterIP (or headless) Service as the API server stores it."""
@@ -84,9 +87,11 @@ def make_service(name: str, selector: dict[str, str] | None, namespace: str = "d
     }
     if selector is not None:
         spec["selector"] = dict(selector)
-    return {"metadata": {"name": name, "namespace": namespace, "uid": uid or str(uuid.uuid4()),
-                         "creationTimestamp": NOW, "labels": {}},
-            "spec": spec, "status": {"loadBalancer": {}}}
+    metadata = {"name": name, "uid": uid or str(uuid.uuid4()), "creationTimestamp": NOW,
+                "labels": {}}
+    if namespace:
+        metadata["namespace"] = namespace
+    return {"metadata": metadata, "spec": spec, "status": {"loadBalancer": {}}}
 
 
 def with_changes(obj: dict[str, Any], **paths: Any) -> dict[str, Any]:

@@ -267,16 +267,22 @@ class KubernetesClient:
         self.request_timeout = request_timeout
         self.api = k8s.CoreV1Api(k8s.ApiClient(config.configuration))
 
-    def list(self, resource: str, selector: str = "") -> tuple[dict[str, dict], str]:
-        """(objects as JSON dicts, the list's resourceVersion)."""
+    def list(self, resource: str, selector: str = "") -> tuple[list[dict], str]:
+        """(objects as the server's JSON, the list's resourceVersion). Raw JSON, not
+        models: watch events arrive raw too, and a model round trip rewrites timestamps."""
         call = (self.api.list_namespaced_pod if resource == "pods"
                 else self.api.list_namespaced_service)
-        kwargs: dict[str, Any] = {"_request_timeout": self.request_timeout}
+        kwargs: dict[str, Any] = {"_request_timeout": self.request_timeout,
+                                  "_preload_content": False}
         if selector:
             kwargs["label_selector"] = selector
-        result = _call(lambda: call(self.namespace, **kwargs), "list", resource, self.namespace)
-        items = [self.api.api_client.sanitize_for_serialization(i) for i in result.items]
-        return items, result.metadata.resource_version or ""
+        response = _call(lambda: call(self.namespace, **kwargs), "list", resource,
+                         self.namespace)
+        try:
+            body = json.loads(response.data)
+        except ValueError as exc:
+            raise SourceError(f"Kubernetes API sent a {resource} list that is not JSON") from exc
+        return body.get("items") or [], (body.get("metadata") or {}).get("resourceVersion", "")
 
     def watch(self, resource: str, resource_version: str, timeout_seconds: int,
               selector: str = "") -> tuple[k8s_watch.Watch, Iterable[dict]]:
@@ -309,7 +315,8 @@ class KubernetesClient:
                             command=argv, container=container, stderr=True, stdin=False,
                             stdout=True, tty=False, _preload_content=False, binary=True)
         except k8s.ApiException as exc:
-            raise FetchError(f"exec in {target.name} failed: {_exec_reason(exc, self.namespace)}") from exc
+            raise FetchError(f"exec in {target.name} failed: "
+                             f"{_exec_reason(exc, self.namespace)}") from exc
         try:
             out, err, status = _read_exec(ws.sock, limit, deadline)
         except websocket.WebSocketTimeoutException as exc:
@@ -335,8 +342,8 @@ class KubernetesClient:
             pod = api.read_namespaced_pod(target.name, self.namespace,
                                           _request_timeout=self.exec_timeout)
         except k8s.ApiException as exc:
-            raise FetchError(f"exec in {target.name} failed: {_exec_reason(exc, self.namespace, 'get', 'pods')}"
-                             ) from exc
+            raise FetchError(f"exec in {target.name} failed: "
+                             f"{_exec_reason(exc, self.namespace, 'get', 'pods')}") from exc
         except urllib3.exceptions.HTTPError as exc:
             raise FetchError(f"exec in {target.name} failed: {exc}") from exc
         if pod.metadata.uid != target.id:
@@ -373,8 +380,16 @@ def _read_exec(sock: websocket.WebSocket, limit: int,
 
 def _exec_reason(exc: k8s.ApiException, namespace: str, verb: str = "create",
                  resource: str = "pods/exec") -> str:
+    reason = str(exc.reason or "")
+    if exc.status == 0 and reason.startswith("Handshake status 403"):
+        # ws_client wraps a refused websocket upgrade as status 0: "Handshake status 403
+        # Forbidden -+-+- {headers} -+-+- {body}"
+        exc = k8s.ApiException(status=403, reason="Forbidden")
+        exc.body = reason.rsplit(" -+-+- ", 1)[-1]
     if exc.status == 403:
         return forbidden_message(exc, verb, resource, namespace)
+    if exc.status == 0:
+        return reason.split(" -+-+- ", 1)[0]
     return f"HTTP {exc.status} {exc.reason}" if exc.status else str(exc.reason)
 
 
@@ -421,7 +436,8 @@ class KubernetesWatcher:
             started = time.monotonic()
             try:
                 self._round(stop)
-                attempt = 0 if time.monotonic() - started >= self.healthy_after else attempt
+                if time.monotonic() - started >= self.healthy_after:
+                    attempt, self._last_error = 0, ""
                 error = "watch ended"
             except _Expired as exc:
                 log.info("kubernetes watch expired (%s): relisting", exc)
@@ -494,7 +510,6 @@ class KubernetesWatcher:
                                       self.domain)
         self.sink.replace_all(list(self.emitted.values()))
         self.connected = True
-        self._last_error = ""
         self.sink.set_source_status({"kind": "kubernetes", "connected": True, "error": "",
                                      "namespace": self.kube.namespace,
                                      "reconnects": self.reconnects, "since": time.time()})
