@@ -91,22 +91,30 @@ def test_service_names_go_only_to_the_single_selected_target() -> None:
     one = make_pod("one", labels={"app": "web"}, uid="u1")
     two = make_pod("two", labels={"app": "web"}, uid="u2")
     idle = make_pod("idle", labels={"app": "web"}, uid="u3", ready=False)
-    web, also = make_service("web", {"app": "web"}), make_service("also", {"app": "web"})
+    web = make_service("web", {"app": "web"})
+    also = make_service("also", {"app": "web", "extra": "1"})
     pods = {"u1": one, "u3": idle}
-    targets = ks.derive_targets(pods, [web])
+    assert ks.service_members(web, pods) == {"u1"}
+    targets = ks.derive_targets(pods, {"web": web})
     assert targets["u1"].aliases == ks.service_names(web) and "u3" not in targets
     pods["u2"] = two  # a second ready pod behind `web`: the name is ambiguous, nobody has it
-    targets = ks.derive_targets(pods, [web, also])
+    targets = ks.derive_targets(pods, {"web": web})
     assert targets["u1"].aliases == () and targets["u2"].aliases == ()
-    assert ks.service_aliases(one, [web, also], [one]) == (ks.service_names(also)
-                                                           + ks.service_names(web))
+    pods["u2"] = with_changes(two, metadata__labels={"app": "web", "extra": "1"})
+    members = {"web": {"u1", "u2"}, "also": {"u2"}}
+    assert ks.granted_service_names("u2", {"web": web, "also": also}, members) == (
+        ks.service_names(also))
+    assert ks.derive_targets(pods, {"web": web, "also": also})["u2"].aliases == (
+        ks.service_names(also))
 
 
 def test_proxy_pod_is_never_a_target_and_names_the_identity() -> None:
     proxy = make_pod("ssh-proxy-7d9", "default", ip="10.0.0.9", labels={"app": "proxy"}, uid="p")
     other = make_pod("ws", "default", uid="w")
     svc = make_service("ssh-proxy", {"app": "proxy"}, "default")
-    assert set(ks.derive_targets({"p": proxy, "w": other}, [svc], "ssh-proxy-7d9")) == {"w"}
+    assert set(ks.derive_targets({"p": proxy, "w": other}, {"ssh-proxy": svc},
+                                 "ssh-proxy-7d9")) == {"w"}
+    assert not ks.is_candidate(proxy, "ssh-proxy-7d9") and ks.is_candidate(other, "ssh-proxy-7d9")
     identity = ks.proxy_identity(proxy, [svc])
     assert identity.addresses == {"10.0.0.9"}
     assert {"ssh-proxy-7d9", "ssh-proxy", "ssh-proxy.default.svc.cluster.local"} <= identity.names
@@ -461,3 +469,47 @@ def test_exec_refused_by_rbac_or_for_a_replaced_pod(fake: FakeKube,
     fake.add_pod(make_pod("ws-1"))  # same name, new uid
     with pytest.raises(FetchError, match="replaced"):
         kube.exec_read(target, ["cat", "/k"], 100)
+
+
+# ---- incremental == full ----------------------------------------------------------------------
+def test_incremental_events_match_a_full_derivation() -> None:
+    """Random pod and service events: the watcher's incremental state always equals the
+    full derivation (the reference), and the sink holds exactly what was emitted."""
+    import random
+
+    rng = random.Random(11)
+    sink = RecordingSink()
+    watcher = KubernetesWatcher(sink, kube=None, proxy_pod="proxy")  # type: ignore[arg-type]
+    names = [f"p{i}" for i in range(8)] + ["proxy"]
+    apps = ["a", "b", "c"]
+    live_pods: dict[str, dict] = {}
+    live_services: dict[str, dict] = {}
+    granted = 0
+    for _ in range(400):
+        if rng.random() < 0.75:
+            name = rng.choice(names)
+            if name in live_pods and rng.random() < 0.2:
+                watcher.handle_event("pods", {"type": "DELETED", "raw_object": live_pods.pop(name)})
+                continue
+            pod = make_pod(name, "ns", ip=f"10.0.0.{names.index(name) + 2}",
+                           labels={"app": rng.choice(apps)}, ready=rng.random() < 0.8,
+                           restart_count=rng.randint(0, 1),
+                           uid=live_pods[name]["metadata"]["uid"] if name in live_pods else "")
+            kind = "MODIFIED" if name in live_pods else "ADDED"
+            live_pods[name] = pod
+            watcher.handle_event("pods", {"type": kind, "raw_object": pod})
+        else:
+            name = rng.choice(["s1", "s2", "s3"])
+            if name in live_services and rng.random() < 0.3:
+                watcher.handle_event("services", {"type": "DELETED",
+                                                  "raw_object": live_services.pop(name)})
+                continue
+            svc = make_service(name, {"app": rng.choice(apps)}, "ns")
+            kind = "MODIFIED" if name in live_services else "ADDED"
+            live_services[name] = svc
+            watcher.handle_event("services", {"type": kind, "raw_object": svc})
+        reference = ks.derive_targets(watcher.pods, watcher.services, "proxy")
+        assert watcher.emitted == reference
+        assert sink.state == reference
+        granted += any(t.aliases for t in reference.values())
+    assert granted > 20  # the sequence did exercise single-owner service names

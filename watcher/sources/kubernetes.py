@@ -120,19 +120,26 @@ def service_names(service: Obj, domain: str = DEFAULT_DOMAIN) -> tuple[str, ...]
     return (name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.{domain}")
 
 
-def service_aliases(pod: Obj, services: Iterable[Obj], target_pods: Iterable[Obj],
-                    domain: str = DEFAULT_DOMAIN) -> tuple[str, ...]:
-    """Names of the Services that select this pod and no other target pod (see the module
-    docstring: a name shared by several pods is granted to none)."""
-    uid = pod_uid(pod)
-    targets = list(target_pods)
+def is_candidate(pod: Obj, proxy_pod: str = "") -> bool:
+    """A target pod that is not the proxy's own pod (by name)."""
+    return is_target_pod(pod) and _meta(pod).get("name") != proxy_pod
+
+
+def service_members(service: Obj, pods: Mapping[str, Obj], proxy_pod: str = "") -> set[str]:
+    """Uids of the target pods a Service selects."""
+    return {uid for uid, pod in pods.items()
+            if is_candidate(pod, proxy_pod) and service_selects(service, pod)}
+
+
+def granted_service_names(uid: str, services: Mapping[str, Obj],
+                          members: Mapping[str, set[str]],
+                          domain: str = DEFAULT_DOMAIN) -> tuple[str, ...]:
+    """Names of the Services (by name) whose only target pod is `uid`: a name shared by
+    several pods is granted to none (see the module docstring)."""
     out: list[str] = []
-    for service in sorted(services, key=lambda s: _meta(s).get("name", "")):
-        if not service_selects(service, pod):
-            continue
-        others = [p for p in targets if pod_uid(p) != uid and service_selects(service, p)]
-        if not others:
-            out.extend(service_names(service, domain))
+    for name in sorted(services):
+        if members.get(name) == {uid}:
+            out.extend(service_names(services[name], domain))
     return tuple(out)
 
 
@@ -148,27 +155,12 @@ def pod_target(pod: Obj, aliases: tuple[str, ...] = (), domain: str = DEFAULT_DO
                   started_at=pod_started_at(pod))
 
 
-def derive_targets(pods: Mapping[str, Obj], services: Iterable[Obj], proxy_pod: str = "",
-                   domain: str = DEFAULT_DOMAIN,
-                   only: Iterable[str] | None = None) -> dict[str, Target]:
-    """Targets by uid for the target pods among `only` (all when None); `pods` by uid.
-    The proxy's own pod (by name) is never a target."""
-    services = list(services)
-    candidates = [p for p in pods.values()
-                  if is_target_pod(p) and _meta(p).get("name") != proxy_pod]
-    wanted = set(only) if only is not None else None
-    out = {}
-    for pod in candidates:
-        uid = pod_uid(pod)
-        if wanted is None or uid in wanted:
-            out[uid] = pod_target(pod, service_aliases(pod, services, candidates, domain), domain)
-    return out
-
-
-def pods_selected(services: Iterable[Obj], pods: Mapping[str, Obj]) -> set[str]:
-    """Uids of the pods any of these Services selects."""
-    services = list(services)
-    return {uid for uid, pod in pods.items() if any(service_selects(s, pod) for s in services)}
+def derive_targets(pods: Mapping[str, Obj], services: Mapping[str, Obj], proxy_pod: str = "",
+                   domain: str = DEFAULT_DOMAIN) -> dict[str, Target]:
+    """Targets by uid from pods (by uid) and Services (by name); O(pods x services)."""
+    members = {name: service_members(svc, pods, proxy_pod) for name, svc in services.items()}
+    return {uid: pod_target(pod, granted_service_names(uid, services, members, domain), domain)
+            for uid, pod in pods.items() if is_candidate(pod, proxy_pod)}
 
 
 def proxy_identity(pod: Obj | None, services: Iterable[Obj],
@@ -423,6 +415,8 @@ class KubernetesWatcher:
         self.wait = tenacity.wait_exponential(multiplier=0.2, max=30)
         self.pods: dict[str, dict] = {}  # uid -> pod
         self.services: dict[str, dict] = {}  # name -> service
+        self.members: dict[str, set[str]] = {}  # service name -> uids of target pods it selects
+        self.own_pod: dict | None = None
         self.emitted: dict[str, Target] = {}
         self.identity = ProxyIdentity()
         self.connected = False
@@ -431,32 +425,37 @@ class KubernetesWatcher:
 
     # -- the loop: forever > one round (list + watches) > one event --
     def run(self, stop: threading.Event) -> None:
-        attempt = 0
+        attempt = expired = 0
         while not stop.is_set():
             started = time.monotonic()
             try:
                 self._round(stop)
-                if time.monotonic() - started >= self.healthy_after:
-                    attempt, self._last_error = 0, ""
-                error = "watch ended"
+                healthy = time.monotonic() - started >= self.healthy_after
+                if healthy:  # the server's timeoutSeconds: a routine relist, not an outage
+                    attempt = expired = 0
+                    self._last_error = ""
+                error = "" if healthy else "watch streams ended right after they started"
             except _Expired as exc:
-                log.info("kubernetes watch expired (%s): relisting", exc)
-                continue
+                expired += 1
+                if expired == 1:
+                    log.info("kubernetes watch expired (%s): relisting", exc)
+                    continue
+                error = f"watch expired again right after a relist ({exc})"
             except Exception as exc:  # any failure of a round: report, back off, relist
                 error = _describe(exc, self.kube)
             if stop.is_set():
                 return
             attempt += 1
             delay = backoff.delay(self.wait, attempt)
-            self._lost(error, delay)
+            if error:
+                self._lost(error, delay)
             stop.wait(delay)
 
     def _lost(self, error: str, delay: float) -> None:
         self.connected = False
         self.reconnects += 1
         if error != self._last_error:  # one line per distinct problem, not one per retry
-            level = logging.DEBUG if error == "watch ended" else logging.WARNING
-            log.log(level, "kubernetes: %s; relisting in %.1fs", error, delay)
+            log.warning("kubernetes: %s; relisting in %.1fs", error, delay)
             self._last_error = error
         self.sink.set_source_status({"kind": "kubernetes", "connected": False, "error": error,
                                      "reconnects": self.reconnects})
@@ -505,49 +504,74 @@ class KubernetesWatcher:
         self._versions = {"pods": pods_version, "services": services_version}
         self.pods = {pod_uid(p): p for p in pods}
         self.services = {_meta(s).get("name", ""): s for s in services}
+        self.members = {name: service_members(svc, self.pods, self.proxy_pod)
+                        for name, svc in self.services.items()}
+        self.own_pod = next((p for p in pods if _meta(p).get("name") == self.proxy_pod), None)
         self._refresh_identity(force=True)
-        self.emitted = derive_targets(self.pods, self.services.values(), self.proxy_pod,
-                                      self.domain)
+        self.emitted = {uid: t for uid in self.pods if (t := self._target(uid)) is not None}
         self.sink.replace_all(list(self.emitted.values()))
         self.connected = True
         self.sink.set_source_status({"kind": "kubernetes", "connected": True, "error": "",
                                      "namespace": self.kube.namespace,
                                      "reconnects": self.reconnects, "since": time.time()})
 
-    # -- events --
+    # -- events: the work is proportional to what changed --
     def handle_event(self, resource: str, event: Mapping[str, Any]) -> None:
         kind, obj = event.get("type"), event.get("raw_object") or {}
         if kind not in ("ADDED", "MODIFIED", "DELETED") or not obj:
             return  # BOOKMARK: the Watch keeps its resourceVersion; nothing changed
         if resource == "pods":
-            uid = pod_uid(obj)
-            old = self.pods.get(uid)
-            if kind == "DELETED":
-                self.pods.pop(uid, None)
-            else:
-                self.pods[uid] = dict(obj)
-            touched = [s for s in self.services.values()
-                       if service_selects(s, obj) or (old is not None and service_selects(s, old))]
-            self._refresh({uid} | pods_selected(touched, self.pods))
-            if _meta(obj).get("name") == self.proxy_pod:
-                self._refresh_identity()
+            self._pod_changed(dict(obj), kind == "DELETED")
         else:
-            name = _meta(obj).get("name", "")
-            old = self.services.get(name)
-            if kind == "DELETED":
-                self.services.pop(name, None)
+            self._service_changed(dict(obj), kind == "DELETED")
+
+    def _pod_changed(self, pod: dict, deleted: bool) -> None:
+        uid = pod_uid(pod)
+        if deleted:
+            self.pods.pop(uid, None)
+        else:
+            self.pods[uid] = pod
+        affected = {uid}
+        selectable = not deleted and is_candidate(pod, self.proxy_pod)
+        for name, service in self.services.items():
+            members = self.members.setdefault(name, set())
+            before = set(members)
+            if selectable and service_selects(service, pod):
+                members.add(uid)
             else:
-                self.services[name] = dict(obj)
-            self._refresh(pods_selected([s for s in (old, obj) if s], self.pods))
+                members.discard(uid)
+            if before != members and 1 in (len(before), len(members)):
+                affected |= before | members  # the name's single owner changes: <= 2 pods
+        self._refresh(affected)
+        if _meta(pod).get("name") == self.proxy_pod and self.proxy_pod:
+            self.own_pod = None if deleted else pod
             self._refresh_identity()
+
+    def _service_changed(self, service: dict, deleted: bool) -> None:
+        name = _meta(service).get("name", "")
+        before = self.members.pop(name, set())
+        if deleted:
+            self.services.pop(name, None)
+            after: set[str] = set()
+        else:
+            self.services[name] = service
+            after = self.members[name] = service_members(service, self.pods, self.proxy_pod)
+        self._refresh((before if len(before) == 1 else set())
+                      | (after if len(after) == 1 else set()))
+        self._refresh_identity()
+
+    def _target(self, uid: str) -> Target | None:
+        pod = self.pods.get(uid)
+        if pod is None or not is_candidate(pod, self.proxy_pod):
+            return None
+        return pod_target(pod, granted_service_names(uid, self.services, self.members,
+                                                     self.domain), self.domain)
 
     def _refresh(self, uids: set[str]) -> None:
         """Re-derive these pods; emit only what changed (an unchanged MODIFIED fetches
         nothing), remove at once what stopped being a target."""
-        wanted = derive_targets(self.pods, self.services.values(), self.proxy_pod, self.domain,
-                                only=uids)
         for uid in sorted(uids):
-            target = wanted.get(uid)
+            target = self._target(uid)
             if target is None:
                 if self.emitted.pop(uid, None) is not None:
                     self.sink.remove(uid)
@@ -556,9 +580,7 @@ class KubernetesWatcher:
                 self.sink.upsert(target)
 
     def _refresh_identity(self, force: bool = False) -> None:
-        own = next((p for p in self.pods.values() if _meta(p).get("name") == self.proxy_pod),
-                   None) if self.proxy_pod else None
-        identity = proxy_identity(own, self.services.values(), self.domain)
+        identity = proxy_identity(self.own_pod, self.services.values(), self.domain)
         if force or identity != self.identity:
             self.identity = identity
             self.sink.set_proxy_identity(identity)
