@@ -513,3 +513,30 @@ def test_incremental_events_match_a_full_derivation() -> None:
         assert sink.state == reference
         granted += any(t.aliases for t in reference.values())
     assert granted > 20  # the sequence did exercise single-owner service names
+
+def test_own_pod_outside_the_label_selector_still_reserved(fake: FakeKube, start) -> None:
+    fake.add_pod(make_pod("ssh-proxy-0", ip="10.244.0.2", labels={"app": "proxy"}))
+    fake.add_pod(make_pod("ws-1", labels={"role": "ssh"}))
+    _, sink = start(selector="role=ssh", proxy_pod="ssh-proxy-0")
+    assert sink.names() == {"ws-1"}
+    assert sink.identity.addresses == {"10.244.0.2"} and "ssh-proxy-0" in sink.identity.names
+
+
+def test_outage_does_not_log_urllib3_retries(fake: FakeKube, start,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    _, sink = start()
+    _both_watching(fake)
+    with caplog.at_level(logging.WARNING):
+        fake.down()
+        assert wait_for(lambda: sink.status.get("connected") is False)
+        fake.up()
+        assert wait_for(lambda: sink.status.get("connected") is True)
+    assert not [r for r in caplog.records if r.name.startswith("urllib3")]
+    assert len([r for r in caplog.records if "cannot reach" in r.getMessage()]) == 1
+
+
+def test_malformed_kubeconfig_is_a_source_error(tmp_path: Path) -> None:
+    path = tmp_path / "kc"
+    path.write_text("clusters: [unclosed")
+    with pytest.raises(SourceError, match="cannot be used"):
+        load_config(str(path), service_account_dir=tmp_path)

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping
 import tenacity
 import urllib3
 import websocket
+import yaml
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
@@ -227,7 +228,7 @@ def load_config(kubeconfig: str | None = None,
         k8s_config.load_incluster_config(client_configuration=configuration)
         namespace = (service_account_dir / "namespace").read_text().strip()
         if namespace:
-            return KubeConfig(configuration, namespace, "in-cluster")
+            return KubeConfig(_quiet(configuration), namespace, "in-cluster")
     except (ConfigException, OSError):
         pass
     path = kubeconfig or os.environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
@@ -235,7 +236,7 @@ def load_config(kubeconfig: str | None = None,
     try:
         k8s_config.load_kube_config(config_file=path, client_configuration=configuration)
         _, current = k8s_config.list_kube_config_contexts(config_file=path)
-    except (ConfigException, OSError, ValueError, TypeError) as exc:
+    except (ConfigException, OSError, ValueError, TypeError, yaml.YAMLError) as exc:
         raise SourceError(f"no Kubernetes configuration: not running in a pod with a service "
                           f"account, and kubeconfig {path} cannot be used ({exc}); run the "
                           "proxy in the cluster or set KUBECONFIG") from exc
@@ -244,7 +245,14 @@ def load_config(kubeconfig: str | None = None,
         raise SourceError(f"kubeconfig {path}: context {(current or {}).get('name', '?')!r} "
                           "names no namespace; set one (kubectl config set-context --current "
                           "--namespace=<ns>)")
-    return KubeConfig(configuration, namespace, path)
+    return KubeConfig(_quiet(configuration), namespace, path)
+
+
+def _quiet(configuration: k8s.Configuration) -> k8s.Configuration:
+    """No urllib3-level retries: the watcher retries with its own backoff, and urllib3 logs a
+    warning for each of its own retries."""
+    configuration.retries = 0
+    return configuration
 
 
 # ---- client ------------------------------------------------------------------------------------
@@ -258,6 +266,23 @@ class KubernetesClient:
         self.exec_timeout = exec_timeout
         self.request_timeout = request_timeout
         self.api = k8s.CoreV1Api(k8s.ApiClient(config.configuration))
+
+    @classmethod
+    def from_environment(cls, kubeconfig: str | None = None) -> "KubernetesClient":
+        """In-cluster, else the kubeconfig; SourceError says what is missing."""
+        return cls(load_config(kubeconfig))
+
+    def read_pod(self, name: str) -> dict | None:
+        """One pod as the server's JSON, None when it does not exist."""
+        try:
+            response = _call(lambda: self.api.read_namespaced_pod(
+                name, self.namespace, _request_timeout=self.request_timeout,
+                _preload_content=False), "get", "pods", self.namespace)
+        except k8s.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return json.loads(response.data)
 
     def list(self, resource: str, selector: str = "") -> tuple[list[dict], str]:
         """(objects as the server's JSON, the list's resourceVersion). Raw JSON, not
@@ -507,6 +532,8 @@ class KubernetesWatcher:
         self.members = {name: service_members(svc, self.pods, self.proxy_pod)
                         for name, svc in self.services.items()}
         self.own_pod = next((p for p in pods if _meta(p).get("name") == self.proxy_pod), None)
+        if self.own_pod is None and self.proxy_pod and self.selector:
+            self.own_pod = self._own_pod_outside_selector()
         self._refresh_identity(force=True)
         self.emitted = {uid: t for uid in self.pods if (t := self._target(uid)) is not None}
         self.sink.replace_all(list(self.emitted.values()))
@@ -579,8 +606,21 @@ class KubernetesWatcher:
                 self.emitted[uid] = target
                 self.sink.upsert(target)
 
+    def _own_pod_outside_selector(self) -> dict | None:
+        """The proxy's pod when the label selector leaves it out of the list (its names and
+        address must still never be granted)."""
+        try:
+            return self.kube.read_pod(self.proxy_pod)
+        except (SourceError, k8s.ApiException, urllib3.exceptions.HTTPError) as exc:
+            log.info("kubernetes: the proxy's own pod %s cannot be read (%s); only its name "
+                     "is reserved", self.proxy_pod, exc)
+            return None
+
     def _refresh_identity(self, force: bool = False) -> None:
         identity = proxy_identity(self.own_pod, self.services.values(), self.domain)
+        if self.proxy_pod and self.proxy_pod not in identity.names:
+            identity = ProxyIdentity(names=identity.names | {self.proxy_pod},
+                                     addresses=identity.addresses)
         if force or identity != self.identity:
             self.identity = identity
             self.sink.set_proxy_identity(identity)
@@ -604,8 +644,9 @@ def _describe(exc: Exception, kube: KubernetesClient) -> str:
         return str(exc)
     if isinstance(exc, k8s.ApiException) and exc.status:
         return f"Kubernetes API answered HTTP {exc.status} {exc.reason}"
-    return (f"cannot reach the Kubernetes API at {kube.config.configuration.host} "
-            f"({type(exc).__name__}); retrying")
+    log.debug("kubernetes API call failed: %r", exc)
+    return (f"cannot reach the Kubernetes API at {kube.config.configuration.host}; check the "
+            "API server and the network policy between the proxy and it")
 
 
 def _close_quietly(sock: Any) -> None:
