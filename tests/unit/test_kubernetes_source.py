@@ -540,3 +540,67 @@ def test_malformed_kubeconfig_is_a_source_error(tmp_path: Path) -> None:
     path.write_text("clusters: [unclosed")
     with pytest.raises(SourceError, match="cannot be used"):
         load_config(str(path), service_account_dir=tmp_path)
+
+
+# ---- with the real reconciler and key fetcher ---------------------------------------------------
+def _ed25519_line(comment: str) -> str:
+    import base64
+    import hashlib
+    import struct
+
+    def string(data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + data
+
+    blob = string(b"ssh-ed25519") + string(hashlib.sha256(comment.encode()).digest())
+    return f"ssh-ed25519 {base64.b64encode(blob).decode()} {comment}"
+
+
+def test_pod_key_fetched_by_exec_rendered_and_revoked(fake: FakeKube,
+                                                      kube: KubernetesClient) -> None:
+    """Watcher -> Reconciler -> KeyFetcher (HTTP refused, exec through the fake) -> render."""
+    from watcher.config import Settings
+    from watcher.fetch import FetchPolicy, KeyFetcher
+    from watcher.reconcile import Reconciler
+    from watcher.render import Rendered
+
+    key = _ed25519_line("ws-1")
+    fake.exec_handler = lambda call: ExecResult(stdout=key.encode() + b"\n")
+
+    def refuse(url: str, policy: FetchPolicy) -> bytes:  # no network beyond loopback here
+        raise FetchError(f"GET {url} failed: ConnectionRefusedError")
+
+    fetcher = KeyFetcher(8080, "~/.ssh/id_ed25519.pub", kube.exec_read,
+                         FetchPolicy(attempts=1, max_total=5), http_get=refuse)
+    writes: list[Rendered] = []
+    lock = threading.Lock()
+
+    def write(rendered: Rendered) -> bool:
+        with lock:
+            writes.append(rendered)
+        return True
+
+    def cache() -> str:
+        with lock:
+            return writes[-1].cache if writes else ""
+
+    rec = Reconciler(Settings(), ks.ProxyIdentity(), fetcher.fetch, write,
+                     min_wait=0.01, max_wait=0.1)
+    watcher = KubernetesWatcher(rec, kube, proxy_pod="ssh-proxy-0", watch_timeout=30)
+    stop = threading.Event()
+    threads = [threading.Thread(target=rec.run, args=(stop,), daemon=True),
+               threading.Thread(target=watcher.run, args=(stop,), daemon=True)]
+    for thread in threads:
+        thread.start()
+    try:
+        fake.add_pod(make_pod("ws-1", ip="10.244.0.7", labels={"app": "ws"}))
+        fake.add_service(make_service("ws", {"app": "ws"}, "team"))
+        assert wait_for(lambda: 'permitopen="ws.team.svc.cluster.local:' in cache())
+        line = cache().splitlines()[-1]
+        assert key.split()[1] in line and 'permitopen="ws-1:' in line
+        assert 'permitopen="10.244.0.7:' in line
+        fake.put("pods", set_ready(fake.get("pods", "ws-1", "team"), False))
+        assert wait_for(lambda: bool(writes) and key.split()[1] not in cache())
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)

@@ -51,7 +51,7 @@ SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 DEFAULT_KUBECONFIG = "/root/.kube/config"
 DEFAULT_DOMAIN = "cluster.local"
 DEFAULT_CONTAINER_ANNOTATION = "kubectl.kubernetes.io/default-container"
-_STDOUT, _STDERR, _ERROR, _CLOSE = 1, 2, 3, 255
+_STDOUT, _STDERR, _ERROR = 1, 2, 3  # exec channels (v4/v5); 255 = v5 close, ignored
 
 Obj = Mapping[str, Any]  # an API object as the server sends it (camelCase JSON)
 
