@@ -86,6 +86,7 @@ class _State:
     oldest_rv: int = 0  # a watch from an older resourceVersion gets 410 Gone
     gone_epoch: int = 0  # bumped by expire(): open watches end with 410
     generation: int = 0  # bumped by down(): handlers of an old server abort
+    stalled: bool = False  # stall(): connections stay open, nothing is answered or sent
 
 
 class FakeKube:
@@ -234,6 +235,18 @@ class FakeKube:
             for resource in RESOURCES:
                 self._append(_Event(self._state.rv, resource, "BOOKMARK", {}))
 
+    def stall(self) -> None:
+        """A half-open API server: connections stay up, but no request is answered and no
+        event is sent until `resume()` (what a dead peer behind a NAT looks like)."""
+        with self._cond:
+            self._state.stalled = True
+            self._cond.notify_all()
+
+    def resume(self) -> None:
+        with self._cond:
+            self._state.stalled = False
+            self._cond.notify_all()
+
     def deny(self, verb: str, resource: str) -> None:
         self.denied.add((verb, resource))
 
@@ -363,8 +376,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
+        state = self.fake._state
         with self.fake._cond:
             self.fake.requests.append(Recorded("GET", parts.path, query, dict(self.headers)))
+            self.fake._cond.wait_for(lambda: not state.stalled
+                                     or state.generation != self.generation)
+            if state.generation != self.generation:
+                self.close_connection = True
+                return None
         if self.headers.get("Authorization") != f"Bearer {self.fake.token}":
             return self._json(401, _status(401, "Unauthorized", "Unauthorized"))
         segs = [s for s in parts.path.split("/") if s]
@@ -470,10 +489,14 @@ class _Handler(BaseHTTPRequestHandler):
             while True:
                 with fake._cond:
                     fake._cond.wait_for(
-                        lambda: (len(state.log) > pos or state.gone_epoch != gone
-                                 or state.generation != self.generation
-                                 or time.monotonic() >= deadline),
-                        timeout=max(0.0, deadline - time.monotonic()))
+                        lambda: state.generation != self.generation or (
+                            not state.stalled and (len(state.log) > pos
+                                                   or state.gone_epoch != gone
+                                                   or time.monotonic() >= deadline)),
+                        timeout=None if state.stalled else max(0.0,
+                                                               deadline - time.monotonic()))
+                    if state.stalled and state.generation == self.generation:
+                        continue
                     if state.generation != self.generation:
                         self.close_connection = True
                         return None  # cut, no terminating chunk: the server went away

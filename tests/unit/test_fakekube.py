@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import urllib3
 from kubernetes import client, config, watch
 from kubernetes.stream import stream
 
@@ -144,6 +145,15 @@ def test_down_cuts_streams_and_up_keeps_objects(fake: FakeKube, api: client.Core
         api.list_namespaced_pod("default", _request_timeout=2)
     fake.up()
     assert [p.metadata.name for p in api.list_namespaced_pod("default").items] == ["kept"]
+
+
+def test_stall_holds_requests_until_resumed(fake: FakeKube, api: client.CoreV1Api) -> None:
+    version = client.VersionApi(api.api_client)
+    fake.stall()
+    with pytest.raises((urllib3.exceptions.ReadTimeoutError, urllib3.exceptions.MaxRetryError)):
+        version.get_code(_request_timeout=0.3)
+    fake.resume()
+    assert version.get_code(_request_timeout=5).major == "1"
 
 
 def test_denied_verb_answers_403_status(fake: FakeKube, api: client.CoreV1Api) -> None:

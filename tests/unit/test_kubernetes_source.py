@@ -236,10 +236,11 @@ def start(kube: KubernetesClient) -> Iterator[Callable[..., tuple[KubernetesWatc
                                                                    RecordingSink]]]:
     stops: list[tuple[threading.Event, threading.Thread]] = []
 
-    def starter(selector: str = "", proxy_pod: str = "ssh-proxy-0"):
+    def starter(selector: str = "", proxy_pod: str = "ssh-proxy-0", ping_interval: float = 10):
         sink = RecordingSink()
         watcher = KubernetesWatcher(sink, kube, label_selector=selector, proxy_pod=proxy_pod,
-                                    watch_timeout=30, healthy_after=0.5)
+                                    watch_timeout=30, healthy_after=0.5,
+                                    ping_interval=ping_interval)
         watcher.wait = tenacity.wait_fixed(0.1)
         stop = threading.Event()
         thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
@@ -331,6 +332,20 @@ def test_api_down_then_up_reconnects_and_resyncs(fake: FakeKube, start) -> None:
     assert wait_for(lambda: sink.status.get("connected") is True
                     and sink.names() == {"stays", "new"})
     assert sink.count("replace_all") >= 2
+
+
+def test_half_open_api_is_noticed_by_the_health_check(fake: FakeKube, start,
+                                                      kube: KubernetesClient) -> None:
+    kube.request_timeout = 0.5
+    _, sink = start(ping_interval=0.2)
+    _both_watching(fake)
+    fake.stall()  # the watches stay open but silent; only the health check can tell
+    assert wait_for(lambda: sink.status.get("connected") is False)
+    assert "did not answer a health check" in sink.status["error"]
+    fake.add_pod(make_pod("while-stalled"))
+    fake.resume()
+    assert wait_for(lambda: sink.status.get("connected") is True
+                    and sink.names() == {"while-stalled"})
 
 
 def test_clean_stream_end_relists(fake: FakeKube, start) -> None:

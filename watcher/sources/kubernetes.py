@@ -272,6 +272,10 @@ class KubernetesClient:
         """In-cluster, else the kubeconfig; SourceError says what is missing."""
         return cls(load_config(kubeconfig))
 
+    def ping(self) -> None:
+        """GET /version within the request timeout; raises when the server does not answer."""
+        k8s.VersionApi(self.api.api_client).get_code(_request_timeout=self.request_timeout)
+
     def read_pod(self, name: str) -> dict | None:
         """One pod as the server's JSON, None when it does not exist."""
         try:
@@ -428,7 +432,8 @@ class KubernetesWatcher:
 
     def __init__(self, sink: Any, kube: KubernetesClient, label_selector: str = "",
                  domain: str = DEFAULT_DOMAIN, proxy_pod: str | None = None,
-                 watch_timeout: int = 300, healthy_after: float = 10.0) -> None:
+                 watch_timeout: int = 300, healthy_after: float = 10.0,
+                 ping_interval: float = 10.0) -> None:
         self.sink = sink
         self.kube = kube
         self.selector = label_selector
@@ -437,6 +442,7 @@ class KubernetesWatcher:
                           else os.environ.get("POD_NAME") or os.environ.get("HOSTNAME", ""))
         self.watch_timeout = watch_timeout
         self.healthy_after = healthy_after  # a round this long resets the backoff
+        self.ping_interval = ping_interval
         self.wait = tenacity.wait_exponential(multiplier=0.2, max=30)
         self.pods: dict[str, dict] = {}  # uid -> pod
         self.services: dict[str, dict] = {}  # name -> service
@@ -490,6 +496,9 @@ class KubernetesWatcher:
         events: queue.Queue = queue.Queue()
         watches = [self._start_watch(resource, version, events)
                    for resource, version in self._versions.items()]
+        done = threading.Event()
+        threading.Thread(target=self._ping_loop, args=(events, done, stop), daemon=True,
+                         name="k8s-ping").start()
         try:
             while not stop.is_set():
                 try:
@@ -502,8 +511,23 @@ class KubernetesWatcher:
                     return  # a stream ended: relist
                 self.handle_event(resource, item)
         finally:
+            done.set()
             for watcher in watches:
                 watcher.stop()
+
+    def _ping_loop(self, events: queue.Queue, done: threading.Event,
+                   stop: threading.Event) -> None:
+        """A quiet watch cannot tell a calm namespace from a half-open connection (the
+        read timeout only fires after timeoutSeconds): ask the API server for its version
+        now and then, and end the round when it does not answer."""
+        while not (done.wait(self.ping_interval) or stop.is_set()):
+            try:
+                self.kube.ping()
+            except Exception as exc:  # any failure means the streams cannot be trusted
+                events.put(("ping", SourceError(
+                    f"Kubernetes API at {self.kube.config.configuration.host} did not answer "
+                    f"a health check ({type(exc).__name__}); relisting")))
+                return
 
     def _start_watch(self, resource: str, version: str, events: queue.Queue) -> k8s_watch.Watch:
         watcher, stream = self.kube.watch(resource, version, self.watch_timeout,
