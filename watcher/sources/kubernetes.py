@@ -20,6 +20,7 @@ output is read frame by frame here, under a byte cap and a deadline.
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -411,7 +412,7 @@ def _exec_reason(exc: k8s.ApiException, namespace: str, verb: str = "create",
         return forbidden_message(exc, verb, resource, namespace)
     if exc.status == 0:
         return reason.split(" -+-+- ", 1)[0]
-    return f"HTTP {exc.status} {exc.reason}" if exc.status else str(exc.reason)
+    return f"HTTP {exc.status} {exc.reason}"
 
 
 def _call(fn: Any, verb: str, resource: str, namespace: str) -> Any:
@@ -526,7 +527,7 @@ class KubernetesWatcher:
             except Exception as exc:  # any failure means the streams cannot be trusted
                 events.put(("ping", SourceError(
                     f"Kubernetes API at {self.kube.config.configuration.host} did not answer "
-                    f"a health check ({type(exc).__name__}); relisting")))
+                    f"a health check ({type(exc).__name__})")))
                 return
 
     def _start_watch(self, resource: str, version: str, events: queue.Queue) -> k8s_watch.Watch:
@@ -668,6 +669,9 @@ def _describe(exc: Exception, kube: KubernetesClient) -> str:
         return str(exc)
     if isinstance(exc, k8s.ApiException) and exc.status:
         return f"Kubernetes API answered HTTP {exc.status} {exc.reason}"
+    if not isinstance(exc, (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)):
+        log.exception("kubernetes watcher failed unexpectedly; relisting")
+        return f"internal error: {exc!r}"
     log.debug("kubernetes API call failed: %r", exc)
     return (f"cannot reach the Kubernetes API at {kube.config.configuration.host}; check the "
             "API server and the network policy between the proxy and it")
