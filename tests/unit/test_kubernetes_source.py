@@ -155,6 +155,23 @@ def test_load_config_from_kubeconfig(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert loaded.namespace == "team" and loaded.source == str(path)
 
 
+def test_load_config_in_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubernetes.config import incluster_config
+
+    (tmp_path / "token").write_text("sa-token")
+    (tmp_path / "ca.crt").write_text("not checked here")
+    (tmp_path / "namespace").write_text("team\n")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(tmp_path / "token"))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(tmp_path / "ca.crt"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "never-read"))
+    loaded = load_config(service_account_dir=tmp_path)
+    assert (loaded.namespace, loaded.source) == ("team", "in-cluster")
+    assert loaded.configuration.host == "https://10.96.0.1:443"
+    assert loaded.configuration.retries == 0
+
+
 def test_load_config_without_namespace_or_file(tmp_path: Path) -> None:
     path = FakeKube().write_kubeconfig(tmp_path / "kc", namespace=None)
     with pytest.raises(SourceError, match="names no namespace"):
