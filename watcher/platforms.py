@@ -35,6 +35,8 @@ class Platform:
 PLATFORMS: dict[RunMode, Platform] = {
     RunMode.DOCKER: Platform("watcher.sources.docker_client:from_settings",
                              "watcher.sources.docker_watcher:from_settings"),
+    RunMode.KUBERNETES: Platform("watcher.sources.kubernetes_client:from_settings",
+                                 "watcher.sources.kubernetes_watcher:from_settings"),
 }
 
 

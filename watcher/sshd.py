@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -62,17 +63,29 @@ def render_sshd_config(template: str, settings: Settings, paths: SshdPaths,
 
 
 def ensure_host_keys(directory: Path) -> list[Path]:
-    """Generate missing host keys once; reuse them after restarts (mount the directory)."""
+    """The host keys in `directory`; missing ones are generated once, when it is writable.
+
+    A read-only directory (a Kubernetes Secret, a `:ro` volume) is used exactly as it is:
+    every replica then presents the same host key, and nothing is regenerated.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    writable = os.access(directory, os.W_OK)
     keys = []
     for kind, extra in HOST_KEY_TYPES:
         path = directory / f"ssh_host_{kind}_key"
         if not path.exists():
+            if not writable:
+                continue
             log.info("generating %s host key in %s", kind, directory)
             subprocess.run(["ssh-keygen", "-q", "-t", kind, *extra, "-N", "", "-C", "ssh-proxy",
                             "-f", str(path)], check=True, capture_output=True)
-        path.chmod(0o600)
+        if path.stat().st_mode & 0o077 and writable:
+            path.chmod(0o600)  # sshd refuses a private key others can read
         keys.append(path)
+    if not keys:
+        raise WatcherError(f"no host key in {directory}, and it is read-only: put at least one of "
+                           + ", ".join(f"ssh_host_{kind}_key" for kind, _ in HOST_KEY_TYPES)
+                           + " there (e.g. a Secret made with ssh-keygen), or mount it writable")
     return keys
 
 

@@ -1,4 +1,4 @@
-"""watcher.sources.kubernetes: the pure pod/service functions, and the client and watcher
+"""watcher.sources.kubernetes_client / kubernetes_watcher: the pure pod/service functions, and the client and watcher
 driven against the fake API server (tests/fakekube) through the real kubernetes client."""
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from tests.fakekube import ExecResult, FakeKube, make_pod, make_service, set_rea
 from watcher.errors import FetchError, FetchTimeout, SourceError
 from watcher.fetch import key_file_command
 from watcher.model import Target
-from watcher.sources import kubernetes as ks
-from watcher.sources.kubernetes import KubernetesClient, KubernetesWatcher, load_config
+from watcher.targets import ProxyIdentity
+from watcher.sources import kubernetes_client as ks
+from watcher.sources.kubernetes_client import KubernetesClient, load_config
+from watcher.sources.kubernetes_watcher import KubernetesWatcher
 
 
 def _stored(pod: dict, rv: int = 5) -> dict:
@@ -438,7 +440,7 @@ def test_forbidden_watch_reports_one_clear_line(fake: FakeKube, kube: Kubernetes
     watcher.wait = tenacity.wait_fixed(0.05)
     stop = threading.Event()
     thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
-    with caplog.at_level(logging.WARNING, logger="watcher.sources.kubernetes"):
+    with caplog.at_level(logging.WARNING, logger="watcher.sources.kubernetes_watcher"):
         thread.start()
         assert wait_for(lambda: len(fake.requests_to("pods", watch=True)) >= 3)
         stop.set()
@@ -615,7 +617,7 @@ def test_pod_key_fetched_by_exec_rendered_and_revoked(fake: FakeKube,
         with lock:
             return writes[-1].cache if writes else ""
 
-    rec = Reconciler(Settings(), ks.ProxyIdentity(), fetcher.fetch, write,
+    rec = Reconciler(Settings(), ProxyIdentity(), fetcher.fetch, write,
                      min_wait=0.01, max_wait=0.1)
     watcher = KubernetesWatcher(rec, kube, proxy_pod="ssh-proxy-0", watch_timeout=30)
     stop = threading.Event()

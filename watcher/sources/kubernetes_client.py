@@ -1,4 +1,5 @@
-"""Kubernetes discovery: list pods and services, then watch both; relist on every stream end.
+"""Kubernetes, the client half: pods and services as Targets (pure), and the API as the
+watcher needs it (config, list, watch, bounded exec). `kubernetes_watcher` follows it.
 
 The proxy runs as a pod in one namespace and serves the other pods there. A pod is a target
 while it is Running and Ready and not terminating; it is reached at its pod IP. Service
@@ -7,31 +8,23 @@ target pod a Service selects. When a Service selects several target pods the nam
 ambiguous: it is granted to none of them (a key opens exactly one target, and a name pinned
 in /etc/hosts leads to one address), and the pods stay reachable by their own names.
 
-Level-triggered like the Docker source: every (re)connect lists and replaces the desired
-state, so a lost event cannot leave a stale key. The watches carry `timeoutSeconds` (the
-server ends them) and a client read timeout (an outage cannot hang them); 410 Gone and any
-other end lead to a relist.
-
 Library pitfalls handled here: `load_kube_config` raises ConfigException when there is no
 config; `stream()` patches the ApiClient it is given, so every exec gets its own; the
 websocket reader of `WSClient.update` drains every available frame without bound, so exec
 output is read frame by frame here, under a byte cap and a deadline.
 """
 
+
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import tenacity
 import urllib3
 import websocket
 import yaml
@@ -41,7 +34,7 @@ from kubernetes import watch as k8s_watch
 from kubernetes.config.config_exception import ConfigException
 from kubernetes.stream import stream as k8s_stream
 
-from .. import backoff
+from ..config import Settings
 from ..errors import FetchError, FetchTimeout, SourceError
 from ..model import Target
 from ..targets import ProxyIdentity
@@ -58,16 +51,16 @@ Obj = Mapping[str, Any]  # an API object as the server sends it (camelCase JSON)
 
 
 # ---- pure: pods and services -> targets -------------------------------------------------------
-def _meta(obj: Obj) -> Mapping[str, Any]:
+def meta(obj: Obj) -> Mapping[str, Any]:
     return obj.get("metadata") or {}
 
 
 def pod_uid(pod: Obj) -> str:
-    return _meta(pod).get("uid") or ""
+    return meta(pod).get("uid") or ""
 
 
 def pod_labels(pod: Obj) -> dict[str, str]:
-    return dict(_meta(pod).get("labels") or {})
+    return dict(meta(pod).get("labels") or {})
 
 
 def pod_ips(pod: Obj) -> tuple[str, ...]:
@@ -80,7 +73,7 @@ def pod_ips(pod: Obj) -> tuple[str, ...]:
 def is_target_pod(pod: Obj) -> bool:
     """Running, Ready condition True, not terminating, and with an address."""
     status = pod.get("status") or {}
-    if _meta(pod).get("deletionTimestamp") or status.get("phase") != "Running":
+    if meta(pod).get("deletionTimestamp") or status.get("phase") != "Running":
         return False
     ready = any(c.get("type") == "Ready" and c.get("status") == "True"
                 for c in status.get("conditions") or [])
@@ -93,7 +86,7 @@ def pod_fqdn(pod: Obj, domain: str = DEFAULT_DOMAIN) -> str:
     hostname, subdomain = spec.get("hostname") or "", spec.get("subdomain") or ""
     if not hostname or not subdomain:
         return ""
-    return f"{hostname}.{subdomain}.{_meta(pod).get('namespace', '')}.svc.{domain}"
+    return f"{hostname}.{subdomain}.{meta(pod).get('namespace', '')}.svc.{domain}"
 
 
 def pod_started_at(pod: Obj) -> str:
@@ -110,7 +103,7 @@ def pod_started_at(pod: Obj) -> str:
 def service_selects(service: Obj, pod: Obj) -> bool:
     """The Service's selector is non-empty and matches the pod (same namespace)."""
     selector = (service.get("spec") or {}).get("selector") or {}
-    if not selector or _meta(service).get("namespace") != _meta(pod).get("namespace"):
+    if not selector or meta(service).get("namespace") != meta(pod).get("namespace"):
         return False
     labels = pod_labels(pod)
     return all(labels.get(key) == value for key, value in selector.items())
@@ -118,13 +111,13 @@ def service_selects(service: Obj, pod: Obj) -> bool:
 
 def service_names(service: Obj, domain: str = DEFAULT_DOMAIN) -> tuple[str, ...]:
     """The names cluster DNS gives a Service: svc, svc.ns, svc.ns.svc, svc.ns.svc.<domain>."""
-    name, ns = _meta(service).get("name", ""), _meta(service).get("namespace", "")
+    name, ns = meta(service).get("name", ""), meta(service).get("namespace", "")
     return (name, f"{name}.{ns}", f"{name}.{ns}.svc", f"{name}.{ns}.svc.{domain}")
 
 
 def is_candidate(pod: Obj, proxy_pod: str = "") -> bool:
     """A target pod that is not the proxy's own pod (by name)."""
-    return is_target_pod(pod) and _meta(pod).get("name") != proxy_pod
+    return is_target_pod(pod) and meta(pod).get("name") != proxy_pod
 
 
 def service_members(service: Obj, pods: Mapping[str, Obj], proxy_pod: str = "") -> set[str]:
@@ -149,7 +142,7 @@ def pod_target(pod: Obj, aliases: tuple[str, ...] = (), domain: str = DEFAULT_DO
     """The pod as a Target: id = uid, name = pod name, address = primary pod IP."""
     ips = pod_ips(pod)
     fqdn = pod_fqdn(pod, domain)
-    return Target(id=pod_uid(pod), name=_meta(pod).get("name", ""),
+    return Target(id=pod_uid(pod), name=meta(pod).get("name", ""),
                   address=ips[0] if ips else "", addresses=ips[1:],
                   hostname=(pod.get("spec") or {}).get("hostname") or "",
                   aliases=tuple(dict.fromkeys(((fqdn,) if fqdn else ()) + aliases)),
@@ -171,7 +164,7 @@ def proxy_identity(pod: Obj | None, services: Iterable[Obj],
     IPs: never granted to a target."""
     if pod is None:
         return ProxyIdentity()
-    names = {_meta(pod).get("name", ""), (pod.get("spec") or {}).get("hostname") or "",
+    names = {meta(pod).get("name", ""), (pod.get("spec") or {}).get("hostname") or "",
              pod_fqdn(pod, domain)}
     for service in services:
         if service_selects(service, pod):
@@ -423,258 +416,20 @@ def _call(fn: Any, verb: str, resource: str, namespace: str) -> Any:
         if exc.status == 403:
             raise SourceError(forbidden_message(exc, verb, resource, namespace)) from exc
         if exc.status == 410:
-            raise _Expired(f"{resource}: {exc.reason}") from exc
+            raise WatchExpired(f"{resource}: {exc.reason}") from exc
         raise
 
 
-# ---- watcher -----------------------------------------------------------------------------------
-class KubernetesWatcher:
-    """Feeds a reconciler from one namespace until `stop` is set."""
-
-    def __init__(self, sink: Any, kube: KubernetesClient, label_selector: str = "",
-                 domain: str = DEFAULT_DOMAIN, proxy_pod: str | None = None,
-                 watch_timeout: int = 300, healthy_after: float = 10.0,
-                 ping_interval: float = 10.0) -> None:
-        self.sink = sink
-        self.kube = kube
-        self.selector = label_selector
-        self.domain = domain
-        self.proxy_pod = (proxy_pod if proxy_pod is not None
-                          else os.environ.get("POD_NAME") or os.environ.get("HOSTNAME", ""))
-        self.watch_timeout = watch_timeout
-        self.healthy_after = healthy_after  # a round this long resets the backoff
-        self.ping_interval = ping_interval
-        self.wait = tenacity.wait_exponential(multiplier=0.2, max=30)
-        self.pods: dict[str, dict] = {}  # uid -> pod
-        self.services: dict[str, dict] = {}  # name -> service
-        self.members: dict[str, set[str]] = {}  # service name -> uids of target pods it selects
-        self.own_pod: dict | None = None
-        self.emitted: dict[str, Target] = {}
-        self.identity = ProxyIdentity()
-        self.connected = False
-        self.reconnects = 0
-        self._last_error = ""
-
-    # -- the loop: forever > one round (list + watches) > one event --
-    def run(self, stop: threading.Event) -> None:
-        attempt = expired = 0
-        while not stop.is_set():
-            started = time.monotonic()
-            try:
-                self._round(stop)
-                healthy = time.monotonic() - started >= self.healthy_after
-                if healthy:  # the server's timeoutSeconds: a routine relist, not an outage
-                    attempt = expired = 0
-                    self._last_error = ""
-                error = "" if healthy else "watch streams ended right after they started"
-            except _Expired as exc:
-                expired += 1
-                if expired == 1:
-                    log.info("kubernetes watch expired (%s): relisting", exc)
-                    continue
-                error = f"watch expired again right after a relist ({exc})"
-            except Exception as exc:  # any failure of a round: report, back off, relist
-                error = _describe(exc, self.kube)
-            if stop.is_set():
-                return
-            attempt += 1
-            delay = backoff.delay(self.wait, attempt)
-            if error:
-                self._lost(error, delay)
-            stop.wait(delay)
-
-    def _lost(self, error: str, delay: float) -> None:
-        self.connected = False
-        self.reconnects += 1
-        if error != self._last_error:  # one line per distinct problem, not one per retry
-            log.warning("kubernetes: %s; relisting in %.1fs", error, delay)
-            self._last_error = error
-        self.sink.set_source_status({"kind": "kubernetes", "connected": False, "error": error,
-                                     "reconnects": self.reconnects})
-
-    def _round(self, stop: threading.Event) -> None:
-        self.resync()
-        events: queue.Queue = queue.Queue()
-        watches = [self._start_watch(resource, version, events)
-                   for resource, version in self._versions.items()]
-        done = threading.Event()
-        threading.Thread(target=self._ping_loop, args=(events, done, stop), daemon=True,
-                         name="k8s-ping").start()
-        try:
-            while not stop.is_set():
-                try:
-                    resource, item = events.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                if item is None:
-                    return  # a stream ended: relist
-                self.handle_event(resource, item)
-        finally:
-            done.set()
-            for watcher in watches:
-                watcher.stop()
-
-    def _ping_loop(self, events: queue.Queue, done: threading.Event,
-                   stop: threading.Event) -> None:
-        """A quiet watch cannot tell a calm namespace from a half-open connection (the
-        read timeout only fires after timeoutSeconds): ask the API server for its version
-        now and then, and end the round when it does not answer."""
-        while not (done.wait(self.ping_interval) or stop.is_set()):
-            try:
-                self.kube.ping()
-            except Exception as exc:  # any failure means the streams cannot be trusted
-                events.put(("ping", SourceError(
-                    f"Kubernetes API at {self.kube.config.configuration.host} did not answer "
-                    f"a health check ({type(exc).__name__})")))
-                return
-
-    def _start_watch(self, resource: str, version: str, events: queue.Queue) -> k8s_watch.Watch:
-        watcher, stream = self.kube.watch(resource, version, self.watch_timeout,
-                                          self.selector if resource == "pods" else "")
-
-        def pump() -> None:
-            try:
-                for event in stream:
-                    events.put((resource, event))
-                events.put((resource, None))
-            except k8s.ApiException as exc:
-                events.put((resource, _classify(exc, "watch", resource, self.kube.namespace)))
-            except Exception as exc:  # handed to the round, which reports and relists
-                events.put((resource, exc))
-
-        threading.Thread(target=pump, daemon=True, name=f"k8s-watch-{resource}").start()
-        return watcher
-
-    def resync(self) -> None:
-        """List both resources and replace the desired state."""
-        pods, pods_version = self.kube.list("pods", self.selector)
-        services, services_version = self.kube.list("services")
-        self._versions = {"pods": pods_version, "services": services_version}
-        self.pods = {pod_uid(p): p for p in pods}
-        self.services = {_meta(s).get("name", ""): s for s in services}
-        self.members = {name: service_members(svc, self.pods, self.proxy_pod)
-                        for name, svc in self.services.items()}
-        self.own_pod = next((p for p in pods if _meta(p).get("name") == self.proxy_pod), None)
-        if self.own_pod is None and self.proxy_pod and self.selector:
-            self.own_pod = self._own_pod_outside_selector()
-        self._refresh_identity(force=True)
-        self.emitted = {uid: t for uid in self.pods if (t := self._target(uid)) is not None}
-        self.sink.replace_all(list(self.emitted.values()))
-        self.connected = True
-        self.sink.set_source_status({"kind": "kubernetes", "connected": True, "error": "",
-                                     "namespace": self.kube.namespace,
-                                     "reconnects": self.reconnects, "since": time.time()})
-
-    # -- events: the work is proportional to what changed --
-    def handle_event(self, resource: str, event: Mapping[str, Any]) -> None:
-        kind, obj = event.get("type"), event.get("raw_object") or {}
-        if kind not in ("ADDED", "MODIFIED", "DELETED") or not obj:
-            return  # BOOKMARK: the Watch keeps its resourceVersion; nothing changed
-        if resource == "pods":
-            self._pod_changed(dict(obj), kind == "DELETED")
-        else:
-            self._service_changed(dict(obj), kind == "DELETED")
-
-    def _pod_changed(self, pod: dict, deleted: bool) -> None:
-        uid = pod_uid(pod)
-        if deleted:
-            self.pods.pop(uid, None)
-        else:
-            self.pods[uid] = pod
-        affected = {uid}
-        selectable = not deleted and is_candidate(pod, self.proxy_pod)
-        for name, service in self.services.items():
-            members = self.members.setdefault(name, set())
-            before = set(members)
-            if selectable and service_selects(service, pod):
-                members.add(uid)
-            else:
-                members.discard(uid)
-            if before != members and 1 in (len(before), len(members)):
-                affected |= before | members  # the name's single owner changes: <= 2 pods
-        self._refresh(affected)
-        if _meta(pod).get("name") == self.proxy_pod and self.proxy_pod:
-            self.own_pod = None if deleted else pod
-            self._refresh_identity()
-
-    def _service_changed(self, service: dict, deleted: bool) -> None:
-        name = _meta(service).get("name", "")
-        before = self.members.pop(name, set())
-        if deleted:
-            self.services.pop(name, None)
-            after: set[str] = set()
-        else:
-            self.services[name] = service
-            after = self.members[name] = service_members(service, self.pods, self.proxy_pod)
-        self._refresh((before if len(before) == 1 else set())
-                      | (after if len(after) == 1 else set()))
-        self._refresh_identity()
-
-    def _target(self, uid: str) -> Target | None:
-        pod = self.pods.get(uid)
-        if pod is None or not is_candidate(pod, self.proxy_pod):
-            return None
-        return pod_target(pod, granted_service_names(uid, self.services, self.members,
-                                                     self.domain), self.domain)
-
-    def _refresh(self, uids: set[str]) -> None:
-        """Re-derive these pods; emit only what changed (an unchanged MODIFIED fetches
-        nothing), remove at once what stopped being a target."""
-        for uid in sorted(uids):
-            target = self._target(uid)
-            if target is None:
-                if self.emitted.pop(uid, None) is not None:
-                    self.sink.remove(uid)
-            elif self.emitted.get(uid) != target:
-                self.emitted[uid] = target
-                self.sink.upsert(target)
-
-    def _own_pod_outside_selector(self) -> dict | None:
-        """The proxy's pod when the label selector leaves it out of the list (its names and
-        address must still never be granted)."""
-        try:
-            return self.kube.read_pod(self.proxy_pod)
-        except (SourceError, k8s.ApiException, urllib3.exceptions.HTTPError) as exc:
-            log.info("kubernetes: the proxy's own pod %s cannot be read (%s); only its name "
-                     "is reserved", self.proxy_pod, exc)
-            return None
-
-    def _refresh_identity(self, force: bool = False) -> None:
-        identity = proxy_identity(self.own_pod, self.services.values(), self.domain)
-        if self.proxy_pod and self.proxy_pod not in identity.names:
-            identity = ProxyIdentity(names=identity.names | {self.proxy_pod},
-                                     addresses=identity.addresses)
-        if force or identity != self.identity:
-            self.identity = identity
-            self.sink.set_proxy_identity(identity)
-
-
-class _Expired(Exception):
+class WatchExpired(Exception):
     """410 Gone: the watch's resourceVersion is too old; relist."""
 
 
-def _classify(exc: k8s.ApiException, verb: str, resource: str, namespace: str) -> Exception:
+def classify_api_error(exc: k8s.ApiException, verb: str, resource: str, namespace: str) -> Exception:
     if exc.status == 410:
-        return _Expired(f"{resource}: {exc.reason}")
+        return WatchExpired(f"{resource}: {exc.reason}")
     if exc.status == 403:
         return SourceError(forbidden_message(exc, verb, resource, namespace))
     return exc
-
-
-def _describe(exc: Exception, kube: KubernetesClient) -> str:
-    """One line for the log and the status: what failed and what to do."""
-    if isinstance(exc, SourceError):
-        return str(exc)
-    if isinstance(exc, k8s.ApiException) and exc.status:
-        return f"Kubernetes API answered HTTP {exc.status} {exc.reason}"
-    if not isinstance(exc, (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError)):
-        log.exception("kubernetes watcher failed unexpectedly; relisting")
-        return f"internal error: {exc!r}"
-    log.debug("kubernetes API call failed: %r", exc)
-    return (f"cannot reach the Kubernetes API at {kube.config.configuration.host}; check the "
-            "API server and the network policy between the proxy and it")
 
 
 def _close_quietly(sock: Any) -> None:
@@ -682,3 +437,8 @@ def _close_quietly(sock: Any) -> None:
         sock.shutdown()
     except Exception:  # closing a dead socket may raise anything; it is dead either way
         pass
+
+
+def from_settings(settings: Settings) -> KubernetesClient:
+    """The platform entry point (see watcher.platforms)."""
+    return KubernetesClient.from_environment()
