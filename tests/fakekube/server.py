@@ -93,7 +93,8 @@ class FakeKube:
     """Start with `start()` (or as a context manager); `url`, `write_kubeconfig()`."""
 
     def __init__(self, namespace: str = "default", token: str = "fake-token",
-                 exec_protocols: tuple[str, ...] = (V5, V4)) -> None:
+                 exec_protocols: tuple[str, ...] = (V5, V4), host: str = "127.0.0.1") -> None:
+        self.host = host  # loopback, or a test network's gateway so containers reach it
         self.namespace = namespace
         self.token = token
         self.exec_protocols = exec_protocols
@@ -117,7 +118,7 @@ class FakeKube:
 
     def start(self) -> "FakeKube":
         handler = type("Handler", (_Handler,), {"fake": self})
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        server = ThreadingHTTPServer((self.host, self.port), handler)
         server.daemon_threads = True
         server.block_on_close = False
         self.port = server.server_address[1]
@@ -152,7 +153,7 @@ class FakeKube:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def write_kubeconfig(self, path: Path, namespace: str | None = "") -> Path:
         """A kubeconfig for this server; `namespace=None` leaves the context without one."""
