@@ -6,6 +6,7 @@ start-up with one clear line before sshd listens.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -20,6 +21,7 @@ _HOST_PATTERN = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]+$")
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_./:@+-]*$")
 _PORT = re.compile(r"^[0-9]{1,5}$")  # ASCII digits only: str.isdigit() accepts '²'
+_DOMAIN = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\Z")
 _KEY_PATH = re.compile(r"^(~/|/)[^\x00-\x1f\x7f]*$")
 
 
@@ -70,9 +72,16 @@ class Settings:
     """SSH_PROXY_MODE, else detected: MANUAL_AUTH_FILE=true -> manual (no discovery, the admin
     maintains the key files), else kubernetes or docker (see `choose_mode`)."""
 
+    cluster_domain: str = "cluster.local"
+    """KUBERNETES_CLUSTER_DOMAIN: the cluster's DNS domain, for `svc.ns.svc.<domain>` names."""
+
     @property
     def any_host(self) -> bool:
         return "*" in self.permit_hosts
+
+    def host_permitted(self, name: str) -> bool:
+        """SSH_PERMIT_TARGET_HOST matches `name` (a target's or a Service's name)."""
+        return self.any_host or any(fnmatch.fnmatchcase(name, p) for p in self.permit_hosts)
 
     @property
     def any_port(self) -> bool:
@@ -150,6 +159,13 @@ def parse_key_path(value: str) -> str:
     return text
 
 
+def parse_domain(name: str, value: str) -> str:
+    text = value.strip().lower().rstrip(".")
+    if not _DOMAIN.match(text):
+        raise ConfigError(f"{name}={value!r}: expected a DNS domain such as 'cluster.local'")
+    return text
+
+
 def parse_bool(name: str, value: str) -> bool:
     text = value.strip().lower()
     if text in _TRUE:
@@ -224,5 +240,7 @@ def _read_settings(env: Mapping[str, str], facts: PlatformFacts) -> Settings:
         publickey_api_port=parse_port("SSH_TARGET_PUBLICKEY_API_PORT",
                                       env.get("SSH_TARGET_PUBLICKEY_API_PORT", "8080")),
         key_path=parse_key_path(env.get("SSH_TARGET_KEY_PATH", "~/.ssh/id_ed25519.pub")),
+        cluster_domain=parse_domain("KUBERNETES_CLUSTER_DOMAIN",
+                                    env.get("KUBERNETES_CLUSTER_DOMAIN", "cluster.local")),
         mode=choose_mode(env, facts),
     )

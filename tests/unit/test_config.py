@@ -223,3 +223,22 @@ def test_first_bad_variable_is_the_one_reported() -> None:
         load_settings({"SSH_PERMIT_TARGET_PORT": "abc", "MANUAL_AUTH_FILE": "maybe"})
     assert "SSH_PERMIT_TARGET_PORT" in str(info.value)
     assert "MANUAL_AUTH_FILE" not in str(info.value)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("cluster.local", "cluster.local"), (" Corp.Example. ", "corp.example"), ("k8s", "k8s")])
+def test_cluster_domain(value: str, expected: str) -> None:
+    assert load_settings({"KUBERNETES_CLUSTER_DOMAIN": value}).cluster_domain == expected
+
+
+@pytest.mark.parametrize("value", ["", "a..b", "-x.local", "x_y.local", "c\n.local", "a b"])
+def test_cluster_domain_invalid(value: str) -> None:
+    with pytest.raises(ConfigError, match="KUBERNETES_CLUSTER_DOMAIN"):
+        load_settings({"KUBERNETES_CLUSTER_DOMAIN": value})
+
+
+def test_host_permitted() -> None:
+    assert load_settings({}).host_permitted("anything")
+    settings = load_settings({"SSH_PERMIT_TARGET_HOST": "ws-*,db-1"})
+    assert settings.host_permitted("ws-a") and settings.host_permitted("db-1")
+    assert not settings.host_permitted("db-2") and not settings.host_permitted("WS-a")

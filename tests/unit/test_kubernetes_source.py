@@ -21,6 +21,8 @@ from watcher.model import Target
 from watcher.targets import ProxyIdentity
 from watcher.sources import kubernetes_client as ks
 from watcher.sources.kubernetes_client import KubernetesClient, load_config
+from watcher.config import load_settings
+from watcher.sources import kubernetes_watcher
 from watcher.sources.kubernetes_watcher import KubernetesWatcher
 
 
@@ -365,6 +367,24 @@ def test_half_open_api_is_noticed_by_the_health_check(fake: FakeKube, start,
     fake.resume()
     assert wait_for(lambda: sink.status.get("connected") is True
                     and sink.names() == {"while-stalled"})
+
+
+def test_only_permitted_service_names_are_granted() -> None:
+    """SSH_PERMIT_TARGET_HOST applies to Service names too."""
+    pod = make_pod("one", labels={"app": "web"}, uid="u1")
+    web, db = make_service("web", {"app": "web"}), make_service("db", {"app": "web"})
+    settings = load_settings({"SSH_PERMIT_TARGET_HOST": "web*,one"})
+    targets = ks.derive_targets({"u1": pod}, {"web": web, "db": db},
+                                permitted=settings.host_permitted)
+    assert targets["u1"].aliases == ks.service_names(web)
+
+
+def test_from_settings_carries_filters_and_domain() -> None:
+    settings = load_settings({"SSH_TARGET_LABELS": "team=a,ssh", "SSH_PERMIT_TARGET_HOST": "ws-*",
+                              "KUBERNETES_CLUSTER_DOMAIN": "Corp.Example."})
+    watcher = kubernetes_watcher.from_settings(object(), object(), settings)
+    assert watcher.selector == "team=a,ssh" and watcher.domain == "corp.example"
+    assert watcher.permit_service("ws-1") and not watcher.permit_service("db")
 
 
 def test_clean_stream_end_relists(fake: FakeKube, start) -> None:

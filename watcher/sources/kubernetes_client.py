@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import urllib3
 import websocket
@@ -128,12 +128,13 @@ def service_members(service: Obj, pods: Mapping[str, Obj], proxy_pod: str = "") 
 
 def granted_service_names(uid: str, services: Mapping[str, Obj],
                           members: Mapping[str, set[str]],
-                          domain: str = DEFAULT_DOMAIN) -> tuple[str, ...]:
-    """Names of the Services (by name) whose only target pod is `uid`: a name shared by
-    several pods is granted to none (see the module docstring)."""
+                          domain: str = DEFAULT_DOMAIN,
+                          permitted: Callable[[str], bool] = lambda name: True) -> tuple[str, ...]:
+    """Names of the permitted Services (by name) whose only target pod is `uid`: a name
+    shared by several pods is granted to none (see the module docstring)."""
     out: list[str] = []
     for name in sorted(services):
-        if members.get(name) == {uid}:
+        if members.get(name) == {uid} and permitted(name):
             out.extend(service_names(services[name], domain))
     return tuple(out)
 
@@ -151,10 +152,12 @@ def pod_target(pod: Obj, aliases: tuple[str, ...] = (), domain: str = DEFAULT_DO
 
 
 def derive_targets(pods: Mapping[str, Obj], services: Mapping[str, Obj], proxy_pod: str = "",
-                   domain: str = DEFAULT_DOMAIN) -> dict[str, Target]:
+                   domain: str = DEFAULT_DOMAIN,
+                   permitted: Callable[[str], bool] = lambda name: True) -> dict[str, Target]:
     """Targets by uid from pods (by uid) and Services (by name); O(pods x services)."""
     members = {name: service_members(svc, pods, proxy_pod) for name, svc in services.items()}
-    return {uid: pod_target(pod, granted_service_names(uid, services, members, domain), domain)
+    return {uid: pod_target(pod, granted_service_names(uid, services, members, domain, permitted),
+                            domain)
             for uid, pod in pods.items() if is_candidate(pod, proxy_pod)}
 
 

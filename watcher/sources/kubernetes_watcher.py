@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import tenacity
 import urllib3
@@ -52,12 +52,14 @@ class KubernetesWatcher:
 
     def __init__(self, sink: Any, kube: KubernetesClient, label_selector: str = "",
                  domain: str = DEFAULT_DOMAIN, proxy_pod: str | None = None,
+                 permit_service: Callable[[str], bool] = lambda name: True,
                  watch_timeout: int = 300, healthy_after: float = 10.0,
                  ping_interval: float = 10.0) -> None:
         self.sink = sink
         self.kube = kube
         self.selector = label_selector
         self.domain = domain
+        self.permit_service = permit_service  # SSH_PERMIT_TARGET_HOST on Service names
         self.proxy_pod = (proxy_pod if proxy_pod is not None
                           else os.environ.get("POD_NAME") or os.environ.get("HOSTNAME", ""))
         self.watch_timeout = watch_timeout
@@ -236,7 +238,8 @@ class KubernetesWatcher:
         if pod is None or not is_candidate(pod, self.proxy_pod):
             return None
         return pod_target(pod, granted_service_names(uid, self.services, self.members,
-                                                     self.domain), self.domain)
+                                                     self.domain, self.permit_service),
+                          self.domain)
 
     def _refresh(self, uids: set[str]) -> None:
         """Re-derive these pods; emit only what changed (an unchanged MODIFIED fetches
@@ -288,4 +291,6 @@ def _describe(exc: Exception, kube: KubernetesClient) -> str:
 
 def from_settings(client: KubernetesClient, sink: TargetSink, settings: Settings) -> KubernetesWatcher:
     """The platform entry point (see watcher.platforms)."""
-    return KubernetesWatcher(sink, client, label_selector=label_selector(settings.labels))
+    return KubernetesWatcher(sink, client, label_selector=label_selector(settings.labels),
+                             domain=settings.cluster_domain,
+                             permit_service=settings.host_permitted)
