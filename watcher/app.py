@@ -15,12 +15,13 @@ from typing import Any, Callable, TextIO
 
 from .accesslog import AccessEvent, AccessTracker, format_event, parse_datagram
 from .cache import read_unmanaged_hosts, update_hosts_block, write_if_changed
-from .config import Settings
+from .config import RunMode, Settings
 from .fetch import KeyFetcher
 from .model import KeyState
+from .platforms import platform_for
 from .reconcile import Reconciler, Snapshot
 from .render import Rendered
-from .sources.docker import DockerSource
+from .sources.base import PlatformClient
 from .sources.manual import ManualKeySource
 from .sshd import SshdPaths, SshdProcess, check_config, ensure_host_keys, render_sshd_config
 from .status import snapshot_document, write_status
@@ -44,10 +45,10 @@ class Paths:
 class OutputWriter:
     """The reconciler's single write path: hosts block, then index, then the cache."""
 
-    def __init__(self, paths: Paths, pin_names: bool, write_cache: bool) -> None:
+    def __init__(self, paths: Paths, mode: RunMode, pin_names: bool) -> None:
         self.paths = paths
         self.pin_names = pin_names
-        self.write_cache = write_cache  # False in manual mode: there the cache is an input
+        self.write_cache = mode.discovers  # without discovery the cache is the admin's input
 
     def __call__(self, rendered: Rendered) -> bool:
         changed = False
@@ -135,49 +136,48 @@ class Supervisor:
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
-        manual = self.settings.manual_auth_file
-        mode = "manual" if manual else "docker"
-        source: DockerSource | None = None
-        if manual:
+        mode = self.settings.mode
+        platform = platform_for(mode)
+        client = platform.make_client(self.settings) if platform else None
+        pin_names = False
+        if client is None:
             if self.settings.labels:
                 log.warning("SSH_TARGET_LABELS has no effect with MANUAL_AUTH_FILE=true "
                             "(there is no discovery to select targets)")
-            pin_names, identity, fetch = False, ProxyIdentity(), _no_fetch
+            identity, fetch = ProxyIdentity(), _no_fetch
         else:
             pin_names = hosts_writable(self.paths.hosts)
             if not pin_names:
                 log.warning("%s is not writable: only target names, ids and IPs are granted",
                             self.paths.hosts)
-            source = DockerSource(sink=None)
-            identity = self._identity(source)
+            identity = self._identity(client)
             fetch = KeyFetcher(self.settings.publickey_api_port, self.settings.key_path,
-                               source.exec_read).fetch
+                               client.exec_read).fetch
         reconciler = Reconciler(self.settings, identity, fetch,
-                                OutputWriter(self.paths, pin_names, write_cache=not manual),
-                                self._publish, pin_names=pin_names, scope_manual=not manual,
+                                OutputWriter(self.paths, mode, pin_names),
+                                self._publish, pin_names=pin_names,
                                 unmanaged_hosts=lambda: read_unmanaged_hosts(self.paths.hosts),
-                                local_names=frozenset() if manual else local_names())
+                                local_names=local_names() if mode.discovers else frozenset())
         keys = ManualKeySource(reconciler, self.paths.keys_dir,
-                               seed_file=self.paths.cache if manual else None)
+                               seed_file=None if mode.discovers else self.paths.cache)
         keys.load()
-        if source is not None:
-            source.sink = reconciler
         reconciler.run_once_pending()  # the index exists before sshd starts
 
         listener = SyslogListener(str(self.paths.syslog_socket))
         access = AccessLog(self.paths.access_log, reconciler.owners_of, reconciler.alias_owner)
         self._thread(listener.serve, access, self.stop, name="syslog")
-        self._start_sshd(hosts_enforced_by_sshd=manual)
+        self._start_sshd()
         self._thread(reconciler.run, self.stop, name="reconcile")
         self._thread(keys.run, self.stop, name="manual-keys")
-        if source is not None:
-            self._thread(source.run, self.stop, name="docker-source")
+        if platform is not None and client is not None:
+            source = platform.make_watcher(client, reconciler, self.settings)
+            self._thread(source.run, self.stop, name=f"{mode.value}-source")
         self._thread(self.sshd.supervise, self.stop, name="sshd")
-        log.info("ready: mode=%s", mode)
-        self._write_status(mode)  # health can answer from the first second
+        log.info("ready: mode=%s", mode.value)
+        self._write_status(mode.value)  # health can answer from the first second
         try:
             while not self.stop.wait(2.0):
-                self._write_status(mode)
+                self._write_status(mode.value)
                 _reap_orphans(self.sshd.pid)
         finally:
             log.info("stopping")
@@ -186,19 +186,18 @@ class Supervisor:
             access.close()
         return 1 if self.failed else 0
 
-    def _identity(self, source: DockerSource) -> ProxyIdentity:
+    def _identity(self, client: PlatformClient) -> ProxyIdentity:
         try:
-            return source.discover_identity()
+            return client.discover_identity()
         except Exception as exc:  # the source loop reconnects; identity is refreshed there
-            log.warning("could not inspect the proxy's own container yet: %s", exc)
+            log.warning("could not learn the proxy's own identity yet: %s", exc)
             return ProxyIdentity()
 
-    def _start_sshd(self, hosts_enforced_by_sshd: bool) -> None:
+    def _start_sshd(self) -> None:
         paths = self.paths.sshd
         host_keys = ensure_host_keys(paths.host_key_dir)
         template = paths.template.read_text()
-        paths.config.write_text(render_sshd_config(template, self.settings, paths, host_keys,
-                                                   hosts_enforced_by_sshd))
+        paths.config.write_text(render_sshd_config(template, self.settings, paths, host_keys))
         check_config(paths)
         self.sshd.start()
 

@@ -16,8 +16,9 @@ EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 
 def cmd_run(_: argparse.Namespace) -> int:
     from .app import Supervisor  # imports docker etc. only when running
+    from .platforms import gather_facts
 
-    settings = load_settings(os.environ)
+    settings = load_settings(os.environ, gather_facts())
     code = Supervisor(settings).run()
     # sshd is stopped and every file is on disk: do not wait for a key fetch still hanging
     # on a slow target (interpreter exit would join the worker threads).
@@ -27,7 +28,7 @@ def cmd_run(_: argparse.Namespace) -> int:
 
 
 def cmd_check_config(_: argparse.Namespace) -> int:
-    load_settings(os.environ)
+    load_settings(os.environ)  # the variables only: no platform needs to be mounted
     print("configuration OK")
     return EXIT_OK
 
@@ -42,7 +43,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"unhealthy: cannot read {args.status}: {exc}")
         return EXIT_ERROR
-    problems = health_problems(doc, time.time(), sshd_listening(args.port))
+    problems = health_problems(doc, time.time(), sshd_listening(args.port),
+                               require_source=not args.liveness)
     if problems:
         print("unhealthy: " + "; ".join(problems))
         return EXIT_ERROR
@@ -60,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     health = sub.add_parser("health", help="exit 0 when sshd answers and the watcher is live")
     health.add_argument("--status", default="/run/ssh-proxy/status.json")
     health.add_argument("--port", type=int, default=22)
+    health.add_argument("--liveness", action="store_true",
+                        help="only the watcher and sshd (not the platform connection): for "
+                             "a liveness probe, so a platform outage never restarts the proxy")
     health.set_defaults(func=cmd_health)
     args = parser.parse_args(argv)
     setup_logging(os.environ.get("WATCHER_LOG_LEVEL", "info"))

@@ -6,8 +6,10 @@ start-up with one clear line before sshd listens.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
+from enum import Enum
 from typing import Mapping
 
 from .errors import ConfigError
@@ -20,7 +22,37 @@ _HOST_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
 _LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]*")
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9_./:@+-]*")
 _PORT = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() accepts '²'
+_DOMAIN = re.compile(r"(?=.{1,253}\Z)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 _KEY_PATH = re.compile(r"(~/|/)[^\x00-\x1f\x7f]*")
+
+
+class RunMode(str, Enum):
+    """Where targets come from: the one value every component reads to decide its behaviour."""
+
+    DOCKER = "docker"
+    KUBERNETES = "kubernetes"
+    MANUAL = "manual"
+
+    @property
+    def discovers(self) -> bool:
+        """Targets are discovered: the watcher renders the cache, pins names in /etc/hosts and
+        scopes admin lines to the discovered targets. Without discovery (manual) the cache is
+        the admin's input and sshd_config's PermitOpen is the only host check."""
+        return self is not RunMode.MANUAL
+
+
+@dataclass(frozen=True)
+class PlatformFacts:
+    """What exists on this machine, gathered by an adapter (`cli`), so choosing is pure."""
+
+    in_cluster: bool = False  # KUBERNETES_SERVICE_HOST set and a service-account token mounted
+    kube_config: str = ""  # the kube config file found ($KUBECONFIG or /root/.kube/config)
+    docker_socket: bool = False  # /var/run/docker.sock exists
+
+
+DOCKER_SOCKET = "/var/run/docker.sock"
+KUBE_CONFIG = "/root/.kube/config"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 @dataclass(frozen=True)
@@ -37,12 +69,20 @@ class Settings:
     """SSH_TARGET_PUBLICKEY_API_PORT: the port of the target's `GET /publickey`."""
     key_path: str = "~/.ssh/id_ed25519.pub"
     """SSH_TARGET_KEY_PATH: key file read by exec when HTTP fails; `~` = exec user's home."""
-    manual_auth_file: bool = False
-    """MANUAL_AUTH_FILE: true = no discovery, the admin maintains the key files."""
+    mode: RunMode = RunMode.DOCKER
+    """SSH_PROXY_MODE, else detected: MANUAL_AUTH_FILE=true -> manual (no discovery, the admin
+    maintains the key files), else kubernetes or docker (see `choose_mode`)."""
+
+    cluster_domain: str = "cluster.local"
+    """KUBERNETES_CLUSTER_DOMAIN: the cluster's DNS domain, for `svc.ns.svc.<domain>` names."""
 
     @property
     def any_host(self) -> bool:
         return "*" in self.permit_hosts
+
+    def host_permitted(self, name: str) -> bool:
+        """SSH_PERMIT_TARGET_HOST matches `name` (a target's or a Service's name)."""
+        return self.any_host or any(fnmatch.fnmatchcase(name, p) for p in self.permit_hosts)
 
     @property
     def any_port(self) -> bool:
@@ -120,6 +160,13 @@ def parse_key_path(value: str) -> str:
     return text
 
 
+def parse_domain(name: str, value: str) -> str:
+    text = value.strip().lower().rstrip(".")
+    if not _DOMAIN.fullmatch(text):
+        raise ConfigError(f"{name}={value!r}: expected a DNS domain such as 'cluster.local'")
+    return text
+
+
 def parse_bool(name: str, value: str) -> bool:
     text = value.strip().lower()
     if text in _TRUE:
@@ -135,7 +182,7 @@ _GLOB_CHARS = set("*?[]!")
 def check_manual_mode(settings: Settings) -> None:
     """Without discovery, sshd_config's PermitOpen is the only host check, and it takes
     `*` or exact hosts: a pattern would have to be widened to `*`. Refuse instead."""
-    if not settings.manual_auth_file or settings.any_host:
+    if settings.mode.discovers or settings.any_host:
         return
     patterns = [h for h in settings.permit_hosts if _GLOB_CHARS & set(h)]
     if patterns:
@@ -147,14 +194,46 @@ def check_manual_mode(settings: Settings) -> None:
             "'*' and give each key its own permitopen=\"host:port\" option")
 
 
-def load_settings(env: Mapping[str, str]) -> Settings:
-    """Read and validate every variable; the first bad one raises ConfigError."""
-    settings = _read_settings(env)
+def choose_mode(env: Mapping[str, str], facts: PlatformFacts) -> RunMode:
+    """`SSH_PROXY_MODE` when set; else MANUAL_AUTH_FILE=true -> manual; else in-cluster config
+    or a kube config -> kubernetes; else the Docker socket -> docker; else a ConfigError that
+    names everything looked for."""
+    manual = parse_bool("MANUAL_AUTH_FILE", env.get("MANUAL_AUTH_FILE", "false"))
+    forced = env.get("SSH_PROXY_MODE", "").strip().lower()
+    if forced:
+        try:
+            mode = RunMode(forced)
+        except ValueError:
+            raise ConfigError(f"SSH_PROXY_MODE={env['SSH_PROXY_MODE']!r}: expected one of "
+                              f"{', '.join(m.value for m in RunMode)}") from None
+        if manual and mode is not RunMode.MANUAL:
+            raise ConfigError(f"SSH_PROXY_MODE={forced!r} contradicts MANUAL_AUTH_FILE=true: "
+                              "unset one of them")
+        return mode
+    if manual:
+        return RunMode.MANUAL
+    if facts.in_cluster or facts.kube_config:
+        return RunMode.KUBERNETES
+    if facts.docker_socket:
+        return RunMode.DOCKER
+    raise ConfigError(
+        "no platform to discover targets on: looked for a Kubernetes in-cluster service account "
+        f"({SERVICE_ACCOUNT_DIR}), a kube config ($KUBECONFIG or {KUBE_CONFIG}) and the Docker "
+        f"socket ({DOCKER_SOCKET}); mount one (e.g. -v {DOCKER_SOCKET}:{DOCKER_SOCKET}), or set "
+        "MANUAL_AUTH_FILE=true to serve only the keys you maintain")
+
+
+def load_settings(env: Mapping[str, str], facts: PlatformFacts | None = None) -> Settings:
+    """Read and validate every variable; the first bad one raises ConfigError.
+
+    `facts`: what exists on this machine, to choose the run mode; None (a config check
+    without a platform) assumes Docker unless the environment says otherwise."""
+    settings = _read_settings(env, facts or PlatformFacts(docker_socket=True))
     check_manual_mode(settings)
     return settings
 
 
-def _read_settings(env: Mapping[str, str]) -> Settings:
+def _read_settings(env: Mapping[str, str], facts: PlatformFacts) -> Settings:
     return Settings(
         permit_hosts=parse_permit_hosts(env.get("SSH_PERMIT_TARGET_HOST", "*")),
         permit_ports=parse_permit_ports(env.get("SSH_PERMIT_TARGET_PORT", "*")),
@@ -162,5 +241,7 @@ def _read_settings(env: Mapping[str, str]) -> Settings:
         publickey_api_port=parse_port("SSH_TARGET_PUBLICKEY_API_PORT",
                                       env.get("SSH_TARGET_PUBLICKEY_API_PORT", "8080")),
         key_path=parse_key_path(env.get("SSH_TARGET_KEY_PATH", "~/.ssh/id_ed25519.pub")),
-        manual_auth_file=parse_bool("MANUAL_AUTH_FILE", env.get("MANUAL_AUTH_FILE", "false")),
+        cluster_domain=parse_domain("KUBERNETES_CLUSTER_DOMAIN",
+                                    env.get("KUBERNETES_CLUSTER_DOMAIN", "cluster.local")),
+        mode=choose_mode(env, facts),
     )

@@ -109,7 +109,7 @@ class Reconciler:
                  fetch: Callable[[Target], KeyState],
                  write: Callable[[Rendered], bool],
                  publish: Callable[[Snapshot], None] = lambda s: None,
-                 pin_names: bool = True, scope_manual: bool = True, pool_size: int = 8,
+                 pin_names: bool = True, pool_size: int = 8,
                  min_wait: float = 0.1, max_wait: float = 1.0,
                  clock: Callable[[], float] = time.monotonic,
                  unmanaged_hosts: Callable[[], HostsEntries] = lambda: (),
@@ -120,7 +120,6 @@ class Reconciler:
         self.write = write
         self.publish = publish
         self.pin_names = pin_names
-        self.scope_manual = scope_manual
         self.min_wait = min_wait
         self.max_wait = max_wait
         self.clock = clock
@@ -347,7 +346,9 @@ class Reconciler:
         self._log_refused(plan.refused)
         served = [ServedTarget(e.target, plan.aliases.get(e.target.id, ()), e.keys.keys)
                   for e in self.entries.values() if e.keys.keys]
-        rendered = render(served, self.settings.permit_ports, self.manual, self.scope_manual,
+        # With discovery, an admin line without permitopen reaches the discovered targets only.
+        rendered = render(served, self.settings.permit_ports, self.manual,
+                          scope_manual=self.settings.mode.discovers,
                           pinned_elsewhere=frozenset(fold(n) for _, names in hosts for n in names))
         if self.write(rendered):
             self.writes += 1

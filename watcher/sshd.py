@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import threading
@@ -34,13 +35,15 @@ class SshdPaths:
     sshd: str = "/usr/sbin/sshd"
 
 
-def permit_open(settings: Settings, hosts_enforced_by_sshd: bool) -> str:
+def permit_open(settings: Settings) -> str:
     """sshd_config `PermitOpen`: the global ceiling every key's own permitopen sits under.
 
     With discovery, each key carries its target's aliases (names and IPs), so the ceiling
     only limits ports: `*:<port>`. A host list here would also have to list every alias.
+    Without discovery (manual mode) it is the only host check: the listed hosts.
     """
-    hosts = list(settings.permit_hosts) if hosts_enforced_by_sshd and not settings.any_host else ["*"]
+    sshd_checks_hosts = not settings.mode.discovers and not settings.any_host
+    hosts = list(settings.permit_hosts) if sshd_checks_hosts else ["*"]
     ports = list(settings.permit_ports)
     if hosts == ["*"] and ports == ["*"]:
         return "any"
@@ -48,29 +51,41 @@ def permit_open(settings: Settings, hosts_enforced_by_sshd: bool) -> str:
 
 
 def render_sshd_config(template: str, settings: Settings, paths: SshdPaths,
-                       host_keys: list[Path], hosts_enforced_by_sshd: bool = False) -> str:
+                       host_keys: list[Path]) -> str:
     return Template(template).substitute(
         host_keys="\n".join(f"HostKey {k}" for k in host_keys),
         keys_command=str(paths.keys_command),
         keys_command_user=paths.keys_command_user,
         index_path=str(paths.index),
-        permit_open=permit_open(settings, hosts_enforced_by_sshd),
+        permit_open=permit_open(settings),
         max_startups="512:50:1024",
     )
 
 
 def ensure_host_keys(directory: Path) -> list[Path]:
-    """Generate missing host keys once; reuse them after restarts (mount the directory)."""
+    """The host keys in `directory`; missing ones are generated once, when it is writable.
+
+    A read-only directory (a Kubernetes Secret, a `:ro` volume) is used exactly as it is:
+    every replica then presents the same host key, and nothing is regenerated.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    writable = os.access(directory, os.W_OK)
     keys = []
     for kind, extra in HOST_KEY_TYPES:
         path = directory / f"ssh_host_{kind}_key"
         if not path.exists():
+            if not writable:
+                continue
             log.info("generating %s host key in %s", kind, directory)
             subprocess.run(["ssh-keygen", "-q", "-t", kind, *extra, "-N", "", "-C", "ssh-proxy",
                             "-f", str(path)], check=True, capture_output=True)
-        path.chmod(0o600)
+        if path.stat().st_mode & 0o077 and writable:
+            path.chmod(0o600)  # sshd refuses a private key others can read
         keys.append(path)
+    if not keys:
+        raise WatcherError(f"no host key in {directory}, and it is read-only: put at least one of "
+                           + ", ".join(f"ssh_host_{kind}_key" for kind, _ in HOST_KEY_TYPES)
+                           + " there (e.g. a Secret made with ssh-keygen), or mount it writable")
     return keys
 
 

@@ -32,8 +32,13 @@ def read_status(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def health_problems(doc: dict[str, Any], now: float, listening: bool) -> list[str]:
-    """Why the proxy is not healthy ([] = healthy). Pure: the caller gathers the inputs."""
+def health_problems(doc: dict[str, Any], now: float, listening: bool,
+                    require_source: bool = True) -> list[str]:
+    """Why the proxy is not healthy ([] = healthy). Pure: the caller gathers the inputs.
+
+    `require_source`: a discovering mode's stream must be connected (readiness). Without it
+    (liveness) only the watcher and sshd count: during a platform outage sshd keeps serving
+    the last good keys, and restarting the proxy would not bring the platform back."""
     problems = []
     if now - float(doc.get("heartbeat", 0)) > STALE_AFTER:
         problems.append("watcher heartbeat is stale")
@@ -42,8 +47,9 @@ def health_problems(doc: dict[str, Any], now: float, listening: bool) -> list[st
     if not listening:
         problems.append("sshd does not listen on port 22")
     source = doc.get("source") or {}
-    if doc.get("mode") == "docker" and not source.get("connected"):
-        problems.append(f"docker events stream is down: {source.get('error') or 'connecting'}")
+    mode = doc.get("mode")
+    if require_source and mode in ("docker", "kubernetes") and not source.get("connected"):
+        problems.append(f"{mode} source is not connected: {source.get('error') or 'connecting'}")
     return problems
 
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from watcher.config import Settings, load_settings
+from watcher.config import RunMode, Settings, load_settings
 from watcher.errors import ConfigError
 
 
@@ -20,7 +20,7 @@ def test_empty_environment_gives_every_default() -> None:
     assert settings.labels == ()
     assert settings.publickey_api_port == 8080
     assert settings.key_path == "~/.ssh/id_ed25519.pub"
-    assert settings.manual_auth_file is False
+    assert (settings.mode is RunMode.MANUAL) is False
     assert settings.any_host is True
     assert settings.any_port is True
 
@@ -187,7 +187,7 @@ def test_key_path_invalid(value: str) -> None:
     ("false", False), ("False", False), ("0", False), ("no", False), ("off", False), ("", False),
 ])
 def test_manual_auth_file_valid(value: str, expected: bool) -> None:
-    assert load_settings({"MANUAL_AUTH_FILE": value}).manual_auth_file is expected
+    assert (load_settings({"MANUAL_AUTH_FILE": value}).mode is RunMode.MANUAL) is expected
 
 
 @pytest.mark.parametrize("value", ["maybe", "2", "y", "n", "tru", "enabled"])
@@ -213,7 +213,7 @@ def test_full_environment() -> None:
     assert settings == Settings(permit_hosts=("db-*", "web-1"), permit_ports=("22", "5432"),
                                 labels=(("ssh-proxy", "on"), ("team", None)),
                                 publickey_api_port=9090, key_path="/keys/id.pub",
-                                manual_auth_file=False)
+                                mode=RunMode.DOCKER)
     assert settings.any_host is False
     assert settings.any_port is False
 
@@ -223,3 +223,22 @@ def test_first_bad_variable_is_the_one_reported() -> None:
         load_settings({"SSH_PERMIT_TARGET_PORT": "abc", "MANUAL_AUTH_FILE": "maybe"})
     assert "SSH_PERMIT_TARGET_PORT" in str(info.value)
     assert "MANUAL_AUTH_FILE" not in str(info.value)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("cluster.local", "cluster.local"), (" Corp.Example. ", "corp.example"), ("k8s", "k8s")])
+def test_cluster_domain(value: str, expected: str) -> None:
+    assert load_settings({"KUBERNETES_CLUSTER_DOMAIN": value}).cluster_domain == expected
+
+
+@pytest.mark.parametrize("value", ["", "a..b", "-x.local", "x_y.local", "c\n.local", "a b"])
+def test_cluster_domain_invalid(value: str) -> None:
+    with pytest.raises(ConfigError, match="KUBERNETES_CLUSTER_DOMAIN"):
+        load_settings({"KUBERNETES_CLUSTER_DOMAIN": value})
+
+
+def test_host_permitted() -> None:
+    assert load_settings({}).host_permitted("anything")
+    settings = load_settings({"SSH_PERMIT_TARGET_HOST": "ws-*,db-1"})
+    assert settings.host_permitted("ws-a") and settings.host_permitted("db-1")
+    assert not settings.host_permitted("db-2") and not settings.host_permitted("WS-a")

@@ -1,4 +1,4 @@
-"""watcher.sources.docker: the pure inspect/event helpers and the adapter with a fake client."""
+"""watcher.sources.docker_client / docker_watcher: the pure inspect/event helpers and the adapter with a fake client."""
 
 from __future__ import annotations
 
@@ -15,17 +15,16 @@ import requests
 
 from watcher.errors import FetchError
 from watcher.model import Target
-from watcher.sources import docker as docker_source
-from watcher.sources.docker import (
-    DockerSource,
+from watcher.sources import docker_client as docker_source
+from watcher.sources.docker_client import (
+    DockerClient,
     demux_frames,
     container_target,
-    event_action,
-    event_container_id,
     identity_from_attrs,
     is_running,
     own_container_id,
 )
+from watcher.sources.docker_watcher import DockerWatcher, event_action, event_container_id
 
 WEB_ID = "3f4e8a2b1c9d" + "0123456789abcdef" * 3 + "0123"
 DB_ID = "9a8b7c6d5e4f" + "fedcba9876543210" * 3 + "3210"
@@ -294,7 +293,7 @@ def test_event_container_id() -> None:
     assert event_container_id({}) == ""
 
 
-# --- DockerSource with a fake client ----------------------------------------------------------
+# --- DockerWatcher + DockerClient with a fake engine ----------------------------------------------------------
 
 class FakeAPI:
     def __init__(self, containers: dict[str, dict[str, Any]]) -> None:
@@ -338,10 +337,10 @@ class FakeSink:
         self.calls.append(("identity", identity))
 
 
-def make_source(containers: dict[str, dict[str, Any]]) -> tuple[DockerSource, FakeSink, FakeAPI]:
+def make_source(containers: dict[str, dict[str, Any]]) -> tuple[DockerWatcher, FakeSink, FakeAPI]:
     api = FakeAPI(containers)
     sink = FakeSink()
-    return DockerSource(sink, client_factory=lambda: FakeClient(api)), sink, api
+    return DockerWatcher(DockerClient(client_factory=lambda: FakeClient(api)), sink), sink, api
 
 
 def test_start_event_upserts_running_container() -> None:
@@ -353,7 +352,7 @@ def test_start_event_upserts_running_container() -> None:
 
 def test_event_uses_the_proxy_networks() -> None:
     source, sink, _ = make_source({WEB_ID: WEB_TWO_NETS})
-    source.proxy_networks = {FRONTEND_NET}
+    source.client.proxy_networks = {FRONTEND_NET}
     source.handle_event(container_event("restart", WEB_ID))
     [(kind, t)] = sink.calls
     assert kind == "upsert" and t.address == "172.20.0.7"
@@ -393,7 +392,7 @@ def test_event_without_container_is_ignored() -> None:
 
 def test_network_connect_of_a_target_reinspects_it() -> None:
     source, sink, api = make_source({DB_ID: DB_USER_NET})
-    source.proxy_networks = {FRONTEND_NET}
+    source.client.proxy_networks = {FRONTEND_NET}
     source.handle_event(network_event("connect", DB_ID))
     assert api.inspected == [DB_ID]
     assert sink.calls == [("upsert", container_target(DB_USER_NET, {FRONTEND_NET}))]
@@ -401,7 +400,7 @@ def test_network_connect_of_a_target_reinspects_it() -> None:
 
 def test_events_about_the_proxy_container() -> None:
     source, sink, _ = make_source({PROXY_ID: PROXY_ATTRS, WEB_ID: WEB_TWO_NETS})
-    source.identity = identity_from_attrs(PROXY_ATTRS)
+    source.client.identity = identity_from_attrs(PROXY_ATTRS)
     source.handle_event(container_event("start", PROXY_ID, "ssh-proxy"))
     assert sink.calls == [("remove", PROXY_ID)]  # never served as a target
 
@@ -411,27 +410,27 @@ def test_proxy_network_change_resyncs(monkeypatch) -> None:
     monkeypatch.setattr(docker_source, "_read", lambda path: files.get(path, ""))
     source, sink, api = make_source({PROXY_ID: PROXY_ATTRS, WEB_ID: WEB_TWO_NETS,
                                      DB_ID: DB_USER_NET})
-    source.identity = identity_from_attrs(PROXY_ATTRS)
+    source.client.identity = identity_from_attrs(PROXY_ATTRS)
     source.handle_event(network_event("connect", PROXY_ID, BACKEND_NET))
-    assert source.proxy_networks == {FRONTEND_NET}
-    assert source.identity.container_id == PROXY_ID
-    assert sink.calls == [("identity", source.identity), ("replace_all", ["api", "db"])]
-    assert source.identity.container_id == PROXY_ID
+    assert source.client.proxy_networks == {FRONTEND_NET}
+    assert source.client.identity.container_id == PROXY_ID
+    assert sink.calls == [("identity", source.client.identity), ("replace_all", ["api", "db"])]
+    assert source.client.identity.container_id == PROXY_ID
 
 
 def test_discover_identity_outside_docker(monkeypatch) -> None:
     monkeypatch.setattr(docker_source, "_read", lambda path: "")
     source, _, _ = make_source({})
-    identity = source.discover_identity()
-    assert identity.container_id == "" and source.proxy_networks is None
+    identity = source.client.discover_identity()
+    assert identity.container_id == "" and source.client.proxy_networks is None
 
 
 def test_list_targets_skips_proxy_and_stopped() -> None:
     stopped = copy.deepcopy(DB_USER_NET)
     stopped["State"]["Running"] = False
     source, _, _ = make_source({PROXY_ID: PROXY_ATTRS, WEB_ID: WEB_BRIDGE, DB_ID: stopped})
-    source.identity = identity_from_attrs(PROXY_ATTRS)
-    assert [t.name for t in source.list_targets()] == ["web"]
+    source.client.identity = identity_from_attrs(PROXY_ATTRS)
+    assert [t.name for t in source.client.list_targets()] == ["web"]
 
 
 # --- exec_read ------------------------------------------------------------------------------
@@ -487,8 +486,8 @@ TARGET = Target(id=WEB_ID, name="web", address="172.17.0.2")
 ARGV = ["sh", "-c", 'exec cat -- "$HOME"/.ssh/id_ed25519.pub']
 
 
-def exec_source(api: ExecAPI) -> DockerSource:
-    return DockerSource(FakeSink(), client_factory=lambda: FakeClient(api))
+def exec_source(api: ExecAPI) -> DockerClient:
+    return DockerClient(client_factory=lambda: FakeClient(api))
 
 
 def test_exec_read_returns_stdout_only() -> None:
@@ -600,7 +599,8 @@ def test_stream_end_reconnects_and_resyncs(monkeypatch) -> None:
     second = _Stream([], ends=False)
     api = _StreamingAPI({WEB_ID: WEB_BRIDGE, DB_ID: DB_USER_NET}, [first, second])
     sink = FakeSink()
-    source = DockerSource(sink, ping_interval=60, client_factory=lambda: _PingingClient(api))
+    source = DockerWatcher(DockerClient(client_factory=lambda: _PingingClient(api)), sink,
+                           ping_interval=60)
     stop = threading.Event()
 
     def after_first_stream() -> bool:

@@ -16,7 +16,7 @@ import struct
 
 import pytest
 
-from watcher.config import ConfigError, Settings, check_manual_mode, load_settings
+from watcher.config import ConfigError, RunMode, Settings, check_manual_mode, load_settings
 from watcher.keys import parse_authorized_keys_line
 from watcher.model import ManualLine, PublicKey, Target
 from watcher.render import BASE_OPTIONS, ServedTarget, render, render_manual
@@ -197,7 +197,7 @@ def manual_env(hosts: str, **extra: str) -> dict[str, str]:
 ])
 def test_manual_mode_accepts_any_or_exact_hosts(hosts: str, expected: tuple[str, ...]) -> None:
     settings = load_settings(manual_env(hosts))
-    assert settings.manual_auth_file is True
+    assert (settings.mode is RunMode.MANUAL) is True
     assert settings.permit_hosts == expected
     check_manual_mode(settings)  # no error
 
@@ -215,15 +215,15 @@ def test_manual_mode_refuses_globs(hosts: str) -> None:
 
 def test_check_manual_mode_on_settings_directly() -> None:
     with pytest.raises(ConfigError, match="SSH_PERMIT_TARGET_HOST"):
-        check_manual_mode(Settings(permit_hosts=("workspace-*",), manual_auth_file=True))
-    check_manual_mode(Settings(permit_hosts=("workspace-*",), manual_auth_file=False))
-    check_manual_mode(Settings(permit_hosts=("a", "b"), manual_auth_file=True))
+        check_manual_mode(Settings(permit_hosts=("workspace-*",), mode=RunMode.MANUAL))
+    check_manual_mode(Settings(permit_hosts=("workspace-*",), mode=RunMode.DOCKER))
+    check_manual_mode(Settings(permit_hosts=("a", "b"), mode=RunMode.MANUAL))
 
 
 @pytest.mark.parametrize("hosts", ["workspace-*", "db-?", "[ab]x", "db-1,web-*"])
 def test_discovery_mode_keeps_globs(hosts: str) -> None:
     settings = load_settings({"MANUAL_AUTH_FILE": "false", "SSH_PERMIT_TARGET_HOST": hosts})
-    assert settings.manual_auth_file is False
+    assert (settings.mode is RunMode.MANUAL) is False
     assert settings.permit_hosts == tuple(h.strip() for h in hosts.split(","))
     assert load_settings({"SSH_PERMIT_TARGET_HOST": hosts}).permit_hosts == settings.permit_hosts
 
@@ -241,7 +241,9 @@ def test_discovery_mode_keeps_globs(hosts: str) -> None:
     ({"SSH_PERMIT_TARGET_HOST": "web-*"}, False, "any"),
 ])
 def test_permit_open(env: dict[str, str], enforced: bool, expected: str) -> None:
-    assert permit_open(load_settings(env), hosts_enforced_by_sshd=enforced) == expected
+    settings = load_settings(env)
+    assert (settings.mode is RunMode.MANUAL) is enforced
+    assert permit_open(settings) == expected
 
 
 @pytest.mark.parametrize("admin_host", ["aaa-db", "zzz-db"])

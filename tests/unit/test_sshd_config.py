@@ -3,6 +3,8 @@ watcher.status.health_problems."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import os
 import shutil
 import stat
@@ -13,7 +15,8 @@ from typing import Iterator
 
 import pytest
 
-from watcher.config import Settings, load_settings
+from watcher.config import RunMode, Settings, load_settings
+from watcher.errors import WatcherError
 from watcher.sshd import SshdPaths, ensure_host_keys, permit_open, render_sshd_config
 from watcher.status import STALE_AFTER, health_problems
 
@@ -38,7 +41,9 @@ SSHD = "/usr/sbin/sshd"
     ({"SSH_PERMIT_TARGET_HOST": "*", "SSH_PERMIT_TARGET_PORT": "5432"}, True, "*:5432"),
 ])
 def test_permit_open(env: dict[str, str], enforced: bool, expected: str) -> None:
-    assert permit_open(load_settings(env), enforced) == expected
+    """`enforced`: sshd is the host check (manual mode, no discovery)."""
+    mode = RunMode.MANUAL if enforced else RunMode.DOCKER
+    assert permit_open(replace(load_settings(env), mode=mode)) == expected
 
 
 # --- rendered sshd_config ------------------------------------------------------------------
@@ -112,6 +117,38 @@ def test_ensure_host_keys_generates_once(tmp_path: Path) -> None:
     assert again == keys
     assert [k.read_bytes() for k in again] == contents  # reused, not regenerated
     assert stat.S_IMODE(keys[0].stat().st_mode) == 0o600
+
+
+def _read_only(monkeypatch, directory: Path) -> None:
+    """As a read-only mount looks to access(2) (root ignores mode bits, not a read-only fs)."""
+    real = os.access
+    monkeypatch.setattr(os, "access",
+                        lambda p, mode: False if Path(p) == directory and mode & os.W_OK
+                        else real(p, mode))
+
+
+def test_read_only_host_keys_used_as_they_are(tmp_path: Path, monkeypatch) -> None:
+    """A Kubernetes Secret: 0400 files on a read-only mount, maybe not every type."""
+    directory = tmp_path / "host_keys"
+    made = ensure_host_keys(directory)
+    made[1].unlink()
+    made[2].unlink()
+    made[0].chmod(0o400)
+    before = made[0].read_bytes()
+    _read_only(monkeypatch, directory)
+    assert ensure_host_keys(directory) == [made[0]]
+    assert made[0].read_bytes() == before and stat.S_IMODE(made[0].stat().st_mode) == 0o400
+    assert not made[1].exists() and not made[2].exists()  # nothing generated
+
+
+def test_read_only_without_host_keys_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    directory = tmp_path / "host_keys"
+    directory.mkdir()
+    _read_only(monkeypatch, directory)
+    with pytest.raises(WatcherError) as info:
+        ensure_host_keys(directory)
+    assert str(directory) in str(info.value) and "read-only" in str(info.value)
+    assert list(directory.iterdir()) == []
 
 
 def _safe_for_sshd(path: Path) -> bool:
@@ -283,13 +320,26 @@ def test_docker_disconnected() -> None:
     doc = healthy_doc(source={"kind": "docker", "connected": False,
                               "error": "Error while fetching server API version"})
     assert health_problems(doc, NOW, BANNER) == [
-        "docker events stream is down: Error while fetching server API version"]
+        "docker source is not connected: Error while fetching server API version"]
     assert health_problems(healthy_doc(source={}), NOW, BANNER) == [
-        "docker events stream is down: connecting"]
+        "docker source is not connected: connecting"]
     assert health_problems(healthy_doc(source=None), NOW, BANNER) == [
-        "docker events stream is down: connecting"]
-    # Another mode does not depend on Docker.
+        "docker source is not connected: connecting"]
+    # Manual mode has no platform to depend on.
     assert health_problems(healthy_doc(mode="manual", source={}), NOW, BANNER) == []
+
+
+def test_kubernetes_disconnected_fails_readiness_not_liveness() -> None:
+    doc = healthy_doc(mode="kubernetes", source={"kind": "kubernetes", "connected": False,
+                                                 "error": "cannot reach the Kubernetes API"})
+    assert health_problems(doc, NOW, BANNER) == [
+        "kubernetes source is not connected: cannot reach the Kubernetes API"]
+    assert health_problems(doc, NOW, BANNER, require_source=False) == []
+    assert health_problems(healthy_doc(mode="kubernetes", source={"connected": True}),
+                           NOW, BANNER) == []
+    # Liveness still needs the watcher and sshd.
+    assert health_problems(dict(doc, sshd_pid=None), NOW, BANNER, require_source=False) == [
+        "sshd is not running"]
 
 
 def test_everything_wrong_at_once() -> None:
@@ -297,4 +347,4 @@ def test_everything_wrong_at_once() -> None:
            "source": {"connected": False, "error": "boom"}}
     assert health_problems(doc, NOW, False) == [
         "watcher heartbeat is stale", "sshd is not running", "sshd does not listen on port 22",
-        "docker events stream is down: boom"]
+        "docker source is not connected: boom"]

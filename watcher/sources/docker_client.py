@@ -1,8 +1,5 @@
-"""Docker discovery: one list, then the events stream; reconnect + resync when it breaks.
-
-docker-py's `events()` generator ends silently when the daemon goes away and has no read
-timeout, so a half-open socket would hang it: a pinger closes the stream when the daemon
-stops answering, and every (re)connect is followed by a full relist (level-triggered).
+"""Docker, the client half: inspect containers as Targets, read key files by exec, and know
+the proxy's own container. `docker_watcher` follows the events stream with it.
 """
 
 from __future__ import annotations
@@ -11,7 +8,6 @@ import logging
 import re
 import select
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,8 +15,8 @@ from typing import Any, Callable
 import docker
 import docker.errors
 import requests
-import tenacity
 
+from ..config import Settings
 from ..errors import FetchError, FetchTimeout, SourceError
 from ..model import Target
 from ..targets import ProxyIdentity
@@ -99,19 +95,6 @@ def identity_from_attrs(attrs: dict[str, Any]) -> ProxyIdentity:
                          container_id=attrs.get("Id", ""))
 
 
-def event_container_id(event: dict[str, Any]) -> str:
-    """The container an event is about (network events carry it as an attribute)."""
-    actor = event.get("Actor") or {}
-    if event.get("Type") == "network":
-        return (actor.get("Attributes") or {}).get("container", "")
-    return actor.get("ID") or event.get("id", "")
-
-
-def event_action(event: dict[str, Any]) -> str:
-    """`Action` without docker's suffix (e.g. `exec_start: cat ...` -> `exec_start`)."""
-    return (event.get("Action") or event.get("status") or "").split(":", 1)[0].strip()
-
-
 def demux_frames(buffer: bytearray) -> list[tuple[int, bytes]]:
     """Take the complete frames of Docker's multiplexed stream off the front of `buffer`:
     8-byte header (stream 1 = stdout, 2 = stderr; 3 zero bytes; big-endian size), payload."""
@@ -147,13 +130,11 @@ def read_exec_stream(sock: socket.socket, limit: int,
 
 
 # ---- adapter ------------------------------------------------------------------------------------
-class DockerSource:
-    """Feeds a reconciler from a Docker engine until `stop` is set."""
+class DockerClient:
+    """The engine as the watcher needs it: targets by id, a listing, exec reads, identity."""
 
-    def __init__(self, sink: Any, base_url: str | None = None, ping_interval: float = 10.0,
+    def __init__(self, base_url: str | None = None,
                  client_factory: Callable[[], docker.DockerClient] | None = None) -> None:
-        self.sink = sink
-        self.ping_interval = ping_interval
         self.exec_timeout = 5.0  # seconds for one key-file read by exec
         self._factory = client_factory or (
             lambda: docker.DockerClient(base_url=base_url or "unix:///var/run/docker.sock",
@@ -161,10 +142,16 @@ class DockerSource:
         self.client: docker.DockerClient | None = None
         self.identity = ProxyIdentity()
         self.proxy_networks: set[str] | None = None
-        self._stream: Any = None
-        self.connected = False
-        self.reconnects = 0
 
+    def reset(self) -> None:
+        """Forget the connection: the next call connects anew (after a stream broke)."""
+        self.client = None
+
+    def api(self) -> Any:
+        return self._client().api
+
+    def ping(self) -> None:
+        self._client().ping()
     # -- identity --
     def discover_identity(self) -> ProxyIdentity:
         """Who the proxy itself is, so it never serves itself and shares networks right."""
@@ -247,105 +234,12 @@ class DockerSource:
                              + (f": {detail[0][:200]}" if detail else ""))
         return bytes(out)
 
-    # -- the watch loop --
-    def run(self, stop: threading.Event) -> None:
-        """Forever: connect, resync, follow events; on any break reconnect with backoff."""
-        retrying = tenacity.Retrying(
-            wait=tenacity.wait_exponential(multiplier=0.5, max=30),
-            retry=tenacity.retry_if_exception_type((docker.errors.DockerException,
-                                                    requests.RequestException, SourceError,
-                                                    OSError, _StreamEnded)),
-            stop=lambda state: stop.is_set(),
-            before_sleep=self._before_sleep,
-            sleep=lambda seconds: stop.wait(seconds))
-        try:
-            retrying(self._follow_once, stop)
-        except Exception as exc:  # only reached when stopping
-            if not stop.is_set():
-                raise
-            log.debug("docker source stopped: %s", exc)
 
-    def _before_sleep(self, state: tenacity.RetryCallState) -> None:
-        self.connected = False
-        self.reconnects += 1
-        self.client = None
-        exc = state.outcome.exception() if state.outcome else None
-        log.warning("docker events stream lost (%s); reconnecting in %.1fs",
-                    exc or "ended", state.upcoming_sleep)
-        self.sink.set_source_status({"kind": "docker", "connected": False,
-                                     "error": str(exc), "reconnects": self.reconnects})
-
-    def _follow_once(self, stop: threading.Event) -> None:
-        client = self._client()
-        client.ping()
-        # Subscribe before listing so nothing between the two is missed; the relist then
-        # makes the state exact, and later events only refine it.
-        stream = client.api.events(decode=True, filters={
+    def events(self) -> Any:
+        """The engine's events stream, filtered server-side to what changes targets."""
+        return self._client().api.events(decode=True, filters={
             "type": ["container", "network"],
             "event": list(CONTAINER_EVENTS + NETWORK_EVENTS)})
-        self._stream = stream
-        pinger = threading.Thread(target=self._ping_loop, args=(client, stream, stop),
-                                  daemon=True, name="docker-ping")
-        try:
-            self.sink.set_proxy_identity(self.discover_identity())
-            self.sink.replace_all(self.list_targets())
-            self.connected = True
-            self.sink.set_source_status({"kind": "docker", "connected": True, "error": "",
-                                         "reconnects": self.reconnects,
-                                         "since": time.time()})
-            pinger.start()
-            for event in stream:
-                if stop.is_set():
-                    return
-                self.handle_event(event)
-        finally:
-            self._stream = None
-            _close_quietly(stream)
-        if not stop.is_set():
-            raise _StreamEnded("events stream ended")
-
-    def _ping_loop(self, client: docker.DockerClient, stream: Any, stop: threading.Event) -> None:
-        while not stop.wait(self.ping_interval):
-            if self._stream is not stream:
-                return
-            try:
-                client.ping()
-            except Exception as exc:  # any failure means the stream cannot be trusted
-                log.warning("docker daemon did not answer a ping (%s): resyncing", exc)
-                _close_quietly(stream)
-                return
-        _close_quietly(stream)  # stop requested: unblock the reader
-
-    def handle_event(self, event: dict[str, Any]) -> None:
-        """One event touches one target: re-inspect it and upsert or remove."""
-        cid = event_container_id(event)
-        if not cid:
-            return
-        action = event_action(event)
-        if action == "destroy":
-            self.sink.remove(cid)
-            return
-        if event.get("Type") == "network" and cid == self.identity.container_id:
-            # The proxy itself joined or left a network: which targets it shares changes.
-            self.sink.set_proxy_identity(self.discover_identity())
-            self.sink.replace_all(self.list_targets())
-            return
-        target = self.inspect_target(cid)
-        if target is None:
-            self.sink.remove(cid)
-        else:
-            self.sink.upsert(target)
-
-
-class _StreamEnded(Exception):
-    """The events stream ended (daemon restart, socket closed)."""
-
-
-def _close_quietly(stream: Any) -> None:
-    try:
-        stream.close()
-    except Exception:  # closing a dead stream may raise anything; it is dead either way
-        pass
 
 
 def _read(path: str) -> str:
@@ -354,3 +248,7 @@ def _read(path: str) -> str:
     except OSError:
         return ""
 
+
+def from_settings(settings: Settings) -> DockerClient:
+    """The platform entry point (see watcher.platforms)."""
+    return DockerClient()
