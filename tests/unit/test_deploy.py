@@ -64,11 +64,11 @@ def parse_documents(text: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def kustomize(tmp_path: Path, components: Iterable[str] = (), extra: str = "") -> list[dict[str, Any]]:
-    """`kubectl kustomize` of the base, or of an overlay in tmp_path that adds the named
-    components (and `extra` kustomization text): what a user's overlay would do."""
+def kustomize(tmp_path: Path, components: Iterable[str] = (), extra: str = "",
+              root: Path = BASE) -> list[dict[str, Any]]:
+    """`kubectl kustomize ROOT` (the base by default), or of an overlay written to tmp_path
+    that adds the named components (and `extra` kustomization text), as a user's would."""
     components = list(components)
-    root = BASE
     if components or extra:
         base = os.path.relpath(BASE, tmp_path)  # kustomize refuses absolute paths
         lines = ["apiVersion: kustomize.config.k8s.io/v1beta1", "kind: Kustomization",
@@ -170,8 +170,9 @@ def validate_schemas(docs: list[dict[str, Any]]) -> None:
                             f"{version} object: {exc.message} at {list(exc.path)}", pytrace=False)
 
 
-def check_proxy_objects(docs: list[dict[str, Any]], exec_enabled: bool, namespace: str | None = None) -> None:
-    """What both the kustomize base and the chart promise."""
+def check_proxy_objects(docs: list[dict[str, Any]], exec_enabled: bool, namespace: str | None = None,
+                        env: dict[str, str] | None = None) -> None:
+    """What both the kustomize base and the chart promise; `env`: variables set otherwise."""
     kinds = {d["kind"] for d in docs}
     assert kinds <= NAMESPACED_KINDS, f"only namespaced objects, got {kinds - NAMESPACED_KINDS}"
     for doc in docs:
@@ -223,11 +224,11 @@ def check_proxy_objects(docs: list[dict[str, Any]], exec_enabled: bool, namespac
     assert not spec.get("hostNetwork") and not spec.get("hostPID")
 
     # The users' variables and the pod's identity from the downward API.
-    env = env_values(docs)
-    assert {k: env.get(k) for k in BASE_ENV} == \
-        {**BASE_ENV, "SSH_TARGET_KEY_SOURCE": "api,exec" if exec_enabled else "api"}
-    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    actual = env_values(docs)
+    assert {k: actual.get(k) for k in BASE_ENV} == \
+        {**BASE_ENV, "SSH_TARGET_KEY_SOURCE": "api,exec" if exec_enabled else "api", **(env or {})}
+    assert actual["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert actual["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
 
     # The Service and the PodDisruptionBudget reach the proxy's pods, on sshd's port.
     service = one(docs, "Service")
@@ -430,3 +431,29 @@ def test_chart_names_follow_the_release() -> None:
 def test_chart_rejects_bad_values(values: dict[str, Any], complaint: str) -> None:
     with pytest.raises(helm.HelmValuesError, match=complaint):
         render_chart(values)
+
+
+# --------------------------------------------------------------------------- the README
+
+
+@needs_kubectl
+def test_readme_overlay_example_builds(tmp_path: Path) -> None:
+    """The overlay deploy/README.md shows, pointed at this checkout, builds what it says."""
+    readme = (REPO / "deploy" / "README.md").read_text()
+    start = readme.index("# my-ssh-proxy/kustomization.yaml")
+    overlay = readme[start:readme.index("```", start)]
+    (tmp_path / "kustomization.yaml").write_text(
+        overlay.replace("../ssh-proxy/deploy/kubernetes", os.path.relpath(BASE, tmp_path)))
+    docs = kustomize(tmp_path, root=tmp_path)
+    validate_schemas(docs)
+    check_proxy_objects(docs, exec_enabled=False, namespace="tunnels", env={"SSH_TARGET_LABELS": "ssh=on"})
+    assert {d["metadata"]["namespace"] for d in docs} == {"tunnels"}
+    assert proxy_container(docs)["image"] == "registry.example.com/ssh-proxy:0.1.0"
+    assert one(docs, "Service")["spec"]["type"] == "LoadBalancer"
+    check_network_policy(docs)
+
+
+def test_readme_host_key_secret_has_every_key_the_pod_mounts() -> None:
+    readme = (REPO / "deploy" / "README.md").read_text()
+    for key in HOST_KEYS:
+        assert f"--from-file={key}=" in readme, key
