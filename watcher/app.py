@@ -12,13 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from .accesslog import AccessEvent, AccessTracker, format_event, parse_datagram
+from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse_datagram,
+                        revoked_event)
 from .cache import update_hosts_block, write_if_changed
 from .config import Settings
 from .fetch import KeyFetcher
 from .model import KeyState
 from .reconcile import Reconciler, Snapshot
 from .render import Rendered
+from .revocation import RecentRevocations, Revocation
+from .sessions import SessionKiller
 from .sources.docker import DockerSource
 from .sources.manual import ManualKeySource
 from .sshd import SshdPaths, SshdProcess, check_config, ensure_host_keys, render_sshd_config
@@ -64,16 +67,26 @@ def hosts_writable(path: Path) -> bool:
 
 
 class AccessLog:
-    """sshd syslog datagrams -> access events -> access.log and stdout."""
+    """sshd syslog datagrams -> access events -> access.log and stdout; closes the sessions
+    of revoked keys.
+
+    Fed on the syslog thread, told of revocations on the reconcile thread: one lock around
+    the tracker, the recent revocations and the output.
+    """
 
     def __init__(self, path: Path, owners: Callable[[str], tuple[str, ...]],
-                 alias_owner: Callable[[str], str], stdout: TextIO = sys.stdout) -> None:
+                 alias_owner: Callable[[str], str], stdout: TextIO = sys.stdout,
+                 killer: SessionKiller | None = None) -> None:
         self.path = path
         self.owners = owners
         self.alias_owner = alias_owner
         self.stdout = stdout
+        self.killer = killer or SessionKiller()
         # Tunnels may stay open for days; the pid cap bounds memory anyway.
         self.tracker = AccessTracker(max_idle=7 * 86400)
+        self.recent = RecentRevocations()
+        self.closing: dict[int, float] = {}  # monitor pid -> start of a session being closed
+        self.lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(path, "a", buffering=1, encoding="utf-8")
         os.chmod(path, 0o644)
@@ -89,11 +102,52 @@ class AccessLog:
         if parsed is None:
             return
         pid, message = parsed
-        for event in self.tracker.feed(pid, message, time.time()):
-            line = format_event(event, self.target_of(event))
-            self.handle.write(line + "\n")
-            self.stdout.write(line + "\n")
-            self.stdout.flush()
+        with self.lock:
+            now = time.time()
+            for event in self.tracker.feed(pid, message, now):
+                self._write(format_event(event, self.target_of(event)))
+            if self.recent:
+                self._close_late_login(pid, now)
+
+    def revoke(self, revocations: list[Revocation]) -> None:
+        """Close every session of each revoked key, and remember the revocations for logins
+        that read the index before it changed (the reconcile thread calls this)."""
+        with self.lock:
+            now = time.time()
+            for revocation in revocations:
+                self.recent.note(revocation, now)
+                for session in self.tracker.sessions_of(revocation.fingerprint):
+                    self._close(session, revocation, now)
+
+    def _close_late_login(self, pid: int, now: float) -> None:
+        """A login accepted after a revocation of its key, from a connection that began before
+        the revoking write (it may have read the old grants): closed like the others."""
+        session = self.tracker.session_of(pid)
+        if session is None or self.closing.get(session.monitor) == session.start:
+            return
+        revocation = self.recent.for_login(session.fingerprint, session.start, now)
+        if revocation is not None:
+            self._close(session, revocation, now)
+
+    def _close(self, session: Session, revocation: Revocation, now: float) -> None:
+        self.closing = {m: s for m, s in self.closing.items() if now - s < self.recent.window}
+        self.closing[session.monitor] = session.start
+        try:
+            killed = self.killer.close(session)
+        except Exception:  # never take the reconciler (or the syslog thread) down
+            log.exception("cannot close the session of %s (sshd pid %d): it stays open until "
+                          "it ends", session.client, session.monitor)
+            return
+        if killed:
+            self._write(format_event(revoked_event(session, now, revocation.reason),
+                                     ",".join(revocation.targets) or "-"))
+            for event in self.tracker.end_session(session.monitor, now):
+                self._write(format_event(event, self.target_of(event)))
+
+    def _write(self, line: str) -> None:
+        self.handle.write(line + "\n")
+        self.stdout.write(line + "\n")
+        self.stdout.flush()
 
     def target_of(self, event: AccessEvent) -> str:
         if event.dest:
@@ -106,7 +160,8 @@ class AccessLog:
         return ",".join(self.owners(event.fingerprint)) or "-"
 
     def close(self) -> None:
-        self.handle.close()
+        with self.lock:
+            self.handle.close()
 
 
 class Supervisor:
@@ -151,9 +206,14 @@ class Supervisor:
             identity = self._identity(source)
             fetch = KeyFetcher(self.settings.publickey_api_port, self.settings.key_path,
                                source.exec_read).fetch
+        # The reconciler tells the access log of revoked keys; the access log asks it who
+        # owns a key (looked up when a line arrives, after both exist).
+        access = AccessLog(self.paths.access_log, lambda fp: reconciler.owners_of(fp),
+                           lambda alias: reconciler.alias_owner(alias))
         reconciler = Reconciler(self.settings, identity, fetch,
                                 OutputWriter(self.paths, pin_names, write_cache=not manual),
-                                self._publish, pin_names=pin_names, scope_manual=not manual)
+                                self._publish, access.revoke, pin_names=pin_names,
+                                scope_manual=not manual)
         keys = ManualKeySource(reconciler, self.paths.keys_dir,
                                seed_file=self.paths.cache if manual else None)
         keys.load()
@@ -162,7 +222,6 @@ class Supervisor:
         reconciler.run_once_pending()  # the index exists before sshd starts
 
         listener = SyslogListener(str(self.paths.syslog_socket))
-        access = AccessLog(self.paths.access_log, reconciler.owners_of, reconciler.alias_owner)
         self._thread(listener.serve, access, self.stop, name="syslog")
         self._start_sshd(hosts_enforced_by_sshd=manual)
         self._thread(reconciler.run, self.stop, name="reconcile")
