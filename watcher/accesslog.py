@@ -419,11 +419,13 @@ class AccessTracker:
 
     # -- revocation (sessions of a key whose grants shrank are closed) ------------------
 
-    def sessions_of(self, fingerprint: str) -> list[Session]:
-        """The logged-in connections that authenticated with `fingerprint`."""
+    def sessions_of(self, *fingerprints: str) -> list[Session]:
+        """The logged-in connections that authenticated with one of `fingerprints` (one pass
+        over the tracked pids, however many keys are asked for)."""
+        wanted = set(fingerprints)
         seen: dict[int, Session] = {}
         for conn in self._pids.values():
-            if conn.accepted and conn.fingerprint == fingerprint and conn.monitor not in seen:
+            if conn.accepted and conn.fingerprint in wanted and conn.monitor not in seen:
                 seen[conn.monitor] = _session(conn)
         return list(seen.values())
 

@@ -114,10 +114,11 @@ class AccessLog:
         that read the index before it changed (the reconcile thread calls this)."""
         with self.lock:
             now = time.time()
+            by_fp = {r.fingerprint: r for r in revocations}
             for revocation in revocations:
                 self.recent.note(revocation, now)
-                for session in self.tracker.sessions_of(revocation.fingerprint):
-                    self._close(session, revocation, now)
+            for session in self.tracker.sessions_of(*by_fp):
+                self._close(session, by_fp[session.fingerprint], now)
 
     def _close_late_login(self, pid: int, now: float) -> None:
         """A login accepted after a revocation of its key, from a connection that began before

@@ -19,6 +19,11 @@ GrantSets = Mapping[str, frozenset[GrantElement]]
 RACE_WINDOW = 60.0
 """Seconds a revocation is remembered for logins that read the index before it was
 written: sshd's LoginGraceTime (30 s) bounds a login, twice that to be safe."""
+LOG_LAG = 2.0
+"""Seconds by which sshd's `Connection from` may reach the watcher after sshd logged it
+(lines queued in /dev/log while the watcher is busy): a connection seen up to this long
+after a revoking write is still taken to have begun before it. A login that really began
+after it is closed once; it logs in again with the new grants."""
 
 # Reasons, most specific first: what became of the target a lost destination belonged to.
 TARGET_REMOVED = "target-removed"  # stopped, died or removed
@@ -126,8 +131,9 @@ class RecentRevocations:
     just after: `for_login` finds the revocation such a login must be closed for.
     """
 
-    def __init__(self, window: float = RACE_WINDOW) -> None:
+    def __init__(self, window: float = RACE_WINDOW, lag: float = LOG_LAG) -> None:
         self.window = window
+        self.lag = lag
         self._by_fp: dict[str, tuple[Revocation, float]] = {}  # fp -> (revocation, noted at)
 
     def __bool__(self) -> bool:
@@ -138,10 +144,11 @@ class RecentRevocations:
 
     def for_login(self, fingerprint: str, connected_at: float, now: float) -> Revocation | None:
         """The revocation of `fingerprint` written after a connection began at `connected_at`
-        (so its login may have read the old grants), or None."""
+        (when its `Connection from` arrived: so its login may have read the old grants), or
+        None."""
         self.prune(now)
         entry = self._by_fp.get(fingerprint)
-        if entry is None or connected_at > entry[0].at:
+        if entry is None or connected_at > entry[0].at + self.lag:
             return None
         return entry[0]
 

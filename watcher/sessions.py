@@ -73,6 +73,10 @@ class ProcFS:
             return False
 
     def children(self, pid: int) -> list[int]:
+        try:  # the kernel's list (CONFIG_PROC_CHILDREN); sshd is single-threaded
+            return [int(c) for c in (self.root / str(pid) / "task" / str(pid) / "children").read_text().split()]
+        except OSError:
+            pass
         found = []
         for entry in self.root.iterdir():
             if entry.name.isdigit():
@@ -98,9 +102,13 @@ class SessionKiller:
                 return False
             if not monitor.send(signal.SIGSTOP):
                 return False
-            for pid in {*self.proc.children(session.monitor), *([session.child] if session.child else [])}:
-                self._kill_child(pid, session.monitor)
-            return monitor.send(signal.SIGKILL)
+            try:
+                known = [session.child] if session.child else []
+                for pid in {*self.proc.children(session.monitor), *known}:
+                    self._kill_child(pid, session.monitor)
+            finally:  # never leave a monitor stopped
+                killed = monitor.send(signal.SIGKILL)
+            return killed
         finally:
             monitor.close()
 

@@ -696,6 +696,7 @@ def test_sessions_of_a_key_are_its_logged_in_connections() -> None:
         Session(14426, 14429, "127.0.0.1:56292", FP, "ED25519", T0 + 8),
     ]
     assert tracker.sessions_of(BAD_FP) == []
+    assert sorted(tracker.sessions_of(BAD_FP, FP), key=lambda s: s.monitor) == sessions
     assert tracker.session_of(14430) == sessions[0] == tracker.session_of(14425)
     assert tracker.session_of(99999) is None
 

@@ -178,7 +178,7 @@ def test_nothing_lost_nothing_revoked() -> None:
 # --- recent revocations (the login race) ----------------------------------------------------
 
 def test_recent_revocation_applies_to_connections_begun_before_the_write() -> None:
-    recent = RecentRevocations(window=60)
+    recent = RecentRevocations(window=60, lag=0)
     assert not recent
     revocation = Revocation("fp", TARGET_REMOVED, ("web",), at=100.0)
     recent.note(revocation, now=100.1)
@@ -188,6 +188,15 @@ def test_recent_revocation_applies_to_connections_begun_before_the_write() -> No
     assert recent.for_login("other", connected_at=99.5, now=100.2) is None
     assert recent.for_login("fp", connected_at=99.5, now=161.0) is None  # forgotten
     assert not recent
+
+
+def test_connection_seen_shortly_after_the_write_may_have_begun_before_it() -> None:
+    # Its `Connection from` may have waited in /dev/log while the watcher was busy.
+    recent = RecentRevocations(lag=2.0)
+    revocation = Revocation("fp", TARGET_REMOVED, ("web",), at=100.0)
+    recent.note(revocation, now=100.0)
+    assert recent.for_login("fp", connected_at=101.9, now=102.0) == revocation
+    assert recent.for_login("fp", connected_at=102.1, now=102.2) is None
 
 
 def test_latest_revocation_of_a_key_wins() -> None:
@@ -269,6 +278,7 @@ def test_revoke_closes_every_session_of_the_key_and_only_those(access) -> None:
 def test_login_that_read_the_old_index_is_closed_when_accepted(access) -> None:
     killer = FakeKiller()
     log, out = access(killer)
+    log.recent = RecentRevocations(lag=0)  # exact: lines arrive at once here
     connect(log, 100, 5000)  # before the write: may read the old grants
     log.revoke([Revocation(FP, TARGET_REMOVED, ("web",), at=time.time())])
     assert killer.closed == []
@@ -385,3 +395,22 @@ def test_killer_on_a_process_already_gone() -> None:
     proc.wait(timeout=10)
     session = Session(proc.pid, None, "10.0.0.1:5000", FP, "ED25519", time.time())
     assert not SessionKiller(python_procfs()).close(session)
+
+
+def write_stat(root: Path, pid: int, comm: str, ppid: int) -> None:
+    (root / str(pid)).mkdir()
+    rest = " ".join(["0"] * 40)
+    (root / str(pid) / "stat").write_text(f"{pid} ({comm}) S {ppid} {rest}\n")
+
+
+def test_children_found_by_scanning_without_the_kernels_list(tmp_path: Path) -> None:
+    write_stat(tmp_path, 100, "sshd", 1)
+    write_stat(tmp_path, 101, "sshd", 100)
+    write_stat(tmp_path, 102, "sshd) S 100 (", 1)  # a comm cannot fake its parent
+    write_stat(tmp_path, 103, "bash", 100)
+    (tmp_path / "self").mkdir()
+    proc = ProcFS(root=tmp_path)
+    assert sorted(proc.children(100)) == [101, 103]
+    info = proc.info(102)
+    assert info is not None and (info.comm, info.ppid) == ("sshd) S 100 (", 1)
+    assert proc.info(999) is None
