@@ -85,7 +85,8 @@ class AccessLog:
         # Tunnels may stay open for days; the pid cap bounds memory anyway.
         self.tracker = AccessTracker(max_idle=7 * 86400)
         self.recent = RecentRevocations()
-        self.closing: dict[int, float] = {}  # monitor pid -> start of a session being closed
+        # monitor pid -> (start, when) of each session closed lately: closed once only
+        self.closing: dict[int, tuple[float, float]] = {}
         self.lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(path, "a", buffering=1, encoding="utf-8")
@@ -124,15 +125,15 @@ class AccessLog:
         """A login accepted after a revocation of its key, from a connection that began before
         the revoking write (it may have read the old grants): closed like the others."""
         session = self.tracker.session_of(pid)
-        if session is None or self.closing.get(session.monitor) == session.start:
+        if session is None or self.closing.get(session.monitor, (None,))[0] == session.start:
             return
         revocation = self.recent.for_login(session.fingerprint, session.start, now)
         if revocation is not None:
             self._close(session, revocation, now)
 
     def _close(self, session: Session, revocation: Revocation, now: float) -> None:
-        self.closing = {m: s for m, s in self.closing.items() if now - s < self.recent.window}
-        self.closing[session.monitor] = session.start
+        self.closing = {m: c for m, c in self.closing.items() if now - c[1] < self.recent.window}
+        self.closing[session.monitor] = (session.start, now)
         try:
             killed = self.killer.close(session)
         except Exception:  # never take the reconciler (or the syslog thread) down

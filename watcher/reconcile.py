@@ -22,7 +22,7 @@ import tenacity
 from . import backoff
 from .config import Settings
 from .model import KeyState, ManualLine, Target
-from .render import Rendered, ServedTarget, render
+from .render import GrantElement, Rendered, ServedTarget, render
 from .revocation import Revocation, TargetRef, World, revocations
 from .revocation import TARGET_DISCONNECTED, TARGET_NOT_PERMITTED
 from .targets import ProxyIdentity, is_permitted, resolve_aliases
@@ -136,7 +136,7 @@ class Reconciler:
         self._last_dirty = 0.0
         self._lock = threading.Lock()  # guards `owners` for readers on other threads
         self._world = World()  # what the last render was made from, and what it granted
-        self._grants: dict[str, frozenset] = {}
+        self._grants: dict[str, frozenset[GrantElement]] = {}
 
     # ---- inputs: safe from any thread -------------------------------------------------
     def upsert(self, target: Target) -> None:

@@ -301,6 +301,21 @@ def test_a_session_that_ended_by_itself_is_not_reported(access) -> None:
     assert lines(out, "revoked") == [] and lines(out, "closed") == []
 
 
+def test_an_old_session_that_could_not_be_killed_is_tried_once(access, monkeypatch) -> None:
+    clock = [1_000_000.0]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    killer = FakeKiller(result=False)
+    log, out = access(killer)
+    connect(log, 100, 5000)
+    accept(log, 100, 5000, child=101)
+    clock[0] += 3600  # connected an hour before the revocation
+    log.revoke([Revocation(FP, TARGET_REMOVED, ("web",), at=clock[0])])
+    for _ in range(3):
+        clock[0] += 1
+        log(datagram(101, "debug1: channel 0: new direct-tcpip [direct-tcpip] (inactive timeout: 0)"))
+    assert len(killer.closed) == 1
+
+
 def test_a_failing_killer_does_not_raise(access) -> None:
     log, out = access(FakeKiller(result=PermissionError("denied")))
     connect(log, 100, 5000)
