@@ -309,11 +309,13 @@ def test_an_old_session_that_could_not_be_killed_is_tried_once(access, monkeypat
     connect(log, 100, 5000)
     accept(log, 100, 5000, child=101)
     clock[0] += 3600  # connected an hour before the revocation
+    connect(log, 200, 5001)  # and a recent one (closing it must not forget the first)
+    accept(log, 200, 5001, child=201)
     log.revoke([Revocation(FP, TARGET_REMOVED, ("web",), at=clock[0])])
     for _ in range(3):
         clock[0] += 1
         log(datagram(101, "debug1: channel 0: new direct-tcpip [direct-tcpip] (inactive timeout: 0)"))
-    assert len(killer.closed) == 1
+    assert [s.monitor for s in killer.closed] == [100, 200]
 
 
 def test_a_failing_killer_does_not_raise(access) -> None:
