@@ -98,7 +98,8 @@ class SessionKiller:
             info = self.proc.info(session.monitor)
             if (info is None or not self.proc.is_sshd(info)
                     or info.started > session.start + START_SLACK):
-                log.info("session of %s (pid %d) already gone", session.client, session.monitor)
+                log.info("session of %s: sshd pid %d has exited (or is another process now); "
+                         "nothing to close", session.client, session.monitor)
                 return False
             if not monitor.send(signal.SIGSTOP):
                 return False
