@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (KeyPair, Proxy, SshClient, free_port, read_banner, wait_for_event,
+from helpers import (KeyPair, Proxy, SshClient, docker, free_port, read_banner, wait_for_event,
                      wait_for_login, wait_until)
 
 KEYS_DIR = "/etc/ssh/authorized_keys.d"
@@ -154,3 +154,30 @@ def test_manual_line_removed_closes_session(start_target, start_proxy, keypair, 
     assert event["target"] == target.name, event
     # The target's own key is another key: untouched.
     assert by_owner.alive() and by_owner.banner().startswith("SSH-2.0-")
+
+
+def test_renamed_and_disconnected_targets_close_sessions(start_target, start_proxy, keypair, hold,
+                                                         test_network):
+    sfx = secrets.token_hex(3)
+    renamed_key, gone_key = keypair("renamed"), keypair("gone")
+    # (its hostname is an alias of its own: another than the name, so the old name goes)
+    renamed = start_target(f"rv-r-{sfx}", renamed_key, hostname=f"rv-host-{sfx}")
+    leaving = start_target(f"rv-d-{sfx}", gone_key)
+    proxy = start_proxy(env={"SSH_PERMIT_TARGET_HOST": f"*-{sfx}"})
+    wait_for_login(SshClient(proxy, renamed_key), renamed.name)
+    wait_for_login(SshClient(proxy, gone_key), leaving.name)
+    by_name = hold(proxy, renamed_key, f"{renamed.name}:22")
+    on_network = hold(proxy, gone_key, f"{leaving.name}:22")
+
+    old_name = renamed.name
+    docker("rename", renamed.id, f"rv-r2-{sfx}")
+    renamed.name = f"rv-r2-{sfx}"
+    assert closed(by_name), "the session survived the rename of its target"
+    event = wait_for_event(proxy, event="revoked", fp=renamed_key.fingerprint, deadline=10)
+    assert event["reason"] == "target-renamed" and event["target"] == old_name, event
+    assert on_network.alive()
+
+    leaving.disconnect(test_network)
+    assert closed(on_network), "the session survived its target leaving the proxy's network"
+    event = wait_for_event(proxy, event="revoked", fp=gone_key.fingerprint, deadline=10)
+    assert event["reason"] == "target-disconnected" and event["target"] == leaving.name, event
