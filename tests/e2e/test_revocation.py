@@ -5,7 +5,6 @@ nothing (the same grants from another source, or other keys) stay open and keep 
 from __future__ import annotations
 
 import secrets
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
