@@ -113,6 +113,12 @@ class AccessLog:
     def revoke(self, revocations: list[Revocation]) -> None:
         """Close every session of each revoked key, and remember the revocations for logins
         that read the index before it changed (the reconcile thread calls this)."""
+        try:
+            self._revoke(revocations)
+        except Exception:  # the access log must not take the reconciler down
+            log.exception("access log: cannot handle the revocation of %d key(s)", len(revocations))
+
+    def _revoke(self, revocations: list[Revocation]) -> None:
         with self.lock:
             now = time.time()
             by_fp = {r.fingerprint: r for r in revocations}
@@ -140,11 +146,16 @@ class AccessLog:
             log.exception("cannot close the session of %s (sshd pid %d): it stays open until "
                           "it ends", session.client, session.monitor)
             return
-        if killed:
+        if not killed:
+            return
+        events = self.tracker.end_session(session.monitor, now)
+        try:
             self._write(format_event(revoked_event(session, now, revocation.reason),
                                      ",".join(revocation.targets) or "-"))
-            for event in self.tracker.end_session(session.monitor, now):
+            for event in events:
                 self._write(format_event(event, self.target_of(event)))
+        except Exception:  # closed all the same; the next session must be closed too
+            log.exception("access log: cannot write the revocation of %s's session", session.client)
 
     def _write(self, line: str) -> None:
         self.handle.write(line + "\n")

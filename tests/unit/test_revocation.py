@@ -318,6 +318,18 @@ def test_an_old_session_that_could_not_be_killed_is_tried_once(access, monkeypat
     assert [s.monitor for s in killer.closed] == [100, 200]
 
 
+def test_an_unwritable_log_does_not_raise(access) -> None:
+    killer = FakeKiller()
+    log, out = access(killer)
+    for pid, port in ((100, 5000), (200, 5001)):
+        connect(log, pid, port)
+        accept(log, pid, port, child=pid + 1)
+    log.handle.close()  # writing now raises ValueError
+    log.revoke([Revocation(FP, TARGET_REMOVED, ("web",), at=time.time())])
+    assert sorted(s.monitor for s in killer.closed) == [100, 200]  # closed all the same
+    assert log.tracker.sessions_of(FP) == []
+
+
 def test_a_failing_killer_does_not_raise(access) -> None:
     log, out = access(FakeKiller(result=PermissionError("denied")))
     connect(log, 100, 5000)
