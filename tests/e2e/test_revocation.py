@@ -7,12 +7,13 @@ from __future__ import annotations
 import secrets
 import subprocess
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from helpers import (KeyPair, Proxy, SshClient, docker, free_port, read_banner, wait_for_event,
-                     wait_for_login, wait_until)
+from helpers import (KeyPair, Proxy, SshClient, docker, free_port, parse_logfmt, read_banner,
+                     wait_for_event, wait_for_login, wait_until)
 
 KEYS_DIR = "/etc/ssh/authorized_keys.d"
 INDEX = "/etc/ssh/authorized_keys.index"
@@ -67,6 +68,16 @@ def closed(tunnel: HeldTunnel, deadline: float = 15) -> bool:
     return not tunnel.banner()
 
 
+def report_delay(proxy: Proxy, watcher_line: str, event: dict[str, str]) -> None:
+    """Prints (never asserts: shared, noisy machines) the seconds from the watcher applying
+    a change to the session being closed, both by the proxy's clock."""
+    stamps = [parse_logfmt(line).get("ts", "") for line in proxy.logs().splitlines() if watcher_line in line]
+    if stamps and stamps[0]:
+        seen = datetime.fromisoformat(stamps[0].replace("Z", "+00:00"))
+        closed_at = datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
+        print(f"\nchange applied -> session closed: {(closed_at - seen).total_seconds():.3f} s")
+
+
 def test_removed_target_closes_held_session(start_target, start_proxy, keypair, hold):
     sfx = secrets.token_hex(3)
     key, other = keypair("ws"), keypair("other")
@@ -85,6 +96,7 @@ def test_removed_target_closes_held_session(start_target, start_proxy, keypair, 
     assert event["reason"] == "target-removed", event
     assert event["target"] == target.name, event
     assert event["client"] and event["key"] == "ED25519", event
+    report_delay(proxy, f'msg="target removed: {target.name}"', event)
     wait_for_event(proxy, event="closed", fp=key.fingerprint, client=event["client"], deadline=10)
     # Another key's session is never touched.
     assert unrelated.alive() and unrelated.banner().startswith("SSH-2.0-")
