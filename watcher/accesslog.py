@@ -52,6 +52,7 @@ EVENTS = (
     "session-refused",
     "forward-refused",
     "closed",
+    "revoked",
 )
 
 DEFAULT_MAX_IDLE = 3600.0
@@ -415,6 +416,55 @@ class AccessTracker:
                 self._forget(oldest)
             else:
                 break
+
+    # -- revocation (sessions of a key whose grants shrank are closed) ------------------
+
+    def sessions_of(self, *fingerprints: str) -> list[Session]:
+        """The logged-in connections that authenticated with one of `fingerprints` (one pass
+        over the tracked pids, however many keys are asked for)."""
+        wanted = set(fingerprints)
+        seen: dict[int, Session] = {}
+        for conn in self._pids.values():
+            if conn.accepted and conn.fingerprint in wanted and conn.monitor not in seen:
+                seen[conn.monitor] = _session(conn)
+        return list(seen.values())
+
+    def session_of(self, pid: int) -> Session | None:
+        """The logged-in connection process `pid` (monitor or child) belongs to, if any."""
+        conn = self._pids.get(pid)
+        return _session(conn) if conn is not None and conn.accepted else None
+
+    def end_session(self, monitor: int, now: float) -> list[AccessEvent]:
+        """The connection of `monitor` was killed (it logs no end): its `closed` event, and
+        it is forgotten."""
+        conn = self._pids.get(monitor)
+        if conn is None or conn.monitor != monitor:
+            return []
+        events: list[AccessEvent] = []
+        self._end(conn, now, events)
+        return events
+
+
+@dataclass(frozen=True)
+class Session:
+    """A logged-in connection, as `AccessTracker.sessions_of` reports it."""
+
+    monitor: int  # pid of the per-connection sshd (root)
+    child: int | None  # pid of the post-auth child (limited-user), once sshd logged it
+    client: str  # "ip:port"
+    fingerprint: str
+    key_type: str
+    start: float  # when its `Connection from` arrived (epoch seconds)
+
+
+def _session(conn: _Connection) -> Session:
+    return Session(conn.monitor, conn.child, conn.client, conn.fingerprint, conn.key_type, conn.start)
+
+
+def revoked_event(session: Session, now: float, reason: str) -> AccessEvent:
+    """`revoked`: the session's key lost a grant (`reason`), so the session was closed."""
+    return AccessEvent(time=now, event="revoked", client=session.client,
+                       fingerprint=session.fingerprint, key_type=session.key_type, reason=reason)
 
 
 # --- output ------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from .accesslog import AccessEvent, AccessTracker, format_event, parse_datagram
+from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse_datagram,
+                        revoked_event)
 from .cache import read_unmanaged_hosts, update_hosts_block, write_if_changed
 from .config import RunMode, Settings
 from .fetch import KeyFetcher
@@ -21,6 +22,8 @@ from .model import KeyState
 from .platforms import platform_for
 from .reconcile import Reconciler, Snapshot
 from .render import Rendered
+from .revocation import RecentRevocations, Revocation
+from .sessions import SessionKiller
 from .sources.base import PlatformClient
 from .sources.manual import ManualKeySource
 from .sshd import SshdPaths, SshdProcess, check_config, ensure_host_keys, render_sshd_config
@@ -66,16 +69,27 @@ def hosts_writable(path: Path) -> bool:
 
 
 class AccessLog:
-    """sshd syslog datagrams -> access events -> access.log and stdout."""
+    """sshd syslog datagrams -> access events -> access.log and stdout; closes the sessions
+    of revoked keys.
+
+    Fed on the syslog thread, told of revocations on the reconcile thread: one lock around
+    the tracker, the recent revocations and the output.
+    """
 
     def __init__(self, path: Path, owners: Callable[[str], tuple[str, ...]],
-                 alias_owner: Callable[[str], str], stdout: TextIO = sys.stdout) -> None:
+                 alias_owner: Callable[[str], str], stdout: TextIO = sys.stdout,
+                 killer: SessionKiller | None = None) -> None:
         self.path = path
         self.owners = owners
         self.alias_owner = alias_owner
         self.stdout = stdout
+        self.killer = killer or SessionKiller()
         # Tunnels may stay open for days; the pid cap bounds memory anyway.
         self.tracker = AccessTracker(max_idle=7 * 86400)
+        self.recent = RecentRevocations()
+        # monitor pid -> (start, when) of each session closed lately: closed once only
+        self.closing: dict[int, tuple[float, float]] = {}
+        self.lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         self.handle = open(path, "a", buffering=1, encoding="utf-8")
         os.chmod(path, 0o644)
@@ -91,11 +105,64 @@ class AccessLog:
         if parsed is None:
             return
         pid, message = parsed
-        for event in self.tracker.feed(pid, message, time.time()):
-            line = format_event(event, self.target_of(event))
-            self.handle.write(line + "\n")
-            self.stdout.write(line + "\n")
-            self.stdout.flush()
+        with self.lock:
+            now = time.time()
+            for event in self.tracker.feed(pid, message, now):
+                self._write(format_event(event, self.target_of(event)))
+            if self.recent:
+                self._close_late_login(pid, now)
+
+    def revoke(self, revocations: list[Revocation]) -> None:
+        """Close every session of each revoked key, and remember the revocations for logins
+        that read the index before it changed (the reconcile thread calls this)."""
+        try:
+            self._revoke(revocations)
+        except Exception:  # the access log must not take the reconciler down
+            log.exception("access log: cannot handle the revocation of %d key(s)", len(revocations))
+
+    def _revoke(self, revocations: list[Revocation]) -> None:
+        with self.lock:
+            now = time.time()
+            by_fp = {r.fingerprint: r for r in revocations}
+            for revocation in revocations:
+                self.recent.note(revocation, now)
+            for session in self.tracker.sessions_of(*by_fp):
+                self._close(session, by_fp[session.fingerprint], now)
+
+    def _close_late_login(self, pid: int, now: float) -> None:
+        """A login accepted after a revocation of its key, from a connection that began before
+        the revoking write (it may have read the old grants): closed like the others."""
+        session = self.tracker.session_of(pid)
+        if session is None or self.closing.get(session.monitor, (None,))[0] == session.start:
+            return
+        revocation = self.recent.for_login(session.fingerprint, session.start, now)
+        if revocation is not None:
+            self._close(session, revocation, now)
+
+    def _close(self, session: Session, revocation: Revocation, now: float) -> None:
+        self.closing = {m: c for m, c in self.closing.items() if now - c[1] < self.recent.window}
+        self.closing[session.monitor] = (session.start, now)
+        try:
+            killed = self.killer.close(session)
+        except Exception:  # never take the reconciler (or the syslog thread) down
+            log.exception("cannot close the session of %s (sshd pid %d): it stays open until "
+                          "it ends", session.client, session.monitor)
+            return
+        if not killed:
+            return
+        events = self.tracker.end_session(session.monitor, now)
+        try:
+            self._write(format_event(revoked_event(session, now, revocation.reason),
+                                     ",".join(revocation.targets) or "-"))
+            for event in events:
+                self._write(format_event(event, self.target_of(event)))
+        except Exception:  # closed all the same; the next session must be closed too
+            log.exception("access log: cannot write the revocation of %s's session", session.client)
+
+    def _write(self, line: str) -> None:
+        self.handle.write(line + "\n")
+        self.stdout.write(line + "\n")
+        self.stdout.flush()
 
     def target_of(self, event: AccessEvent) -> str:
         if event.dest:
@@ -108,7 +175,8 @@ class AccessLog:
         return ",".join(self.owners(event.fingerprint)) or "-"
 
     def close(self) -> None:
-        self.handle.close()
+        with self.lock:
+            self.handle.close()
 
 
 class Supervisor:
@@ -153,9 +221,13 @@ class Supervisor:
             identity = self._identity(client)
             fetch = KeyFetcher(self.settings.publickey_api_port, self.settings.key_path,
                                client.exec_read).fetch
+        # The reconciler tells the access log of revoked keys; the access log asks it who
+        # owns a key (looked up when a line arrives, after both exist).
+        access = AccessLog(self.paths.access_log, lambda fp: reconciler.owners_of(fp),
+                           lambda alias: reconciler.alias_owner(alias))
         reconciler = Reconciler(self.settings, identity, fetch,
                                 OutputWriter(self.paths, mode, pin_names),
-                                self._publish, pin_names=pin_names,
+                                self._publish, access.revoke, pin_names=pin_names,
                                 unmanaged_hosts=lambda: read_unmanaged_hosts(self.paths.hosts),
                                 local_names=local_names() if mode.discovers else frozenset())
         keys = ManualKeySource(reconciler, self.paths.keys_dir,
@@ -164,7 +236,6 @@ class Supervisor:
         reconciler.run_once_pending()  # the index exists before sshd starts
 
         listener = SyslogListener(str(self.paths.syslog_socket))
-        access = AccessLog(self.paths.access_log, reconciler.owners_of, reconciler.alias_owner)
         self._thread(listener.serve, access, self.stop, name="syslog")
         self._start_sshd()
         self._thread(reconciler.run, self.stop, name="reconcile")

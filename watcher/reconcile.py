@@ -22,7 +22,9 @@ import tenacity
 from . import backoff
 from .config import Settings
 from .model import KeyState, ManualLine, Target
-from .render import Rendered, ServedTarget, render
+from .render import GrantElement, Rendered, ServedTarget, render
+from .revocation import Revocation, TargetRef, World, revocations
+from .revocation import TARGET_DISCONNECTED, TARGET_NOT_PERMITTED
 from .targets import (ProxyIdentity, ReservedNames, container_reservations, fold,
                       hosts_file_reservations, is_permitted, permitopen_reservations,
                       proxy_reservations, resolve_aliases)
@@ -109,6 +111,7 @@ class Reconciler:
                  fetch: Callable[[Target], KeyState],
                  write: Callable[[Rendered], bool],
                  publish: Callable[[Snapshot], None] = lambda s: None,
+                 revoke: Callable[[list[Revocation]], None] = lambda r: None,
                  pin_names: bool = True, pool_size: int = 8,
                  min_wait: float = 0.1, max_wait: float = 1.0,
                  clock: Callable[[], float] = time.monotonic,
@@ -119,6 +122,7 @@ class Reconciler:
         self.fetch = fetch
         self.write = write
         self.publish = publish
+        self.revoke = revoke  # keys that lost grants, after the index without them is written
         self.pin_names = pin_names
         self.min_wait = min_wait
         self.max_wait = max_wait
@@ -143,6 +147,8 @@ class Reconciler:
         self._first_dirty: float | None = None
         self._last_dirty = 0.0
         self._lock = threading.Lock()  # guards `owners` for readers on other threads
+        self._world = World()  # what the last render was made from, and what it granted
+        self._grants: dict[str, frozenset[GrantElement]] = {}
 
     # ---- inputs: safe from any thread -------------------------------------------------
     def upsert(self, target: Target) -> None:
@@ -353,6 +359,14 @@ class Reconciler:
         if self.write(rendered):
             self.writes += 1
             self.last_write = time.time()
+        # Only now: a login from here on reads the new index, so closing the sessions
+        # that lost grants cannot race a login that still sees them.
+        written_at = time.time()
+        world = self._world_of(plan.aliases, rendered)
+        revoked = revocations(self._world, world, self._grants, rendered.grants, written_at)
+        self._world, self._grants = world, rendered.grants
+        if revoked:
+            self.revoke(revoked)
         names = {e.target.id: e.target.name for e in self.entries.values()}
         with self._lock:
             self.owners = rendered.owners
@@ -381,6 +395,19 @@ class Reconciler:
             if (name, alias, reason) not in self._refused_logged:
                 log.warning("target %r: alias %r refused: %s", name, alias, reason)
         self._refused_logged = current
+
+    def _world_of(self, aliases: dict[str, tuple[str, ...]], rendered: Rendered) -> World:
+        targets = {tid: TargetRef(tid, e.target.name, e.target.address, e.target.started_at)
+                   for tid, e in self.entries.items()}
+        excluded = {tid: TARGET_NOT_PERMITTED if is_permitted(t, self.settings) else TARGET_DISCONNECTED
+                    for tid, (t, _) in self.ignored.items()}
+        manual: dict[str, set[tuple[str, ...]]] = {}
+        for line in self.manual:
+            manual.setdefault(line.key.fingerprint, set()).add(line.options)
+        return World(targets=targets,
+                     hosts={alias: tid for tid, names in aliases.items() for alias in names},
+                     excluded=excluded, manual={fp: frozenset(o) for fp, o in manual.items()},
+                     owners=rendered.owners)
 
     def _snapshot(self, aliases: dict, refused: tuple, rendered: Rendered) -> Snapshot:
         rows = []

@@ -30,6 +30,15 @@ class ServedTarget:
     keys: tuple[PublicKey, ...]
 
 
+ANY_DEST = "any"
+"""The destination of a line without permitopen (sshd_config's PermitOpen governs): its own
+element, never a superset of named ones. No permitopen value is spelled so (they hold ':')."""
+
+GrantElement = tuple[tuple[str, ...], str]
+"""(conditions, destination): options that decide whether a line applies, and one
+permitopen value ("host:port") or ANY_DEST."""
+
+
 @dataclass(frozen=True)
 class Rendered:
     cache: str
@@ -37,6 +46,8 @@ class Rendered:
     hosts_block: str
     # fingerprint -> names of the targets (or manual files) the key opens: for the access log.
     owners: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # fingerprint -> what sshd gives the key (see grant_set): revocation compares these.
+    grants: dict[str, frozenset[GrantElement]] = field(default_factory=dict)
 
 
 def permitopen_options(aliases: Iterable[str], ports: Iterable[str]) -> list[str]:
@@ -103,6 +114,18 @@ def manual_grants(lines: Iterable[ManualLine], scope: list[str] | None = None) -
 def _conditions(grant: Grant) -> tuple[str, ...]:
     """Options that decide whether a line applies at all (from=, expiry-time, no-* ...)."""
     return tuple(o for o in grant.options if not o.startswith("permitopen="))
+
+
+def grant_set(grant: Grant) -> frozenset[GrantElement]:
+    """What one rendered line gives its key: a (conditions, destination) pair per tunnel
+    destination; nothing for a line without tunnels."""
+    if not grant.tunnels:
+        return frozenset()
+    conditions = _conditions(grant)
+    if grant.unscoped:
+        return frozenset({(conditions, ANY_DEST)})
+    return frozenset((conditions, o[len("permitopen="):].strip('"'))
+                     for o in grant.options if o.startswith("permitopen="))
 
 
 def merge_grants(grants: Iterable[Grant]) -> list[Grant]:
@@ -202,6 +225,10 @@ def render(served: Iterable[ServedTarget], ports: tuple[str, ...],
     header = "# ssh-proxy authorized keys: rendered by the watcher, do not edit\n"
     cache = header + "".join(line + "\n" for _, _, line in lines)
     index = "".join(f"{fp} {line}\n" for fp, _, line in lines)
+    grants: dict[str, frozenset[GrantElement]] = {}
+    for grant in merged:
+        fp = grant.key.fingerprint
+        grants[fp] = grants.get(fp, frozenset()) | grant_set(grant)
     owners: dict[str, list[str]] = {}
     for item in served:
         if item.aliases:
@@ -210,7 +237,8 @@ def render(served: Iterable[ServedTarget], ports: tuple[str, ...],
     for item in manual:
         owners.setdefault(item.key.fingerprint, []).append(item.origin)
     return Rendered(cache=cache, index=index, hosts_block=render_hosts_block(served, pinned_elsewhere),
-                    owners={fp: tuple(sorted(set(v))) for fp, v in owners.items()})
+                    owners={fp: tuple(sorted(set(v))) for fp, v in owners.items()},
+                    grants=grants)
 
 
 def splice_hosts_block(hosts: str, block: str) -> str:

@@ -17,10 +17,12 @@ from watcher.accesslog import (
     MAX_MESSAGE,
     AccessEvent,
     AccessTracker,
+    Session,
     format_event,
     format_timestamp,
     logfmt_value,
     parse_datagram,
+    revoked_event,
 )
 
 DATA = Path(__file__).parent / "data"
@@ -670,3 +672,55 @@ def test_orphan_buffer_is_bounded() -> None:
     # Old orphans expire.
     tracker.feed(1, "debug1: late", T0 + 3600)
     assert list(tracker._orphans) == [1]
+
+
+# --- revocation queries ------------------------------------------------------------------
+
+
+def feed_lines(tracker: AccessTracker, name: str, start: int, stop: int) -> None:
+    """Feeds the fixture's lines start+1..stop (the one at index i at T0 + i, as replay does)."""
+    for index, raw in enumerate(datagrams(name)[start:stop], start=start):
+        parsed = parse_datagram(raw)
+        if parsed is not None:
+            tracker.feed(*parsed, T0 + index)
+
+
+def test_sessions_of_a_key_are_its_logged_in_connections() -> None:
+    tracker = AccessTracker()
+    feed_lines(tracker, "sshd-concurrent.log", 0, 101)  # both connected, none accepted yet
+    assert tracker.sessions_of(FP) == []
+    feed_lines(tracker, "sshd-concurrent.log", 101, 141)  # both accepted, children linked
+    sessions = sorted(tracker.sessions_of(FP), key=lambda s: s.monitor)
+    assert sessions == [
+        Session(14425, 14430, "127.0.0.1:56290", FP, "ED25519", T0 + 9),
+        Session(14426, 14429, "127.0.0.1:56292", FP, "ED25519", T0 + 8),
+    ]
+    assert tracker.sessions_of(BAD_FP) == []
+    assert sorted(tracker.sessions_of(BAD_FP, FP), key=lambda s: s.monitor) == sessions
+    assert tracker.session_of(14430) == sessions[0] == tracker.session_of(14425)
+    assert tracker.session_of(99999) is None
+
+
+def test_session_known_before_its_child_is() -> None:
+    tracker = AccessTracker()
+    feed_lines(tracker, "sshd-concurrent.log", 0, 103)  # 14426 accepted (line 103), no child yet
+    [session] = tracker.sessions_of(FP)
+    assert (session.monitor, session.child) == (14426, None)
+
+
+def test_end_session_gives_closed_and_forgets_it() -> None:
+    tracker = AccessTracker()
+    feed_lines(tracker, "sshd-concurrent.log", 0, 141)
+    assert tracker.end_session(14429, T0 + 500) == []  # a child pid is not a monitor
+    assert tracker.end_session(14426, T0 + 500) == [
+        ev(500, "closed", "127.0.0.1:56292", duration=492.0)]
+    assert tracker.session_of(14426) is None and tracker.session_of(14429) is None
+    assert [s.monitor for s in tracker.sessions_of(FP)] == [14425]
+    assert tracker.end_session(14426, T0 + 501) == []
+
+
+def test_revoked_event_format() -> None:
+    session = Session(14426, 14429, "127.0.0.1:56292", FP, "ED25519", T0)
+    line = format_event(revoked_event(session, T0 + 1, "target-removed,target-renamed"), "web,db")
+    assert line == (f"{format_timestamp(T0 + 1)} event=revoked client=127.0.0.1:56292 fp={FP} "
+                    "key=ED25519 target=web,db reason=target-removed,target-renamed")

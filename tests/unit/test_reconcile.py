@@ -16,6 +16,7 @@ from watcher.config import Settings, load_settings
 from watcher.model import KeyState, ManualLine, PublicKey, Target
 from watcher.reconcile import Reconciler, Snapshot, _Fetched, retry_delay
 from watcher.render import Rendered
+from watcher.revocation import Revocation
 from watcher.targets import ProxyIdentity
 
 PROXY = ProxyIdentity(names=frozenset({"ssh-proxy"}), addresses=frozenset({"172.18.0.2"}))
@@ -728,3 +729,88 @@ def test_proxy_identity_learned_later_is_applied(h: Harness) -> None:
     h.settle()
     assert 'gateway-name' not in h.index_lines()[0]
     assert ("web", "gateway-name", "name of the proxy itself") in h.snapshot.refused_aliases
+
+
+# --- revocation: keys that lost a grant, handed on after the write --------------------------
+
+class Revoked:
+    """The reconciler's revoke callback: records each call with the index written before it."""
+
+    def __init__(self, harness: Harness) -> None:
+        self.harness = harness
+        self.calls: list[tuple[list[Revocation], str]] = []
+
+    def __call__(self, revocations: list[Revocation]) -> None:
+        self.calls.append((revocations, self.harness.last.index))
+
+    def reasons(self) -> list[tuple[str, str, tuple[str, ...]]]:
+        return [(r.fingerprint, r.reason, r.targets) for call, _ in self.calls for r in call]
+
+
+@pytest.fixture
+def rv() -> Iterator[tuple[Harness, Revoked]]:
+    harness = Harness(load_settings({"SSH_PERMIT_TARGET_HOST": "web*,db*"}))
+    harness.rec.pool.shutdown(wait=True)
+    revoked = Revoked(harness)
+    harness.rec = Reconciler(harness.rec.settings, PROXY, harness.fetch, harness.write,
+                             harness.snapshots.append, revoked, clock=harness.clock)
+    harness.fetch.results.update({"web": ok(KA), "web2": ok(KA), "db": ok(KB), "db2": ok(KB)})
+    yield harness, revoked
+    harness.rec.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_removed_target_revoked_after_the_index_without_it_is_written(rv) -> None:
+    h, revoked = rv
+    h.rec.upsert(target("web", 1))
+    h.rec.upsert(target("db", 2))
+    h.settle()
+    assert revoked.calls == []
+    h.rec.remove(target("web", 1).id)
+    h.settle()
+    [(call, index_then)] = revoked.calls
+    assert [(r.fingerprint, r.reason, r.targets) for r in call] == [(KA.fingerprint, "target-removed", ("web",))]
+    assert KA.fingerprint not in index_then and KB.fingerprint in index_then
+    assert call[0].at >= h.rec.last_write
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda t: replace(t, name="web-renamed"), "target-renamed"),
+    (lambda t: replace(t, address="172.18.0.99"), "target-readdressed"),
+    (lambda t: replace(t, address=""), "target-disconnected"),
+    (lambda t: replace(t, name="other"), "target-not-permitted"),  # SSH_PERMIT_TARGET_HOST=web*,db*
+    (lambda t: replace(t, started_at="2024-02-02T00:00:00Z"), "target-restarted"),
+])
+def test_each_change_of_a_target_gives_its_reason(rv, change, reason) -> None:
+    h, revoked = rv
+    web = target("web", 1)
+    h.rec.upsert(web)
+    h.settle()
+    h.fetch.results["web"] = failed()  # a refetch finds nothing: the change alone decides
+    h.rec.upsert(change(web))
+    h.settle()
+    assert revoked.reasons() == [(KA.fingerprint, reason, ("web",))]
+
+
+def test_manual_line_removed_is_revoked(rv) -> None:
+    h, revoked = rv
+    h.rec.set_manual([ManualLine("admin.pub:1", ('permitopen="db-x:22"',), KC)])
+    h.settle()
+    h.rec.set_manual([])
+    h.settle()
+    assert revoked.reasons() == [(KC.fingerprint, "manual-line-removed", ("admin.pub:1",))]
+
+
+def test_grants_that_grow_or_stay_revoke_nothing(rv) -> None:
+    h, revoked = rv
+    h.rec.upsert(target("web", 1))
+    h.rec.upsert(target("db", 2))
+    h.settle()
+    h.rec.upsert(target("web2", 3))  # the same key now opens a second target too
+    h.rec.set_manual([ManualLine("admin.pub:1", ('permitopen="db-x:22"',), KA)])
+    h.settle()
+    h.rec.remove(target("db", 2).id)  # another key's target
+    h.settle()
+    assert [fp for fp, _, _ in revoked.reasons()] == [KB.fingerprint]
+    h.rec.remove(target("web2", 3).id)  # the shared key loses web2, keeps web
+    h.settle()
+    assert revoked.reasons()[1:] == [(KA.fingerprint, "target-removed", ("web2",))]

@@ -1,0 +1,157 @@
+"""Which keys lost a grant between two renders, and why. Pure.
+
+sshd fixes a key's grants (its `permitopen` options) when the key logs in: a connection
+held open keeps them after the index no longer has them. So after every write of the
+index the reconciler asks `revocations` which fingerprints lost something; the sessions
+of those keys are then closed (see app.AccessLog.revoke). A key whose grants only grew,
+or that keeps the same grants from another source, keeps its sessions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .render import ANY_DEST, GrantElement
+
+GrantSets = Mapping[str, frozenset[GrantElement]]
+
+RACE_WINDOW = 60.0
+"""Seconds a revocation is remembered for logins that read the index before it was
+written: sshd's LoginGraceTime (30 s) bounds a login, twice that to be safe."""
+LOG_LAG = 2.0
+"""Seconds by which sshd's `Connection from` may reach the watcher after sshd logged it
+(lines queued in /dev/log while the watcher is busy): a connection seen up to this long
+after a revoking write is still taken to have begun before it. A login that really began
+after it is closed once; it logs in again with the new grants."""
+
+# Reasons, most specific first: what became of the target a lost destination belonged to.
+TARGET_REMOVED = "target-removed"  # stopped, died or removed
+TARGET_RENAMED = "target-renamed"
+TARGET_READDRESSED = "target-readdressed"
+TARGET_RESTARTED = "target-restarted"  # its key is fetched again; not granted meanwhile
+TARGET_NOT_PERMITTED = "target-not-permitted"
+TARGET_DISCONNECTED = "target-disconnected"  # shares no network with the proxy any more
+MANUAL_LINE_REMOVED = "manual-line-removed"  # removed or edited in authorized_keys.d
+GRANT_WITHDRAWN = "grant-withdrawn"  # a granted name withdrawn, the key not published, ...
+
+
+def lost_grants(old: GrantSets, new: GrantSets) -> dict[str, frozenset[GrantElement]]:
+    """Fingerprint -> the grant elements it had in `old` and has not in `new`.
+
+    The rule: a key loses a grant when the set of (conditions, permitopen destination)
+    pairs sshd would now give its fingerprint is not a superset of the set it had.
+    Conditions are a line's options other than permitopen (from=, expiry-time=, ...), as
+    sshd applies the first line whose conditions hold; a line without permitopen (sshd_config's
+    PermitOpen governs) counts as its own element (ANY_DEST), never as a superset of named
+    destinations. A key whose grants only grew, or stayed the same whichever source now
+    grants them, has lost nothing; a key no longer in the index lost all it had.
+    """
+    lost: dict[str, frozenset[GrantElement]] = {}
+    for fp, had in old.items():
+        gone = had - new.get(fp, frozenset())
+        if gone:
+            lost[fp] = frozenset(gone)
+    return lost
+
+
+@dataclass(frozen=True)
+class TargetRef:
+    """A target as one render saw it (enough to tell what became of it)."""
+
+    id: str
+    name: str
+    address: str = ""
+    started_at: str = ""
+
+
+@dataclass(frozen=True)
+class World:
+    """What a render was made from, as far as explaining a revocation needs."""
+
+    targets: Mapping[str, TargetRef] = field(default_factory=dict)  # id -> every known target
+    hosts: Mapping[str, str] = field(default_factory=dict)  # granted alias -> target id
+    excluded: Mapping[str, str] = field(default_factory=dict)  # target id -> reason (not served)
+    manual: Mapping[str, frozenset[tuple[str, ...]]] = field(default_factory=dict)  # fp -> options
+    owners: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # fp -> names (access log)
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """One key that lost grants; its sessions are to be closed."""
+
+    fingerprint: str
+    reason: str  # the reasons above, comma-separated when several apply
+    targets: tuple[str, ...]  # names (as they were) of what the key lost, for the access log
+    at: float = 0.0  # epoch seconds the index without the grant was written
+
+
+def revocations(before: World, after: World, old: GrantSets, new: GrantSets,
+                at: float = 0.0) -> list[Revocation]:
+    """A Revocation per fingerprint that lost grants (lost_grants), sorted by fingerprint."""
+    result = []
+    for fp, gone in sorted(lost_grants(old, new).items()):
+        reasons: set[str] = set()
+        names: set[str] = set()
+        for element in gone:
+            reason, name = _explain(fp, element, before, after)
+            reasons.add(reason)
+            if name:
+                names.add(name)
+        targets = tuple(sorted(names)) or tuple(before.owners.get(fp, ()))
+        result.append(Revocation(fp, ",".join(sorted(reasons)), targets, at))
+    return result
+
+
+def _explain(fp: str, element: GrantElement, before: World, after: World) -> tuple[str, str]:
+    """(reason, name of the target the destination belonged to or "") for one lost element."""
+    _, dest = element
+    tid = before.hosts.get(dest.rsplit(":", 1)[0]) if dest != ANY_DEST else None
+    was = before.targets.get(tid) if tid is not None else None
+    name = was.name if was is not None else ""
+    if was is not None:
+        now = after.targets.get(was.id)
+        if now is None:
+            return after.excluded.get(was.id, TARGET_REMOVED), name
+        if now.name != was.name:
+            return TARGET_RENAMED, name
+        if now.address != was.address:
+            return TARGET_READDRESSED, name
+        if now.started_at != was.started_at:
+            return TARGET_RESTARTED, name
+    if before.manual.get(fp, frozenset()) - after.manual.get(fp, frozenset()):
+        return MANUAL_LINE_REMOVED, name
+    return GRANT_WITHDRAWN, name
+
+
+class RecentRevocations:
+    """Revocations of the last RACE_WINDOW seconds, by fingerprint (the latest wins).
+
+    A login may read the index just before a write that revokes its key and log `Accepted`
+    just after: `for_login` finds the revocation such a login must be closed for.
+    """
+
+    def __init__(self, window: float = RACE_WINDOW, lag: float = LOG_LAG) -> None:
+        self.window = window
+        self.lag = lag
+        self._by_fp: dict[str, tuple[Revocation, float]] = {}  # fp -> (revocation, noted at)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_fp)
+
+    def note(self, revocation: Revocation, now: float) -> None:
+        self._by_fp[revocation.fingerprint] = (revocation, now)
+
+    def for_login(self, fingerprint: str, connected_at: float, now: float) -> Revocation | None:
+        """The revocation of `fingerprint` written after a connection began at `connected_at`
+        (when its `Connection from` arrived: so its login may have read the old grants), or
+        None."""
+        self.prune(now)
+        entry = self._by_fp.get(fingerprint)
+        if entry is None or connected_at > entry[0].at + self.lag:
+            return None
+        return entry[0]
+
+    def prune(self, now: float) -> None:
+        for fp in [fp for fp, (_, noted) in self._by_fp.items() if now - noted > self.window]:
+            del self._by_fp[fp]
