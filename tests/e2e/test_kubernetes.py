@@ -17,9 +17,9 @@ from typing import Iterator
 
 import pytest
 
-from helpers import (KeyPair, Proxy, SshClient, Target, docker, make_keypair, module_containers,
-                     run_proxy_container, run_target_container, wait_for_login,
-                     wait_for_status, wait_until)
+from helpers import (KeyPair, Proxy, SshClient, Target, docker, free_port, make_keypair,
+                     module_containers, run_proxy_container, run_target_container,
+                     wait_for_login, wait_for_status, wait_until)
 from tests.fakekube import ExecCall, ExecResult, FakeKube, make_pod, make_service, set_ready
 
 NAMESPACE = "workspaces"
@@ -33,6 +33,7 @@ class Cluster:
         self.fake = fake
         self.containers: dict[str, str] = {}  # pod name -> container name
         self.proxy: Proxy | None = None
+        self.targets: dict[str, Target] = {}  # "a": serves /publickey, "b": exec only
 
     def add_pod(self, pod_name: str, target: Target, **labels: str) -> dict:
         self.containers[pod_name] = target.name
@@ -131,8 +132,7 @@ def test_service_names_and_tunnel(cluster: Cluster, keys) -> None:
     for name in (svc, f"{svc}.{NAMESPACE}", f"{svc}.{NAMESPACE}.svc.cluster.local"):
         wait_for_login(ssh, name)
     # An -L tunnel by service name to a port inside the pod (its /publickey server).
-    local = subprocess.run(["python3", "-c", "import socket; s=socket.socket(); s.bind(('127.0.0.1',0));"
-                            "print(s.getsockname()[1])"], capture_output=True, text=True).stdout.strip()
+    local = free_port()
     tunnel = subprocess.Popen(ssh.ssh_argv(svc, opts=["-N", "-L", f"127.0.0.1:{local}:127.0.0.1:8080"]),
                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
