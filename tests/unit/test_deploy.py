@@ -208,10 +208,12 @@ def check_proxy_objects(docs: list[dict[str, Any]], exec_enabled: bool, namespac
     assert {item["key"] for item in secret["items"]} == HOST_KEYS
     assert {item["path"] for item in secret["items"]} == HOST_KEYS
 
-    # Probes: readiness is the image's own health check; liveness and startup exist.
-    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+    # Probes: startup and readiness are the image's own health check (the API is watched);
+    # liveness leaves the API out, so an API outage never restarts a serving replica.
+    for probe, args in (("readinessProbe", ["health"]), ("startupProbe", ["health"]),
+                        ("livenessProbe", ["health", "--liveness"])):
         command = container[probe]["exec"]["command"]
-        assert Path(command[0]).name == "watcher" and command[1:] == ["health"], probe
+        assert Path(command[0]).name == "watcher" and command[1:] == args, probe
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
 
     # Only what sshd needs.

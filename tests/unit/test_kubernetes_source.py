@@ -658,3 +658,46 @@ def test_pod_key_fetched_by_exec_rendered_and_revoked(fake: FakeKube,
         stop.set()
         for thread in threads:
             thread.join(10)
+
+
+# ---- RBAC: the Role in deploy/ against the calls this code really makes -------------------------
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _rbac_needs(request) -> set[tuple[str, str]]:
+    """(verb, resource) an API server authorises for one recorded request ({} for /version,
+    which every authenticated user may read)."""
+    parts = request.path.strip("/").split("/")
+    if parts[:2] != ["api", "v1"] or len(parts) < 5 or parts[2] != "namespaces":
+        return set()
+    resource, rest = parts[4], parts[5:]
+    if not rest:
+        return {("watch" if request.is_watch else "list", resource)}
+    if len(rest) == 1:
+        return {("get", resource)}
+    # exec over a websocket is an HTTP GET: `get` before Kubernetes 1.35, `create` from 1.35
+    return {("get", f"{resource}/{rest[1]}"), ("create", f"{resource}/{rest[1]}")}
+
+
+def _role_grants(path: Path) -> set[tuple[str, str]]:
+    import yaml
+
+    role = yaml.safe_load(path.read_text())
+    return {(verb, resource) for rule in role["rules"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def test_role_grants_exactly_the_calls_the_source_makes(fake: FakeKube, kube: KubernetesClient,
+                                                        start) -> None:
+    """Every verb the code needs is in deploy/kubernetes/role.yaml, and the Role grants
+    nothing the code does not use (least privilege)."""
+    fake.add_pod(make_pod("ssh-proxy-0", labels={"app": "ssh-proxy"}))  # outside the selector
+    fake.add_service(make_service("web", {"team": "a"}))
+    _, sink = start(selector="team=a")
+    _both_watching(fake)
+    fake.exec_handler = lambda call: ExecResult(stdout=b"ssh-ed25519 AAAA\n")
+    kube.exec_read(_target(fake), key_file_command("~/.ssh/id_ed25519.pub"), 1000)
+    needed = set().union(*(_rbac_needs(r) for r in fake.requests))
+    granted = _role_grants(REPO / "deploy" / "kubernetes" / "role.yaml")
+    assert needed - granted == set(), "the Role lacks what the code calls"
+    assert granted - needed == set(), "the Role grants what the code never calls"
