@@ -24,7 +24,6 @@ from .reconcile import Reconciler, Snapshot
 from .render import Rendered
 from .revocation import RecentRevocations, Revocation
 from .sessions import SessionKiller
-from .sources.base import PlatformClient
 from .sources.manual import ManualKeySource
 from .sshd import SshdPaths, SshdProcess, check_config, ensure_host_keys, render_sshd_config
 from .status import snapshot_document, write_status
@@ -212,20 +211,21 @@ class Supervisor:
             if self.settings.labels:
                 log.warning("SSH_TARGET_LABELS has no effect with MANUAL_AUTH_FILE=true "
                             "(there is no discovery to select targets)")
-            identity, fetch = ProxyIdentity(), _no_fetch
+            fetch = _no_fetch
         else:
             pin_names = hosts_writable(self.paths.hosts)
             if not pin_names:
                 log.warning("%s is not writable: only target names, ids and IPs are granted",
                             self.paths.hosts)
-            identity = self._identity(client)
             fetch = KeyFetcher(self.settings.publickey_api_port, self.settings.key_path,
                                client.exec_read).fetch
         # The reconciler tells the access log of revoked keys; the access log asks it who
         # owns a key (looked up when a line arrives, after both exist).
         access = AccessLog(self.paths.access_log, lambda fp: reconciler.owners_of(fp),
                            lambda alias: reconciler.alias_owner(alias))
-        reconciler = Reconciler(self.settings, identity, fetch,
+        # The proxy's own names and addresses come from the platform's watcher on every
+        # (re)connect, ahead of the first targets it lists.
+        reconciler = Reconciler(self.settings, ProxyIdentity(), fetch,
                                 OutputWriter(self.paths, mode, pin_names),
                                 self._publish, access.revoke, pin_names=pin_names,
                                 unmanaged_hosts=lambda: read_unmanaged_hosts(self.paths.hosts),
@@ -256,13 +256,6 @@ class Supervisor:
             listener.close()
             access.close()
         return 1 if self.failed else 0
-
-    def _identity(self, client: PlatformClient) -> ProxyIdentity:
-        try:
-            return client.discover_identity()
-        except Exception as exc:  # the source loop reconnects; identity is refreshed there
-            log.warning("could not learn the proxy's own identity yet: %s", exc)
-            return ProxyIdentity()
 
     def _start_sshd(self) -> None:
         paths = self.paths.sshd

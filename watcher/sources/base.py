@@ -1,8 +1,8 @@
 """What every platform provides, so the supervisor wires any of them the same way.
 
 A platform is two parts (two modules): a client that answers questions about one target
-(inspect, exec-read a key file, the proxy's own identity) and a watcher that follows the
-platform's change stream and feeds Target values to a sink (the reconciler).
+(inspect, exec-read a key file) and a watcher that follows the platform's change stream and
+feeds a sink (the reconciler): the proxy's own identity first, then Target values.
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ class TargetSink(Protocol):
 
 
 class PlatformClient(Protocol):
-    def discover_identity(self) -> ProxyIdentity:
-        """The proxy's own names and addresses (never granted to a target)."""
-        ...
-
     def exec_read(self, target: Target, argv: list[str], limit: int) -> bytes:
         """Run argv in the target; at most `limit` bytes of stdout (FetchError on failure)."""
         ...
