@@ -3,6 +3,7 @@ driven against the fake API server (tests/fakekube) through the real kubernetes 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -14,7 +15,7 @@ import pytest
 import tenacity
 from kubernetes import client as k8s
 
-from tests.fakekube import ExecResult, FakeKube, make_pod, make_service, set_ready, with_changes
+from tests.fakekube import ExecCall, ExecResult, FakeKube, make_pod, make_service, set_ready, with_changes
 from watcher.errors import FetchError, FetchTimeout, SourceError
 from watcher.fetch import key_file_command
 from watcher.model import Target
@@ -609,16 +610,15 @@ def _ed25519_line(comment: str) -> str:
     return f"ssh-ed25519 {base64.b64encode(blob).decode()} {comment}"
 
 
-def test_pod_key_fetched_by_exec_rendered_and_revoked(fake: FakeKube,
-                                                      kube: KubernetesClient) -> None:
-    """Watcher -> Reconciler -> KeyFetcher (HTTP refused, exec through the fake) -> render."""
+@contextlib.contextmanager
+def _pipeline(fake: FakeKube, kube: KubernetesClient,
+              settings: Any = None) -> Iterator[Callable[[], Any]]:
+    """Watcher -> Reconciler -> KeyFetcher (HTTP refused, exec through the fake) -> render;
+    yields a function returning the last Rendered (None before the first write)."""
     from watcher.config import Settings
     from watcher.fetch import FetchPolicy, KeyFetcher
     from watcher.reconcile import Reconciler
     from watcher.render import Rendered
-
-    key = _ed25519_line("ws-1")
-    fake.exec_handler = lambda call: ExecResult(stdout=key.encode() + b"\n")
 
     def refuse(url: str, policy: FetchPolicy) -> bytes:  # no network beyond loopback here
         raise FetchError(f"GET {url} failed: ConnectionRefusedError")
@@ -633,11 +633,11 @@ def test_pod_key_fetched_by_exec_rendered_and_revoked(fake: FakeKube,
             writes.append(rendered)
         return True
 
-    def cache() -> str:
+    def last() -> Rendered | None:
         with lock:
-            return writes[-1].cache if writes else ""
+            return writes[-1] if writes else None
 
-    rec = Reconciler(Settings(), ProxyIdentity(), fetcher.fetch, write,
+    rec = Reconciler(settings or Settings(), ProxyIdentity(), fetcher.fetch, write,
                      min_wait=0.01, max_wait=0.1)
     watcher = KubernetesWatcher(rec, kube, proxy_pod="ssh-proxy-0", watch_timeout=30)
     stop = threading.Event()
@@ -646,6 +646,22 @@ def test_pod_key_fetched_by_exec_rendered_and_revoked(fake: FakeKube,
     for thread in threads:
         thread.start()
     try:
+        yield last
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+
+
+def test_pod_key_fetched_by_exec_rendered_and_revoked(fake: FakeKube,
+                                                      kube: KubernetesClient) -> None:
+    key = _ed25519_line("ws-1")
+    fake.exec_handler = lambda call: ExecResult(stdout=key.encode() + b"\n")
+    with _pipeline(fake, kube) as last:
+        def cache() -> str:
+            rendered = last()
+            return rendered.cache if rendered else ""
+
         fake.add_pod(make_pod("ws-1", ip="10.244.0.7", labels={"app": "ws"}))
         fake.add_service(make_service("ws", {"app": "ws"}, "team"))
         assert wait_for(lambda: 'permitopen="ws.team.svc.cluster.local:' in cache())
@@ -653,11 +669,60 @@ def test_pod_key_fetched_by_exec_rendered_and_revoked(fake: FakeKube,
         assert key.split()[1] in line and 'permitopen="ws-1:' in line
         assert 'permitopen="10.244.0.7:' in line
         fake.put("pods", set_ready(fake.get("pods", "ws-1", "team"), False))
-        assert wait_for(lambda: bool(writes) and key.split()[1] not in cache())
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(10)
+        assert wait_for(lambda: key.split()[1] not in cache())
+
+
+def test_hostile_pods_cannot_take_names_or_smuggle_keys(fake: FakeKube,
+                                                        kube: KubernetesClient) -> None:
+    """The Docker suite's hijacks, as pods: a hostname that is another pod's name in other
+    case, a Service named after another pod, a loopback Service name, and key bodies that
+    try to carry options or extra lines."""
+    keys = {name: _ed25519_line(name) for name in ("victim", "evil-a", "evil-b", "evil-c")}
+    bodies = {name: line.encode() + b"\n" for name, line in keys.items()}
+    bodies["evil-d"] = (b'command="/bin/sh" ' + keys["evil-c"].encode() + b"\n"
+                        + b"ssh-ed25519 AAAA\x00 victim\n")
+    bodies["evil-e"] = b"ssh-ed25519 " + b"A" * 70_000 + b"\n"
+
+    def exec_handler(call: ExecCall) -> ExecResult:
+        return ExecResult(stdout=bodies[call.pod])
+
+    fake.exec_handler = exec_handler
+    with _pipeline(fake, kube) as last:
+        fake.add_pod(make_pod("victim", ip="10.244.0.2", labels={"app": "victim"}))
+        fake.add_pod(make_pod("evil-a", ip="10.244.0.3", hostname="VICTIM", labels={"app": "a"}))
+        fake.add_pod(make_pod("evil-b", ip="10.244.0.4", labels={"app": "b"}))
+        fake.add_service(make_service("victim", {"app": "b"}))  # a Service named like the pod
+        fake.add_pod(make_pod("evil-c", ip="10.244.0.5", labels={"app": "c"}))
+        fake.add_service(make_service("localhost", {"app": "c"}))
+        fake.add_pod(make_pod("evil-d", ip="10.244.0.6", labels={"app": "d"}))
+        fake.add_pod(make_pod("evil-e", ip="10.244.0.8", labels={"app": "e"}))
+
+        def settled() -> bool:
+            rendered = last()
+            return rendered is not None and all(
+                keys[n].split()[1] in rendered.cache for n in ("victim", "evil-a", "evil-b", "evil-c"))
+
+        assert wait_for(settled)
+        rendered = last()
+        lines = {name: next(line for line in rendered.cache.splitlines()
+                            if keys[name].split()[1] in line) for name in keys}
+        assert 'permitopen="victim:' in lines["victim"]
+        for evil in ("evil-a", "evil-b", "evil-c"):
+            assert 'permitopen="victim:' not in lines[evil].lower(), lines[evil]
+            assert 'permitopen="localhost:' not in lines[evil]
+        # The Service's own qualified names are what cluster DNS gives it: they lead to the
+        # pod it selects, never to the pod that merely shares the short name.
+        assert 'permitopen="victim.team.svc.cluster.local:' in lines["evil-b"]
+        assert 'permitopen="localhost.team:' in lines["evil-c"]  # only the bare name is loopback
+        # Pinned names lead to the pod they were granted to, whatever their case.
+        pinned = [line.split() for line in rendered.hosts_block.splitlines()
+                  if line and not line.startswith("#")]
+        owners = {name.lower(): row[0] for row in pinned for name in row[1:]}
+        assert owners["victim"] == "10.244.0.2" and "localhost" not in owners
+        # Option-carrying and oversized bodies serve nothing at all.
+        assert "/bin/sh" not in rendered.cache and "A" * 1000 not in rendered.cache
+        assert 'permitopen="evil-d:' not in rendered.cache
+        assert 'permitopen="evil-e:' not in rendered.cache
 
 
 # ---- RBAC: the Role in deploy/ against the calls this code really makes -------------------------
