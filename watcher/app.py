@@ -150,7 +150,7 @@ class Supervisor:
             source = DockerSource(sink=None)
             identity = self._identity(source)
             fetch = KeyFetcher(self.settings.publickey_api_port, self.settings.key_path,
-                               source.exec_read).fetch
+                               source.exec_read, sources=self.settings.key_sources).fetch
         reconciler = Reconciler(self.settings, identity, fetch,
                                 OutputWriter(self.paths, pin_names, write_cache=not manual),
                                 self._publish, pin_names=pin_names, scope_manual=not manual)

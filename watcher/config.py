@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Literal, Mapping
 
 from .errors import ConfigError
 
@@ -20,6 +20,15 @@ _LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./-]*$")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_./:@+-]*$")
 _PORT = re.compile(r"^[0-9]{1,5}$")  # ASCII digits only: str.isdigit() accepts '²'
 _KEY_PATH = re.compile(r"^(~/|/)[^\x00-\x1f\x7f]*$")
+
+KeySource = Literal["api", "exec"]
+# The accepted spellings, each an order of sources. No `exec,api`: preferring exec gains
+# nothing over `exec` alone but lets a target that breaks its key file reach HTTP.
+KEY_SOURCES: dict[str, tuple[KeySource, ...]] = {
+    "api,exec": ("api", "exec"),
+    "api": ("api",),
+    "exec": ("exec",),
+}
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,9 @@ class Settings:
     """SSH_TARGET_KEY_PATH: key file read by exec when HTTP fails; `~` = exec user's home."""
     manual_auth_file: bool = False
     """MANUAL_AUTH_FILE: true = no discovery, the admin maintains the key files."""
+    key_sources: tuple[KeySource, ...] = ("api", "exec")
+    """SSH_TARGET_KEY_SOURCE: where a target's key is read, in order: `api` = its
+    GET /publickey over plain HTTP, `exec` = its key file by docker exec."""
 
     @property
     def any_host(self) -> bool:
@@ -119,6 +131,16 @@ def parse_key_path(value: str) -> str:
     return text
 
 
+def parse_key_source(value: str) -> tuple[KeySource, ...]:
+    name = "SSH_TARGET_KEY_SOURCE"
+    text = ",".join(_split(value.lower()))
+    if text not in KEY_SOURCES:
+        raise ConfigError(f"{name}={value!r}: expected 'api,exec' (GET /publickey, then the key "
+                          "file by docker exec; the default), 'api' (GET /publickey only) or "
+                          "'exec' (the key file by docker exec only)")
+    return KEY_SOURCES[text]
+
+
 def parse_bool(name: str, value: str) -> bool:
     text = value.strip().lower()
     if text in _TRUE:
@@ -162,4 +184,5 @@ def _read_settings(env: Mapping[str, str]) -> Settings:
                                       env.get("SSH_TARGET_PUBLICKEY_API_PORT", "8080")),
         key_path=parse_key_path(env.get("SSH_TARGET_KEY_PATH", "~/.ssh/id_ed25519.pub")),
         manual_auth_file=parse_bool("MANUAL_AUTH_FILE", env.get("MANUAL_AUTH_FILE", "false")),
+        key_sources=parse_key_source(env.get("SSH_TARGET_KEY_SOURCE", "api,exec")),
     )
