@@ -112,6 +112,7 @@ def test_default_order_prefers_http_and_falls_back_to_exec(start_target, start_p
     key_a, key_b, key_c = keypair("a"), keypair("b"), keypair("c")
     both = start_two_key_target(start_target, tmp_path, f"ks-dflt-{sfx}", key_a, key_b)
     exec_only = start_target(f"ks-dflt-exec-only-{sfx}", key_c, serve_publickey=False)
+    since = time.time() - 1
     proxy = start_proxy()
 
     wait_for_login(SshClient(proxy, key_a), both.name)
@@ -119,6 +120,9 @@ def test_default_order_prefers_http_and_falls_back_to_exec(start_target, start_p
     assert_denied(proxy, key_b, both.name)
     row = served_fingerprints(proxy, exec_only.name)
     assert (row["key_status"], row["via"]) == ("ok", "exec"), row
+    # The probes the api-only and exec-only tests rely on do see a fetch when there is one.
+    assert exec_actions(exec_only.id, since), "no exec event recorded for the exec fetch"
+    assert "GET /publickey" in both.logs(), both.logs()
 
 
 @pytest.mark.parametrize("value", ["http", "exec,api"])
