@@ -18,10 +18,11 @@ RUN chmod 755 /usr/local/libexec/ssh-proxy/no-shell \
  && usermod -p '*' limited-user \
  && install -d -o root -g root -m 755 /home/limited-user
 
+# The lock: every runtime dependency, transitive ones included, pinned with its hashes.
 COPY requirements.txt /opt/ssh-proxy/requirements.txt
 RUN python3 -m venv /opt/ssh-proxy/venv \
  && /opt/ssh-proxy/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
-        -r /opt/ssh-proxy/requirements.txt
+        --require-hashes -r /opt/ssh-proxy/requirements.txt
 
 COPY pyproject.toml /opt/ssh-proxy/src/pyproject.toml
 COPY watcher /opt/ssh-proxy/src/watcher

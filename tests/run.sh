@@ -73,10 +73,12 @@ if [ ! -x .venv/bin/python ]; then
     say "creating .venv"
     python3 -m venv .venv
 fi
-req_hash="$(cat requirements*.txt | sha256sum | cut -d' ' -f1)"
+# The locks (requirements*.txt, hashed) and their inputs (requirements*.in): any change
+# re-installs. --require-hashes: every package, transitive ones too, exactly as locked.
+req_hash="$(cat requirements*.txt requirements*.in 2>/dev/null | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$req_hash" ]; then
-    say "installing requirements-dev.txt into .venv"
-    .venv/bin/python -m pip install -q -r requirements-dev.txt
+    say "installing requirements-dev.txt (the lock) into .venv"
+    .venv/bin/python -m pip install -q --require-hashes -r requirements-dev.txt
     echo "$req_hash" >"$STAMP"
     step_done "pip install"
 fi

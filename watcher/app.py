@@ -218,7 +218,7 @@ class Supervisor:
                 log.warning("%s is not writable: only target names, ids and IPs are granted",
                             self.paths.hosts)
             fetch = KeyFetcher(self.settings.publickey_api_port, self.settings.key_path,
-                               client.exec_read).fetch
+                               client.exec_read, sources=self.settings.key_sources).fetch
         # The reconciler tells the access log of revoked keys; the access log asks it who
         # owns a key (looked up when a line arrives, after both exist).
         access = AccessLog(self.paths.access_log, lambda fp: reconciler.owners_of(fp),

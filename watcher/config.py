@@ -10,7 +10,7 @@ import fnmatch
 import re
 from dataclasses import dataclass
 from enum import Enum
-from typing import Mapping
+from typing import Literal, Mapping
 
 from .errors import ConfigError
 
@@ -54,6 +54,15 @@ DOCKER_SOCKET = "/var/run/docker.sock"
 KUBE_CONFIG = "/root/.kube/config"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
+KeySource = Literal["api", "exec"]
+# The accepted spellings, each an order of sources. No `exec,api`: preferring exec gains
+# nothing over `exec` alone but lets a target that breaks its key file reach HTTP.
+KEY_SOURCES: dict[str, tuple[KeySource, ...]] = {
+    "api,exec": ("api", "exec"),
+    "api": ("api",),
+    "exec": ("exec",),
+}
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -69,6 +78,10 @@ class Settings:
     """SSH_TARGET_PUBLICKEY_API_PORT: the port of the target's `GET /publickey`."""
     key_path: str = "~/.ssh/id_ed25519.pub"
     """SSH_TARGET_KEY_PATH: key file read by exec when HTTP fails; `~` = exec user's home."""
+    key_sources: tuple[KeySource, ...] = ("api", "exec")
+    """SSH_TARGET_KEY_SOURCE: where a target's key is read, in order: `api` = its
+    GET /publickey over plain HTTP, `exec` = its key file read by the platform's exec
+    (docker exec, or a pod exec through the Kubernetes API)."""
     mode: RunMode = RunMode.DOCKER
     """SSH_PROXY_MODE, else detected: MANUAL_AUTH_FILE=true -> manual (no discovery, the admin
     maintains the key files), else kubernetes or docker (see `choose_mode`)."""
@@ -167,6 +180,16 @@ def parse_domain(name: str, value: str) -> str:
     return text
 
 
+def parse_key_source(value: str) -> tuple[KeySource, ...]:
+    name = "SSH_TARGET_KEY_SOURCE"
+    text = ",".join(_split(value.lower()))
+    if text not in KEY_SOURCES:
+        raise ConfigError(f"{name}={value!r}: expected 'api,exec' (GET /publickey, then the key "
+                          "file by exec; the default), 'api' (GET /publickey only) or "
+                          "'exec' (the key file by exec only)")
+    return KEY_SOURCES[text]
+
+
 def parse_bool(name: str, value: str) -> bool:
     text = value.strip().lower()
     if text in _TRUE:
@@ -241,6 +264,7 @@ def _read_settings(env: Mapping[str, str], facts: PlatformFacts) -> Settings:
         publickey_api_port=parse_port("SSH_TARGET_PUBLICKEY_API_PORT",
                                       env.get("SSH_TARGET_PUBLICKEY_API_PORT", "8080")),
         key_path=parse_key_path(env.get("SSH_TARGET_KEY_PATH", "~/.ssh/id_ed25519.pub")),
+        key_sources=parse_key_source(env.get("SSH_TARGET_KEY_SOURCE", "api,exec")),
         cluster_domain=parse_domain("KUBERNETES_CLUSTER_DOMAIN",
                                     env.get("KUBERNETES_CLUSTER_DOMAIN", "cluster.local")),
         mode=choose_mode(env, facts),

@@ -1,4 +1,7 @@
-"""A target's public keys: `GET /publickey` on the target, else read the key file by exec.
+"""A target's public keys: `GET /publickey` on the target and/or its key file read by exec,
+in the order SSH_TARGET_KEY_SOURCE names (default: HTTP first, exec when HTTP gives no key).
+A source not named is never tried: `api` never execs into a target, `exec` never sends it a
+request (so a neighbour spoofing the target's address cannot answer for it).
 
 Bounded everywhere: short connect/read timeouts, the body read with a byte cap (a hostile
 target cannot make the watcher buffer 10 MiB), a capped number of tenacity retries while the
@@ -18,6 +21,7 @@ import requests
 import tenacity
 import urllib3
 
+from .config import KeySource
 from .errors import FetchError, FetchTimeout, KeyRejected
 from .keys import parse_key_body
 from .model import KeyState, Target
@@ -95,12 +99,16 @@ class KeyFetcher:
 
     def __init__(self, api_port: int, key_path: str, exec_reader: ExecReader | None,
                  policy: FetchPolicy = FetchPolicy(),
-                 http_get: Callable[[str, FetchPolicy], bytes] = http_get_body) -> None:
+                 http_get: Callable[[str, FetchPolicy], bytes] = http_get_body,
+                 sources: tuple[KeySource, ...] = ("api", "exec")) -> None:
+        if not sources or set(sources) - {"api", "exec"}:
+            raise ValueError(f"key sources must be 'api' and/or 'exec', got {sources!r}")
         self.api_port = api_port
         self.key_path = key_path
         self.exec_reader = exec_reader
         self.policy = policy
         self.http_get = http_get
+        self.sources = sources
 
     def fetch(self, target: Target) -> KeyState:
         try:
@@ -120,11 +128,12 @@ class KeyFetcher:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _fetch_once(self, target: Target) -> KeyState:
-        """HTTP first, exec second; both failing is a FetchError (retried)."""
+        """The configured sources in order, the first with a valid key wins; all failing is a
+        FetchError (retried)."""
         errors: list[str] = []
         rejected: list[str] = []
         timed_out = False
-        for via, getter in (("http", self._via_http), ("exec", self._via_exec)):
+        for via, getter in self._getters():
             try:
                 body = getter(target)
             except FetchError as exc:
@@ -147,6 +156,10 @@ class KeyFetcher:
             # A source that hangs is not a target still booting: retry in a later round.
             raise FetchTimeout("; ".join(errors + rejected))
         raise FetchError("; ".join(errors + rejected))
+
+    def _getters(self) -> list[tuple[str, Callable[[Target], bytes]]]:
+        by_source = {"api": ("http", self._via_http), "exec": ("exec", self._via_exec)}
+        return [by_source[source] for source in self.sources]
 
     def _via_http(self, target: Target) -> bytes:
         if not target.address:

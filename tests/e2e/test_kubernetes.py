@@ -34,6 +34,7 @@ class Cluster:
         self.containers: dict[str, str] = {}  # pod name -> container name
         self.proxy: Proxy | None = None
         self.targets: dict[str, Target] = {}  # "a": serves /publickey, "b": exec only
+        self.host_key: list[str] = []  # [type, base64] of the mounted host key
 
     def add_pod(self, pod_name: str, target: Target, **labels: str) -> dict:
         self.containers[pod_name] = target.name
@@ -69,12 +70,18 @@ def cluster(request, proxy_image, target_image, test_network, session_id, keys,
     fake.exec_handler = world.exec_in_container
     kubeconfig = fake.write_kubeconfig(tmp_path_factory.mktemp("kube") / "config")
     kubeconfig.chmod(0o644)
+    # Host keys as a Kubernetes Secret mounts them: read-only, mode 0400, one type only.
+    host_keys = tmp_path_factory.mktemp("host-keys")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "secret",
+                    "-f", str(host_keys / "ssh_host_ed25519_key")], check=True)
+    (host_keys / "ssh_host_ed25519_key").chmod(0o400)
+    world.host_key = (host_keys / "ssh_host_ed25519_key.pub").read_text().split()[:2]
     with module_containers(request) as started:
         # Docker mode would need the socket: none is mounted, so the kube config alone
         # must make the proxy choose Kubernetes mode.
         world.proxy = run_proxy_container(
             test_network, session_id, image=proxy_image, docker_socket=False,
-            volumes=[f"{kubeconfig}:/root/.kube/config:ro"],
+            volumes=[f"{kubeconfig}:/root/.kube/config:ro", f"{host_keys}:/etc/ssh/host_keys:ro"],
             env={"POD_NAME": f"ssh-proxy-{SFX}", "SSH_PERMIT_TARGET_HOST": f"*-{SFX}"},
             track=started.append)
         proxy_ip = docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
@@ -100,6 +107,15 @@ def test_kube_config_selects_kubernetes_mode(cluster: Cluster) -> None:
     assert doc["mode"] == "kubernetes"
     health = cluster.proxy.exec(["watcher", "health"])
     assert health.returncode == 0 and health.stdout.strip() == "healthy", health
+
+
+def test_read_only_host_key_is_used_as_it_is(cluster: Cluster) -> None:
+    """Every replica presents the Secret's host key; nothing is generated beside it."""
+    scan = subprocess.run(["ssh-keyscan", "-T", "10", "-p", str(cluster.proxy.port), cluster.proxy.host],
+                          capture_output=True, text=True, timeout=60)
+    offered = {tuple(line.split()[1:3]) for line in scan.stdout.splitlines()
+               if line and not line.startswith("#")}
+    assert offered == {tuple(cluster.host_key)}, scan.stderr
 
 
 def test_pod_by_name_ssh_and_scp(cluster: Cluster, keys, tmp_path: Path) -> None:

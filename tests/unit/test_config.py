@@ -21,6 +21,7 @@ def test_empty_environment_gives_every_default() -> None:
     assert settings.publickey_api_port == 8080
     assert settings.key_path == "~/.ssh/id_ed25519.pub"
     assert (settings.mode is RunMode.MANUAL) is False
+    assert settings.key_sources == ("api", "exec")
     assert settings.any_host is True
     assert settings.any_port is True
 
@@ -199,6 +200,33 @@ def test_manual_auth_file_invalid(value: str) -> None:
     assert repr(value) in message
 
 
+# --- SSH_TARGET_KEY_SOURCE ------------------------------------------------------------
+
+@pytest.mark.parametrize("value, expected", [
+    ("api,exec", ("api", "exec")),
+    (" api , exec ", ("api", "exec")),
+    ("API,Exec", ("api", "exec")),
+    ("api", ("api",)),
+    ("exec", ("exec",)),
+    (" exec ", ("exec",)),
+])
+def test_key_source_valid(value: str, expected: tuple[str, ...]) -> None:
+    assert load_settings({"SSH_TARGET_KEY_SOURCE": value}).key_sources == expected
+
+
+@pytest.mark.parametrize("value", ["", " ", ",", "http", "file", "exec,api", "api,api",
+                                   "api,exec,api", "api;exec", "api exec", "apiexec", "*",
+                                   "api,\x00exec", "exec\x1b[2J"])
+def test_key_source_invalid(value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"SSH_TARGET_KEY_SOURCE": value})
+    message = str(info.value)
+    assert message.startswith(f"SSH_TARGET_KEY_SOURCE={value!r}: ")
+    # The message lists every accepted form.
+    for form in ("'api,exec'", "'api'", "'exec'"):
+        assert form in message
+
+
 # --- everything at once -----------------------------------------------------------------
 
 def test_full_environment() -> None:
@@ -209,11 +237,12 @@ def test_full_environment() -> None:
         "SSH_TARGET_PUBLICKEY_API_PORT": "9090",
         "SSH_TARGET_KEY_PATH": "/keys/id.pub",
         "MANUAL_AUTH_FILE": "no",
+        "SSH_TARGET_KEY_SOURCE": "exec",
     })
     assert settings == Settings(permit_hosts=("db-*", "web-1"), permit_ports=("22", "5432"),
                                 labels=(("ssh-proxy", "on"), ("team", None)),
                                 publickey_api_port=9090, key_path="/keys/id.pub",
-                                mode=RunMode.DOCKER)
+                                mode=RunMode.DOCKER, key_sources=("exec",))
     assert settings.any_host is False
     assert settings.any_port is False
 

@@ -467,3 +467,95 @@ def test_a_hanging_source_is_not_retried_in_the_same_round(keys) -> None:
     assert state.status == "failed"
     assert "did not finish" in state.error
     assert len(exec_reader.calls) == 1
+
+
+# --- SSH_TARGET_KEY_SOURCE: which sources, in which order ---------------------------------
+
+def sourced(port: int, exec_reader, *sources: str) -> KeyFetcher:
+    return KeyFetcher(port, KEY_PATH, exec_reader, POLICY, sources=sources)  # type: ignore[arg-type]
+
+
+def test_default_order_is_http_then_exec(server: Server, keys) -> None:
+    server.reply = Reply(body=(keys["ed1"].line + "\n").encode())
+    exec_reader = FakeExec(keys["ed2"].line.encode())
+    state = sourced(server.port, exec_reader, "api", "exec").fetch(TARGET)
+    assert (state.status, state.via) == ("ok", "http")
+    assert [k.fingerprint for k in state.keys] == [keys["ed1"].fingerprint]
+    assert exec_reader.calls == []
+    assert KeyFetcher(server.port, KEY_PATH, None).sources == ("api", "exec")
+
+
+def test_api_only_takes_the_http_key(server: Server, keys) -> None:
+    server.reply = Reply(body=(keys["ed1"].line + "\n").encode())
+    exec_reader = FakeExec(keys["ed2"].line.encode())
+    state = sourced(server.port, exec_reader, "api").fetch(TARGET)
+    assert (state.status, state.via) == ("ok", "http")
+    assert [k.fingerprint for k in state.keys] == [keys["ed1"].fingerprint]
+    assert exec_reader.calls == []
+
+
+@pytest.mark.parametrize("reply", [Reply(status=404), Reply(status=500, body=b"oops"),
+                                   Reply(body=b"not a key\n"), Reply(body=b"A" * TEN_MIB)],
+                         ids=["404", "500", "garbage", "huge"])
+def test_api_only_never_execs_when_http_fails(server: Server, keys, reply: Reply) -> None:
+    # A target that makes its HTTP answer fail must not get an exec into itself.
+    server.reply = reply
+    exec_reader = FakeExec(keys["ed2"].line.encode())
+    state = sourced(server.port, exec_reader, "api").fetch(TARGET)
+    assert state.status == "failed"
+    assert state.keys == ()
+    assert exec_reader.calls == []
+    assert "exec" not in state.error
+    assert server.hits >= 1
+
+
+def test_api_only_never_execs_when_nothing_listens(closed_port: int, keys) -> None:
+    exec_reader = FakeExec(keys["ed2"].line.encode())
+    state = sourced(closed_port, exec_reader, "api").fetch(TARGET)
+    assert state.status == "failed"
+    assert "ConnectionError" in state.error
+    assert exec_reader.calls == []
+
+
+def test_api_only_without_an_address_fails_without_exec(keys) -> None:
+    exec_reader = FakeExec(keys["ed2"].line.encode())
+    state = sourced(1, exec_reader, "api").fetch(Target(id="d" * 64, name="hostnet"))
+    assert state.status == "failed"
+    assert "no address" in state.error
+    assert exec_reader.calls == []
+
+
+def test_exec_only_never_sends_http(server: Server, keys) -> None:
+    # The HTTP answer would win in the default order: with exec alone it is never asked for.
+    server.reply = Reply(body=(keys["ed1"].line + "\n").encode())
+    exec_reader = FakeExec(keys["ed2"].line.encode())
+    state = sourced(server.port, exec_reader, "exec").fetch(TARGET)
+    assert (state.status, state.via) == ("ok", "exec")
+    assert [k.fingerprint for k in state.keys] == [keys["ed2"].fingerprint]
+    assert exec_reader.calls == [(TARGET, key_file_command(KEY_PATH), MAX_BODY + 1)]
+    assert server.hits == 0
+
+
+def test_exec_only_failing_does_not_fall_back_to_http(server: Server, keys) -> None:
+    server.reply = Reply(body=(keys["ed1"].line + "\n").encode())
+    exec_reader = FakeExec(FetchError("exec cat in web exited 1: No such file or directory"))
+    state = sourced(server.port, exec_reader, "exec").fetch(TARGET)
+    assert state.status == "failed"
+    assert "No such file or directory" in state.error
+    assert "GET" not in state.error
+    assert server.hits == 0
+    assert len(exec_reader.calls) == POLICY.attempts  # still retried while the target boots
+
+
+def test_exec_only_rejected_body_names_exec(server: Server, keys) -> None:
+    exec_reader = FakeExec(keys["rsa1024"].line.encode())
+    state = sourced(server.port, exec_reader, "exec").fetch(TARGET)
+    assert state.status == "failed"
+    assert state.error.startswith("exec: ") and "RSA key of 1024 bits" in state.error
+    assert server.hits == 0
+
+
+@pytest.mark.parametrize("sources", [(), ("http",), ("api", "file"), ("ssh",)])
+def test_unknown_sources_are_refused(sources: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match="'api' and/or 'exec'"):
+        KeyFetcher(1, KEY_PATH, None, POLICY, sources=sources)  # type: ignore[arg-type]
