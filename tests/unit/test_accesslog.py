@@ -267,7 +267,7 @@ ALL_FIXTURES = sorted(path.name for path in DATA.glob("sshd-*.log"))
 
 
 def test_fixtures_are_all_here() -> None:
-    assert len(ALL_FIXTURES) == 24
+    assert len(ALL_FIXTURES) == 25
 
 
 @pytest.mark.parametrize("fixture", ALL_FIXTURES)
@@ -298,7 +298,7 @@ def test_all_fixtures_interleaved_give_the_same_events() -> None:
                 together.extend(tracker.feed(*parsed, T0 + index))
     separately = [event for name in ALL_FIXTURES for event in replay(name)]
     assert sorted(together, key=repr) == sorted(separately, key=repr)
-    assert len(together) == 68
+    assert len(together) == 70
     assert len(tracker) == 0
 
 
@@ -696,6 +696,16 @@ def test_an_unsupported_algorithm_name_cannot_name_a_key() -> None:
     ])
     assert events == [ev(3, "denied", "172.18.0.1:50000", fp="", key="", reason="preauth-disconnect",
                          duration=3.0)]
+
+
+def test_recorded_client_text_imitating_sshd_names_no_key() -> None:
+    # Recorded with paramiko against the proxy's sshd config (sshd-forged-fields.log): the
+    # algorithm name "x pkblob ED25519 <the authorized key's fp>", then a user name that
+    # imitates an auth line's tail (sshd cuts it at ':', the user:style separator).
+    assert replay("sshd-forged-fields.log") == [
+        ev(35, "denied", "172.17.0.1:45680", fp="", key="", reason="preauth-disconnect", duration=30.0),
+        ev(78, "denied", "172.17.0.1:34362", fp="", key="", reason="invalid-user", duration=31.0),
+    ]
 
 
 def test_a_key_sshd_never_checked_names_no_fingerprint() -> None:
