@@ -135,8 +135,9 @@ class SshdSenders:
         return self._process_problem(sender)
 
     def _process_problem(self, sender: Credentials) -> str | None:
+        sshd = self._sshd_file()  # no sshd binary to compare with: raises, nothing is admitted
         try:
-            return None if self._is_sshd(sender.pid) else "not-sshd"
+            return None if self._proc.exe(sender.pid) == sshd else "not-sshd"
         except PermissionError:
             pass  # hidden: judged by uid and ancestry below
         except OSError:  # gone (or a zombie): only its uid is left to judge by

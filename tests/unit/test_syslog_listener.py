@@ -479,3 +479,11 @@ def test_a_failing_check_drops_the_datagram_and_keeps_serving(sock_path: Path) -
     with SyslogListener(sock_path, admit=broken) as listener:
         assert serve_once(listener, sock_path, b"bad", b"good") == [b"good"]
         assert listener.dropped == 1
+
+
+def test_without_the_sshd_binary_nothing_is_admitted(sock_path: Path, tmp_path: Path) -> None:
+    check = SshdSenders(sshd_binary=str(tmp_path / "no-sshd"), trusted_uids=frozenset({os.getuid()}))
+    with SyslogListener(sock_path, admit=check) as listener:
+        _send_and_exit(sock_path, None)  # would be admitted by uid alone
+        assert serve_once(listener, sock_path, line_from(os.getpid())) == []
+        assert listener.dropped == 2
