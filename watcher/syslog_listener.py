@@ -33,7 +33,7 @@ import stat
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -83,6 +83,10 @@ class ProcView(Protocol):
     def ppid(self, pid: int) -> int:
         """The parent's pid. FileNotFoundError: the process is gone."""
 
+    def start_time(self, pid: int) -> int:
+        """When the process started (clock ticks since boot): with the pid, it names one
+        process, whatever pids are reused. FileNotFoundError: the process is gone."""
+
 
 class Proc:
     """ProcView over a procfs mount."""
@@ -101,6 +105,11 @@ class Proc:
                     return int(line.split()[1])
         raise FileNotFoundError(f"no PPid in {self._root / str(pid) / 'status'}")
 
+    def start_time(self, pid: int) -> int:
+        with open(self._root / str(pid) / "stat", encoding="ascii", errors="replace") as stat_file:
+            fields = stat_file.read().rsplit(")", 1)[-1].split()
+        return int(fields[19])  # field 22 of proc(5); fields[0] is field 3 (state)
+
 
 def uids_of(users: Iterable[str]) -> frozenset[int]:
     """The uids of the accounts that exist among `users`."""
@@ -113,8 +122,19 @@ def uids_of(users: Iterable[str]) -> frozenset[int]:
     return frozenset(uids)
 
 
+KNOWN_SENDERS = 4096
+"""Verdicts remembered, per (pid, uid, start time), so a busy connection's lines cost one
+read of /proc/PID/stat each instead of a walk up its ancestry."""
+
+
 class SshdSenders:
-    """A SenderCheck: admits what sshd's own processes sent (the module docstring's rule)."""
+    """A SenderCheck: admits what sshd's own processes sent (the module docstring's rule).
+
+    A verdict is remembered while the process keeps its pid, start time and uid. That is
+    sound for sshd's process tree: its processes run another program only after changing
+    uid (the AuthorizedKeysCommand) or three generations below the listener (a session's
+    command), which is never admitted.
+    """
 
     def __init__(self, sshd_binary: str = SSHD_BINARY, trusted_uids: frozenset[int] | None = None,
                  proc: ProcView | None = None, supervisor_pid: int | None = None) -> None:
@@ -123,6 +143,7 @@ class SshdSenders:
         self._trusted_uids = uids_of(SSHD_USERS) | {0} if trusted_uids is None else trusted_uids
         self._proc = proc if proc is not None else Proc()
         self._supervisor = os.getpid() if supervisor_pid is None else supervisor_pid
+        self._known: OrderedDict[tuple[int, int, int], str | None] = OrderedDict()
 
     def __call__(self, data: bytes, sender: Credentials | None) -> str | None:
         if sender is None:
@@ -136,6 +157,20 @@ class SshdSenders:
 
     def _process_problem(self, sender: Credentials) -> str | None:
         sshd = self._sshd_file()  # no sshd binary to compare with: raises, nothing is admitted
+        try:
+            key = (sender.pid, sender.uid, self._proc.start_time(sender.pid))
+        except (OSError, ValueError, IndexError):  # gone (or unreadable): judged by uid
+            return self._exited(sender)
+        if key in self._known:
+            self._known.move_to_end(key)
+            return self._known[key]
+        problem = self._look_at(sender, sshd)
+        self._known[key] = problem
+        if len(self._known) > KNOWN_SENDERS:
+            self._known.popitem(last=False)
+        return problem
+
+    def _look_at(self, sender: Credentials, sshd: tuple[int, int]) -> str | None:
         try:
             return None if self._proc.exe(sender.pid) == sshd else "not-sshd"
         except PermissionError:
@@ -304,6 +339,7 @@ class SyslogListener:
         if problem is None:
             handler(data)
         else:
+            log.debug("dropped %r from %s: %s", data[:200], sender, problem)
             self._drops.drop(problem)
 
     def _drain(self, handler: Callable[[bytes], None]) -> None:

@@ -13,9 +13,9 @@ FLOOD_CONNECTIONS = 400  # more than PerSourceMaxStartups (256), fewer than MaxS
 FLOOD_LIMIT = 180  # seconds the flood runs at most, whatever happens to the test
 
 # Keeps FLOOD_CONNECTIONS connections to HOST:22 open, each sending an SSH banner and then
-# nothing (a slot held until LoginGraceTime), reopening any that closes, until
-# /tmp/release exists or LIMIT seconds pass. Prints a JSON status line every half second:
-# open = connections that got sshd's banner and are still open; refused = connections
+# nothing (a slot held until LoginGraceTime), reopening any that closes (at most 16 per
+# 0.1 s), until /tmp/release exists or LIMIT seconds pass. Prints a JSON status line every
+# half second: open = connections that got sshd's banner and are still open; refused = connections
 # closed without a banner ("Exceeded MaxStartups").
 _FLOOD = r"""
 import json, os, selectors, socket, sys, time
@@ -24,9 +24,15 @@ sel = selectors.DefaultSelector()
 got = {}
 stats = {"opened": 0, "refused": 0, "errors": 0, "open": 0, "max_open": 0}
 end = time.monotonic() + limit
-next_report = 0.0
-while time.monotonic() < end and not os.path.exists("/tmp/release") and stats["opened"] < 20000:
-    while len(got) < want and time.monotonic() < end:
+next_report = next_refill = 0.0
+while time.monotonic() < end and not os.path.exists("/tmp/release") and stats["opened"] < 50000:
+    # The first round opens them all; later rounds refill at most 16 every 0.1 s (refused
+    # connections come back at once, and the flood must stay bounded in count).
+    budget = want if stats["opened"] == 0 else (16 if time.monotonic() >= next_refill else 0)
+    if budget and stats["opened"]:
+        next_refill = time.monotonic() + 0.1
+    while len(got) < want and budget > 0 and time.monotonic() < end:
+        budget -= 1
         sock = socket.socket()
         sock.settimeout(10)
         try:

@@ -377,6 +377,7 @@ HIDDEN = PermissionError("hidden")
 class FakeProc:
     def __init__(self, tree: dict[int, tuple[tuple[int, int] | BaseException, int]]) -> None:
         self.tree = tree  # pid -> (exe or what reading it raises, ppid)
+        self.looks = 0
 
     def exe(self, pid: int) -> tuple[int, int]:
         if pid not in self.tree:
@@ -385,6 +386,12 @@ class FakeProc:
         if isinstance(exe, BaseException):
             raise exe
         return exe
+
+    def start_time(self, pid: int) -> int:
+        if pid not in self.tree:
+            raise FileNotFoundError(pid)
+        self.looks += 1
+        return 1000 + pid
 
     def ppid(self, pid: int) -> int:
         if pid not in self.tree:
@@ -439,6 +446,26 @@ def senders(tree: dict = PROXY_TREE) -> SshdSenders:
 ])
 def test_the_sender_rule(pid: int, uid: int, reason: str | None) -> None:
     assert senders()(line_from(pid), Credentials(pid, uid, uid)) == reason
+
+
+def test_a_verdict_is_remembered_per_process_and_uid() -> None:
+    tree = dict(PROXY_TREE)
+    check = senders(tree)
+    assert check(line_from(21), Credentials(21, 999, 999)) is None
+    tree[21] = (HIDDEN, 1)  # (a change the cache does not look at again)
+    assert check(line_from(21), Credentials(21, 999, 999)) is None
+    assert check(line_from(21), Credentials(21, 65534, 65534)) == "hidden-untrusted-uid"  # another uid: looked at
+
+
+def test_a_reused_pid_is_looked_at_again() -> None:
+    tree = dict(PROXY_TREE)
+    proc = FakeProc(tree)
+    check = SshdSenders(sshd_binary=SSHD, trusted_uids=frozenset({0, 999}), proc=proc, supervisor_pid=1)
+    check._sshd_id = SSHD_FILE
+    assert check(line_from(21), Credentials(21, 999, 999)) is None
+    proc.start_time = lambda pid: 5000  # type: ignore[method-assign]  # pid 21 is another process now
+    tree[21] = (HIDDEN, 1)
+    assert check(line_from(21), Credentials(21, 999, 999)) == "hidden-not-under-sshd"
 
 
 def test_the_sender_rule_needs_credentials_and_a_matching_tag() -> None:
