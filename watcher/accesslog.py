@@ -32,6 +32,18 @@ watcher gives each one to `format_event`. Events and their reasons:
 by the client (a tunnel's host name, ...): `format_event` escapes anything that is not
 printable and quotes what needs it, so no value can start a second log line.
 
+Which key a connection used is taken only from the lines in which the monitor (never the
+pre-auth child, whose lines end in ` [preauth]`) gives its verdict on a key it checked:
+`Accepted publickey ...`, `Failed publickey ...` (auth.c auth_log) and `Accepted key TYPE FP
+found at ...` (auth2-pubkeyfile.c, an authorized key not yet signed with). Several fields of
+sshd's lines are the client's own text, echoed: the user name (`for <user> from`, `Invalid
+user <user>`), an unsupported algorithm name (`unsupported public key algorithm: <any text>`)
+and a certificate's key ID. So the auth lines are matched whole, from sshd's fixed words to
+its own trailing fields: a user name without spaces, the connection's own address and port,
+then exactly `ssh2: TYPE FINGERPRINT` at the end; a line that does not fit names no key.
+The pre-auth child's `test pkalg ... pkblob` line is never used: sshd has not checked that
+key yet (and for an invalid user never does), so such a connection is denied without `fp`.
+
 The tracker assumes the proxy's sshd policy: remote (-R) forwarding, agent, X11 and tun
 forwarding are always disabled, so their requests are reported as `forward-refused` when
 sshd logs them (sshd tells only the client, not the log, that it said no).
@@ -118,13 +130,18 @@ class AccessEvent:
 # --- the state machine ----------------------------------------------------------------
 
 _IP = r"[0-9A-Fa-f.:%a-zA-Z]+"  # IPv4 / IPv6 (with zone), as sshd prints addresses
-_FP = r"((?:SHA256|MD5):[A-Za-z0-9+/=:]+)"
-_KEYTYPE = r"([A-Za-z0-9@._-]+)"
 
 _CONNECTION_FROM = re.compile(rf'Connection from ({_IP}) port (\d+) on \S+ port \d+(?: rdomain ".*")?')
-_ACCEPTED = re.compile(rf"Accepted publickey for .* from {_IP} port \d+ ssh2: {_KEYTYPE} .*?{_FP}.*")
-_FAILED = re.compile(rf"Failed publickey for .* from {_IP} port \d+ ssh2: {_KEYTYPE} .*?{_FP}.*")
-_OFFERED = re.compile(rf"userauth_pubkey: .*pkblob {_KEYTYPE} {_FP}.*")
+# The monitor's verdicts on a key (see the module docstring): sshd's words, a user name
+# without spaces (only limited-user gets this far), address and port (compared with the
+# connection's), then sshd's own `TYPE FP` ending the line; an sk key's signature count may
+# follow. Nothing the client chose can stand where the fingerprint is read.
+_SSHD_KEYTYPE = r"([A-Z0-9-]{2,40})"  # sshkey_type(): ED25519, ECDSA-SK, RSA, ...
+_SSHD_FP = r"(SHA256:[A-Za-z0-9+/]{43}|MD5(?::[0-9a-f]{2}){16})"  # sshkey_fingerprint()
+_VERDICT_TAIL = rf"[^ ]+ from ({_IP}) port (\d+) ssh2: {_SSHD_KEYTYPE} {_SSHD_FP}(?:, signature count = \d+)?"
+_ACCEPTED = re.compile(rf"Accepted publickey for {_VERDICT_TAIL}")
+_FAILED = re.compile(rf"Failed publickey for {_VERDICT_TAIL}")
+_KEY_FOUND = re.compile(rf"Accepted key {_SSHD_KEYTYPE} {_SSHD_FP} found at .*")
 _POSTPONED = re.compile(rf"Postponed publickey for .* from {_IP} port \d+ ssh2")
 _INVALID_USER = re.compile(
     rf"Invalid user .* from {_IP} port \d+"
@@ -178,6 +195,13 @@ def _hostport(host: str, port: str) -> str:
     return f"[{host}]:{port}" if _IPV6.fullmatch(host) else f"{host}:{port}"
 
 
+@dataclass(frozen=True)
+class _KeyVerdict:
+    kind: str  # accepted | failed | found (authorized; a signature may follow)
+    key_type: str
+    fingerprint: str
+
+
 @dataclass
 class _Connection:
     monitor: int
@@ -194,9 +218,22 @@ class _Connection:
     connect_error: str = ""  # "unknown host (...)" just before an open failure
     channels: dict[int, str] = field(default_factory=dict)  # channel -> dest, connecting
     channel_errors: dict[int, str] = field(default_factory=dict)
+    address: tuple[str, str] = ("", "")  # (ip, port) as sshd prints them
 
     def pids(self) -> tuple[int, ...]:
         return (self.monitor,) if self.child is None else (self.monitor, self.child)
+
+
+def _key_verdict(conn: _Connection, message: str) -> _KeyVerdict | None:
+    """The monitor's verdict on a key it checked, if `message` is one about `conn`."""
+    for kind, pattern in (("accepted", _ACCEPTED), ("failed", _FAILED)):
+        match = pattern.fullmatch(message)
+        if match is not None:
+            if (match.group(1), match.group(2)) != conn.address:
+                return None  # not this connection's address: not sshd's line about it
+            return _KeyVerdict(kind, match.group(3), match.group(4))
+    match = _KEY_FOUND.fullmatch(message)
+    return None if match is None else _KeyVerdict("found", match.group(1), match.group(2))
 
 
 ORPHAN_MAX_AGE = 10.0  # seconds a line of a not-yet-linked pid is kept
@@ -232,13 +269,15 @@ class AccessTracker:
         self._evict(now)
         if len(message) > MAX_MESSAGE:
             return []
-        if message.endswith(_PREAUTH):
+        preauth = message.endswith(_PREAUTH)  # relayed from the pre-auth child
+        if preauth:
             message = message[: -len(_PREAUTH)]
 
         match = _CONNECTION_FROM.fullmatch(message)
         if match is not None:
             self._forget_pid(pid)  # a reused pid: whatever it was is over
-            conn = _Connection(pid, _hostport(match.group(1), match.group(2)), now, now)
+            conn = _Connection(pid, _hostport(match.group(1), match.group(2)), now, now,
+                               address=(match.group(1), match.group(2)))
             self._pids[pid] = conn
             self._evict(now)
             return []
@@ -249,13 +288,13 @@ class AccessTracker:
             return []
         self._touch(conn, now)
         events: list[AccessEvent] = []
-        self._dispatch(conn, pid, message, now, events)
+        self._dispatch(conn, pid, message, now, events, preauth)
         return events
 
     def _dispatch(self, conn: _Connection, pid: int, message: str, now: float,
-                  events: list[AccessEvent]) -> None:
+                  events: list[AccessEvent], preauth: bool = False) -> None:
         if pid == conn.monitor:
-            self._monitor_message(conn, message, now, events)
+            self._monitor_message(conn, message, now, events, preauth)
         else:
             self._child_message(conn, message, now, events)
         if message.startswith(_END_PREFIXES) or (pid == conn.monitor and message == _MONITOR_EXIT):
@@ -274,10 +313,12 @@ class AccessTracker:
 
     # -- per process ---------------------------------------------------------------------
 
-    def _monitor_message(self, conn: _Connection, message: str, now: float, events: list[AccessEvent]) -> None:
-        if (match := _ACCEPTED.fullmatch(message)) is not None:
+    def _monitor_message(self, conn: _Connection, message: str, now: float, events: list[AccessEvent],
+                         preauth: bool = False) -> None:
+        verdict = None if preauth else _key_verdict(conn, message)
+        if verdict is not None and verdict.kind == "accepted":
             conn.accepted = True
-            conn.key_type, conn.fingerprint = match.group(1), match.group(2)
+            conn.key_type, conn.fingerprint = verdict.key_type, verdict.fingerprint
             events.append(self._event(conn, now, "accepted"))
         elif conn.accepted:
             if (match := _USER_CHILD.fullmatch(message)) is not None:
@@ -285,11 +326,10 @@ class AccessTracker:
                 self._link_child(conn, child)
                 for early, when in self._orphans.pop(child, []):
                     self._dispatch(conn, child, early, when, events)
-        elif (match := _FAILED.fullmatch(message)) is not None:
-            conn.auth_failure = "unknown-key"
-            conn.key_type, conn.fingerprint = match.group(1), match.group(2)
-        elif (match := _OFFERED.fullmatch(message)) is not None:
-            conn.key_type, conn.fingerprint = match.group(1), match.group(2)
+        elif verdict is not None:
+            if verdict.kind == "failed":
+                conn.auth_failure = "unknown-key"
+            conn.key_type, conn.fingerprint = verdict.key_type, verdict.fingerprint
         elif _POSTPONED.fullmatch(message) is not None:
             conn.auth_failure = "no-signature"  # authorized, but the client never signed
         elif _INVALID_USER.fullmatch(message) is not None:

@@ -1,24 +1,48 @@
-"""Structured, quiet-by-default logging: one logfmt line per record on stderr."""
+"""Structured, quiet-by-default logging: one logfmt line per record on stderr.
+
+Log values come partly from targets (container names, exec stderr, HTTP bodies): every
+value is escaped here, centrally, so no value can start a new line or carry a terminal
+escape sequence, whatever the message that built it.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 
-
-def _quote(value: str) -> str:
-    text = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    return f'"{text}"' if (" " in text or "=" in text or not text) else text
+from .accesslog import logfmt_value
 
 
 class LogfmtFormatter(logging.Formatter):
+    """`ts=... level=... logger=... msg=... [exc=...] [stack=...]`, every value escaped.
+
+    `msg` is the message with its args already interpolated, so hostile args are escaped
+    too; exception and stack text keep their line breaks as `\\n` inside one quoted value.
+    """
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        line = (f"ts={stamp}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
-                f"logger={record.name} msg={_quote(record.getMessage())}")
+        fields = [
+            ("ts", f"{stamp}.{int(record.msecs):03d}Z"),
+            ("level", record.levelname.lower()),
+            ("logger", record.name),
+            ("msg", _message(record)),
+        ]
         if record.exc_info:
-            line += f" exc={_quote(self.formatException(record.exc_info))}"
-        return line
+            fields.append(("exc", self.formatException(record.exc_info)))
+        elif record.exc_text:
+            fields.append(("exc", record.exc_text))
+        if record.stack_info:
+            fields.append(("stack", self.formatStack(record.stack_info)))
+        return " ".join(f"{name}={logfmt_value(str(value))}" for name, value in fields)
+
+
+def _message(record: logging.LogRecord) -> str:
+    """The interpolated message; a record whose args do not fit still gives one line."""
+    try:
+        return record.getMessage()
+    except Exception:  # a bad format string must not lose the record (nor raise in a handler)
+        return f"{record.msg!s} {record.args!r}"
 
 
 def setup_logging(level: str = "info") -> None:

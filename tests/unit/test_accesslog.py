@@ -213,10 +213,12 @@ def test_hostile_originator_and_target_names_do_not_confuse_the_dest() -> None:
     )
 
 
-def test_invalid_users_are_denied_with_the_key_they_offered() -> None:
+def test_invalid_users_are_denied_without_a_key() -> None:
+    # sshd never checks the key of an invalid user: only the pre-auth child's "test pkalg"
+    # line shows it, and that line names no key (see test_a_key_sshd_never_checked_...).
     assert replay("sshd-invalid-user.log") == [
-        ev(35, "denied", "127.0.0.1:41346", reason="invalid-user", duration=31.0),  # not in AllowUsers
-        ev(76, "denied", "127.0.0.1:41360", reason="invalid-user", duration=31.0),  # no such user
+        ev(35, "denied", "127.0.0.1:41346", fp="", key="", reason="invalid-user", duration=31.0),  # not in AllowUsers
+        ev(76, "denied", "127.0.0.1:41360", fp="", key="", reason="invalid-user", duration=31.0),  # no such user
     ]
 
 
@@ -267,7 +269,7 @@ ALL_FIXTURES = sorted(path.name for path in DATA.glob("sshd-*.log"))
 
 
 def test_fixtures_are_all_here() -> None:
-    assert len(ALL_FIXTURES) == 24
+    assert len(ALL_FIXTURES) == 25
 
 
 @pytest.mark.parametrize("fixture", ALL_FIXTURES)
@@ -298,7 +300,7 @@ def test_all_fixtures_interleaved_give_the_same_events() -> None:
                 together.extend(tracker.feed(*parsed, T0 + index))
     separately = [event for name in ALL_FIXTURES for event in replay(name)]
     assert sorted(together, key=repr) == sorted(separately, key=repr)
-    assert len(together) == 68
+    assert len(together) == 70
     assert len(tracker) == 0
 
 
@@ -334,6 +336,7 @@ def test_the_last_key_offered_decides_why_a_login_was_denied(
         ],
         "authorized": [
             (10, f"userauth_pubkey: publickey test pkalg ssh-ed25519 pkblob ED25519 {FP} [preauth]"),
+            (10, f"Accepted key ED25519 {FP} found at /etc/ssh/authorized_keys.index:1"),
             (10, "Postponed publickey for limited-user from 172.18.0.1 port 50000 ssh2 [preauth]"),
         ],
     }
@@ -343,7 +346,7 @@ def test_the_last_key_offered_decides_why_a_login_was_denied(
         *offers[order[1]],
         (10, "Connection closed by authenticating user limited-user 172.18.0.1 port 50000 [preauth]"),
     ])
-    assert events == [ev(5, "denied", "172.18.0.1:50000", fp=fp, reason=reason, duration=5.0)]
+    assert events == [ev(6, "denied", "172.18.0.1:50000", fp=fp, reason=reason, duration=6.0)]
 
 
 def test_ipv6_client_is_bracketed() -> None:
@@ -724,3 +727,113 @@ def test_revoked_event_format() -> None:
     line = format_event(revoked_event(session, T0 + 1, "target-removed,target-renamed"), "web,db")
     assert line == (f"{format_timestamp(T0 + 1)} event=revoked client=127.0.0.1:56292 fp={FP} "
                     "key=ED25519 target=web,db reason=target-removed,target-renamed")
+
+
+# --- client-chosen text never supplies a fingerprint ------------------------------------
+
+VICTIM_FP = "SHA256:VictimVictimVictimVictimVictimVictimVictim0"  # someone else's key
+
+
+def connect(pid: int = 10, port: int = 50000) -> tuple[int, str]:
+    return pid, f'Connection from 172.18.0.1 port {port} on 172.18.0.2 port 22 rdomain ""'
+
+
+def test_an_unsupported_algorithm_name_cannot_name_a_key() -> None:
+    # sshd echoes the client's algorithm name verbatim (auth2-pubkey.c, verbose_f
+    # "unsupported public key algorithm: %s"): it may contain spaces and look like a pkblob.
+    events = feed_all(AccessTracker(), [
+        connect(),
+        (10, f"userauth_pubkey: unsupported public key algorithm: x pkblob ED25519 {VICTIM_FP} [preauth]"),
+        (10, "userauth_pubkey: unsupported public key algorithm: ssh-ed25519 pkblob ED25519 "
+             f"{VICTIM_FP} CA ED25519 {VICTIM_FP} [preauth]"),
+        (10, "Connection closed by authenticating user limited-user 172.18.0.1 port 50000 [preauth]"),
+    ])
+    assert events == [ev(3, "denied", "172.18.0.1:50000", fp="", key="", reason="preauth-disconnect",
+                         duration=3.0)]
+
+
+def test_recorded_client_text_imitating_sshd_names_no_key() -> None:
+    # Recorded with paramiko against the proxy's sshd config (sshd-forged-fields.log): the
+    # algorithm name "x pkblob ED25519 <the authorized key's fp>", then a user name that
+    # imitates an auth line's tail (sshd cuts it at ':', the user:style separator).
+    assert replay("sshd-forged-fields.log") == [
+        ev(35, "denied", "172.17.0.1:45680", fp="", key="", reason="preauth-disconnect", duration=30.0),
+        ev(78, "denied", "172.17.0.1:34362", fp="", key="", reason="invalid-user", duration=31.0),
+    ]
+
+
+def test_a_key_sshd_never_checked_names_no_fingerprint() -> None:
+    # The "test pkalg ... pkblob" debug line comes before sshd checks anything (and from the
+    # pre-auth child): only the monitor's verdict on a key names it.
+    events = feed_all(AccessTracker(), [
+        connect(),
+        (10, f"userauth_pubkey: publickey test pkalg ssh-ed25519 pkblob ED25519 {VICTIM_FP} [preauth]"),
+        (10, "Connection closed by authenticating user limited-user 172.18.0.1 port 50000 [preauth]"),
+    ])
+    assert events == [ev(2, "denied", "172.18.0.1:50000", fp="", key="", reason="preauth-disconnect",
+                         duration=2.0)]
+
+
+@pytest.mark.parametrize("user", [
+    f"x from 172.18.0.1 port 50000 ssh2: ED25519 {VICTIM_FP}",
+    f"limited-user from 172.18.0.1 port 50000 ssh2: ED25519 {VICTIM_FP} from",
+])
+def test_a_user_name_cannot_name_a_key(user: str) -> None:
+    # `Failed publickey for <user> from ...`: the user name is the client's (up to 100 chars);
+    # the fingerprint is taken from sshd's own trailing fields only.
+    events = feed_all(AccessTracker(), [
+        connect(),
+        (10, f"Failed publickey for {user} from 172.18.0.1 port 50000 ssh2: ED25519 {BAD_FP}"),
+        (10, "Connection closed by authenticating user limited-user 172.18.0.1 port 50000 [preauth]"),
+    ])
+    assert [e.fingerprint for e in events] in ([BAD_FP], [""])
+    assert VICTIM_FP not in repr(events)
+
+
+def test_a_cert_key_id_cannot_name_a_key() -> None:
+    # A certificate's key ID is the client's text too (its own CA signs anything).
+    line = (f"Failed publickey for limited-user from 172.18.0.1 port 50000 ssh2: ED25519-CERT {BAD_FP} "
+            f"ID x from 172.18.0.1 port 50000 ssh2: ED25519 {VICTIM_FP} (serial 1) CA ED25519 {VICTIM_FP}")
+    events = feed_all(AccessTracker(), [
+        connect(), (10, line),
+        (10, "Connection closed by authenticating user limited-user 172.18.0.1 port 50000 [preauth]"),
+    ])
+    assert VICTIM_FP not in repr(events)
+
+
+def test_an_auth_line_about_another_connection_is_ignored() -> None:
+    events = feed_all(AccessTracker(), [
+        connect(),
+        (10, f"Accepted publickey for limited-user from 172.18.0.9 port 50000 ssh2: ED25519 {VICTIM_FP}"),
+        (10, f"Failed publickey for limited-user from 172.18.0.1 port 50001 ssh2: ED25519 {VICTIM_FP}"),
+        (10, "Connection closed by authenticating user limited-user 172.18.0.1 port 50000 [preauth]"),
+    ])
+    assert events == [ev(3, "denied", "172.18.0.1:50000", fp="", key="", reason="preauth-disconnect",
+                         duration=3.0)]
+
+
+@pytest.mark.parametrize("line", [
+    f"Accepted publickey for limited-user from 172.18.0.1 port 50000 ssh2: ED25519 {VICTIM_FP} [preauth]",
+    f"Accepted key ED25519 {VICTIM_FP} found at /etc/ssh/authorized_keys.index:1 [preauth]",
+    f"Failed publickey for limited-user from 172.18.0.1 port 50000 ssh2: ED25519 {VICTIM_FP} [preauth]",
+])
+def test_the_preauth_child_cannot_accept_or_name_a_key(line: str) -> None:
+    # The sandboxed pre-auth child's lines reach syslog through the monitor, suffixed
+    # ` [preauth]`; the verdicts on keys are the monitor's own lines, never suffixed.
+    events = feed_all(AccessTracker(), [
+        connect(), (10, line),
+        (10, "Connection closed by authenticating user limited-user 172.18.0.1 port 50000 [preauth]"),
+    ])
+    assert [e.event for e in events] == ["denied"]
+    assert VICTIM_FP not in repr(events)
+
+
+def test_a_key_sshd_found_authorized_but_never_signed_with_is_named() -> None:
+    events = feed_all(AccessTracker(), [
+        connect(),
+        (10, f"userauth_pubkey: publickey test pkalg ssh-ed25519 pkblob ED25519 {FP} [preauth]"),
+        (10, f"Accepted key ED25519 {FP} found at AuthorizedKeysCommand:1"),
+        (10, "Postponed publickey for limited-user from 172.18.0.1 port 50000 ssh2 [preauth]"),
+        (10, "Connection closed by authenticating user limited-user 172.18.0.1 port 50000 [preauth]"),
+    ])
+    assert events == [ev(4, "denied", "172.18.0.1:50000", reason="no-signature", duration=4.0)]

@@ -84,12 +84,24 @@ def test_render_sshd_config_contents(tmp_path: Path) -> None:
         "PermitRootLogin no",
         "GatewayPorts no",
         "MaxStartups 512:50:1024",
+        "PerSourceMaxStartups 256",
+        "PerSourceNetBlockSize 32:64",
     ]:
         assert expected in lines, expected
     assert sum(1 for line in lines if line.startswith("ForceCommand /")) == 1
     assert "$" not in text.replace("%f", "")  # every placeholder substituted
     assert sum(1 for line in lines if line.startswith("HostKey ")) == 2
     assert sum(1 for line in lines if line.startswith("PermitOpen ")) == 1
+    assert not [line for line in lines if line.startswith("UnusedConnectionTimeout")]
+
+
+def test_one_source_cannot_take_the_slots_below_random_early_drop() -> None:
+    from watcher.sshd import MAX_STARTUPS, PER_SOURCE_MAX_STARTUPS
+
+    start, _rate, full = (int(part) for part in MAX_STARTUPS.split(":"))
+    assert 200 <= PER_SOURCE_MAX_STARTUPS  # a burst of 200 logins from one address is served
+    assert PER_SOURCE_MAX_STARTUPS < start  # one source alone never triggers a random drop
+    assert 2 * PER_SOURCE_MAX_STARTUPS <= start < full
 
 
 def test_render_sshd_config_any_and_keys_user(tmp_path: Path) -> None:
@@ -238,6 +250,10 @@ def test_real_sshd_accepts_rendered_config(sshd_dir: Path, privsep_dir) -> None:
         "passwordauthentication no",
         "authenticationmethods publickey",
         "maxstartups 512:50:1024",
+        "persourcemaxstartups 256",
+        "persourcenetblocksize 32:64",
+        "unusedconnectiontimeout none",  # idle `ssh -N -L` tunnels stay up (README)
+        "logingracetime 30",
     ]:
         assert expected in lines, expected
     for key in ("ed25519", "ecdsa", "rsa"):

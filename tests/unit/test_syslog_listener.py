@@ -7,6 +7,7 @@ import logging.handlers
 import os
 import socket
 import stat
+import sys
 import tempfile
 import threading
 import time
@@ -16,7 +17,7 @@ from typing import Callable, Iterator
 import pytest
 
 from watcher.accesslog import parse_datagram
-from watcher.syslog_listener import RECEIVE_BUFFER, SyslogListener
+from watcher.syslog_listener import RECEIVE_BUFFER, SyslogListener, any_sender
 
 SSHD_LINE = b"<38>Nov 25 15:31:49 sshd[9823]: Connection from 127.0.0.1 port 56828 on 127.0.0.1 port 2299"
 
@@ -66,7 +67,7 @@ def sock_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def listener(sock_path: Path) -> Iterator[SyslogListener]:
-    listener = SyslogListener(sock_path, poll_interval=0.05)
+    listener = SyslogListener(sock_path, poll_interval=0.05, admit=any_sender)  # mechanics only
     yield listener
     listener.close()
 
@@ -152,7 +153,7 @@ def test_a_stale_socket_file_is_replaced(sock_path: Path) -> None:
     stale.bind(str(sock_path))
     stale.close()  # the file stays behind, as after a crash
     assert stat.S_ISSOCK(os.stat(sock_path).st_mode)
-    with SyslogListener(sock_path, poll_interval=0.05) as listener:
+    with SyslogListener(sock_path, poll_interval=0.05, admit=any_sender) as listener:
         serving = Serving(listener)
         send(sock_path, b"hello")
         serving.wait_for(1)
@@ -180,7 +181,7 @@ def test_close_removes_the_socket_file_and_is_idempotent(sock_path: Path) -> Non
 
 def test_close_leaves_a_newer_listeners_socket(sock_path: Path) -> None:
     old = SyslogListener(sock_path)
-    new = SyslogListener(sock_path)  # replaces old's file, as a restarted watcher would
+    new = SyslogListener(sock_path, admit=any_sender)  # replaces old's file, as a restarted watcher would
     try:
         old.close()
         assert stat.S_ISSOCK(os.stat(sock_path).st_mode)
@@ -195,7 +196,7 @@ def test_close_leaves_a_newer_listeners_socket(sock_path: Path) -> None:
 
 
 def test_serve_returns_when_closed_from_another_thread(sock_path: Path) -> None:
-    listener = SyslogListener(sock_path, poll_interval=0.05)
+    listener = SyslogListener(sock_path, poll_interval=0.05, admit=any_sender)
     serving = Serving(listener)
     time.sleep(0.1)
     listener.close()
@@ -233,7 +234,7 @@ def test_an_unprivileged_process_can_send() -> None:
     with tempfile.TemporaryDirectory() as directory:
         os.chmod(directory, 0o755)  # pytest's tmp_path sits in a 0700 directory
         sock_path = Path(directory) / "log"
-        with SyslogListener(sock_path, poll_interval=0.05) as listener:
+        with SyslogListener(sock_path, poll_interval=0.05, admit=any_sender) as listener:
             received = _send_as_nobody(listener, sock_path)
     assert received == [b"from nobody"]
 
@@ -255,3 +256,261 @@ def _send_as_nobody(listener: SyslogListener, sock_path: Path) -> list[bytes]:
     serving.finish()
     assert os.waitstatus_to_exitcode(status) == 0
     return serving.received
+
+
+# --- only sshd's own processes are heard -----------------------------------------------
+
+from watcher.syslog_listener import Credentials, DropReport, SshdSenders  # noqa: E402
+
+SSHD = "/usr/sbin/sshd"
+
+
+def line_from(pid: int, message: str = "Connection from 10.0.0.1 port 1 on 10.0.0.2 port 22") -> bytes:
+    return b"<38>Nov 25 15:31:49 sshd[%d]: %s" % (pid, message.encode())
+
+
+def serve_once(listener: SyslogListener, sock_path: Path, *datagrams: bytes) -> list[bytes]:
+    """Queue `datagrams`, then let serve() hand on what it admits (it drains the queue)."""
+    send(sock_path, *datagrams)
+    stop = threading.Event()
+    stop.set()
+    received: list[bytes] = []
+    listener.serve(received.append, stop)
+    return received
+
+
+def test_each_datagram_comes_with_its_senders_credentials(sock_path: Path) -> None:
+    seen: list[tuple[bytes, Credentials | None]] = []
+
+    def admit(data: bytes, sender: Credentials | None) -> str | None:
+        seen.append((data, sender))
+        return None
+
+    with SyslogListener(sock_path, admit=admit) as listener:
+        assert serve_once(listener, sock_path, b"hello") == [b"hello"]
+    assert seen == [(b"hello", Credentials(os.getpid(), os.getuid(), os.getgid()))]
+
+
+@pytest.mark.skipif(not os.access(SSHD, os.X_OK), reason=f"{SSHD} not installed")
+@pytest.mark.parametrize(("datagram", "reason"), [
+    (line_from(os.getpid()), "not-sshd"),  # right pid, but this process is not sshd
+    (line_from(os.getpid() + 1), "pid-mismatch"),  # another process's pid in the tag
+    (line_from(1), "pid-mismatch"),
+    (b"<38>Nov 25 15:31:49 notsshd[1]: x", "not-tagged-sshd"),
+    (b"garbage", "not-tagged-sshd"),
+])
+def test_a_forged_sshd_line_is_dropped_and_counted(sock_path: Path, datagram: bytes, reason: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="watcher.syslog_listener")
+    with SyslogListener(sock_path) as listener:  # the production rule
+        assert serve_once(listener, sock_path, datagram, datagram) == []
+        assert listener.dropped == 2
+    warnings = [r.getMessage() for r in caplog.records if r.name == "watcher.syslog_listener"]
+    assert warnings == [f"dropped 1 syslog datagrams not sent by sshd ({reason}=1); a process other "
+                        "than sshd writes to the log socket"]  # the second one waits a minute
+
+
+def test_the_sshd_binary_itself_is_heard(sock_path: Path) -> None:
+    # This interpreter stands in for the sshd binary: same check, a binary we can run.
+    with SyslogListener(sock_path, admit=SshdSenders(sshd_binary=sys.executable)) as listener:
+        ours = line_from(os.getpid())
+        assert serve_once(listener, sock_path, ours, line_from(os.getpid() + 1)) == [ours]
+        assert listener.dropped == 1
+
+
+def _send_and_exit(sock_path: Path, uid: int | None) -> bytes:
+    """Fork a process that sends one sshd line under its own pid, then exits (reaped)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            if uid is not None:
+                os.setgid(uid)
+                os.setuid(uid)
+            send(sock_path, line_from(os.getpid()))
+            os.write(write_fd, str(os.getpid()).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        child = int(pipe.read() or b"0")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and child == pid
+    assert not Path(f"/proc/{pid}").exists()
+    return line_from(pid)
+
+
+def test_a_sender_that_exited_is_heard_only_with_a_trusted_uid(sock_path: Path) -> None:
+    with SyslogListener(sock_path, admit=SshdSenders(trusted_uids=frozenset({os.getuid()}))) as listener:
+        line = _send_and_exit(sock_path, None)
+        assert serve_once(listener, sock_path) == [line]
+    with SyslogListener(sock_path, admit=SshdSenders(trusted_uids=frozenset({os.getuid() + 1}))) as listener:
+        _send_and_exit(sock_path, None)
+        assert serve_once(listener, sock_path) == []
+        assert listener.dropped == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_an_unprivileged_sender_that_exited_is_dropped() -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        os.chmod(directory, 0o755)
+        sock_path = Path(directory) / "log"
+        with SyslogListener(sock_path) as listener:  # trusts root and limited-user only
+            _send_and_exit(sock_path, 65534)
+            assert serve_once(listener, sock_path) == []
+            assert listener.dropped == 1
+
+
+# The kernel hides /proc/PID/exe of processes that changed uid unless we hold CAP_SYS_PTRACE
+# (Docker does not grant it): sshd's monitor after login and its post-auth child. A fake
+# /proc gives the process tree of the proxy: watcher 1 > sshd listener 10 > monitor 20 >
+# post-auth child 21 (limited-user, uid 999) > session command 30; monitor 20 > keys
+# command 22 (nobody).
+
+SSHD_FILE = (1, 100)
+HIDDEN = PermissionError("hidden")
+
+
+class FakeProc:
+    def __init__(self, tree: dict[int, tuple[tuple[int, int] | BaseException, int]]) -> None:
+        self.tree = tree  # pid -> (exe or what reading it raises, ppid)
+        self.looks = 0
+
+    def exe(self, pid: int) -> tuple[int, int]:
+        if pid not in self.tree:
+            raise FileNotFoundError(pid)
+        exe = self.tree[pid][0]
+        if isinstance(exe, BaseException):
+            raise exe
+        return exe
+
+    def start_time(self, pid: int) -> int:
+        if pid not in self.tree:
+            raise FileNotFoundError(pid)
+        self.looks += 1
+        return 1000 + pid
+
+    def ppid(self, pid: int) -> int:
+        if pid not in self.tree:
+            raise FileNotFoundError(pid)
+        ppid = self.tree[pid][1]
+        if isinstance(ppid, BaseException):
+            raise ppid
+        return ppid
+
+
+PROXY_TREE = {
+    1: ((1, 7), 0),  # the watcher (python)
+    10: (SSHD_FILE, 1),  # sshd -D, started by the watcher
+    20: (HIDDEN, 10),  # monitor, not dumpable since it changed uid for the keys command
+    21: (HIDDEN, 20),  # post-auth child, uid 999
+    22: (HIDDEN, 20),  # AuthorizedKeysCommand, nobody
+    30: (HIDDEN, 21),  # the forced command of a session, uid 999
+    40: (HIDDEN, 1),  # some other hidden process, root, child of the watcher
+    50: ((1, 8), 1),  # not sshd, child of the watcher
+    51: (HIDDEN, 50),  # hidden, under a process that is not sshd
+    60: (HIDDEN, ProcessLookupError("exited between the two looks")),
+    61: (ProcessLookupError("exiting"), 20),
+    70: (HIDDEN, 71),  # an ancestor that exited
+}
+
+
+def senders(tree: dict = PROXY_TREE) -> SshdSenders:
+    check = SshdSenders(sshd_binary=SSHD, trusted_uids=frozenset({0, 999}), proc=FakeProc(tree),
+                        supervisor_pid=1)
+    check._sshd_id = SSHD_FILE
+    return check
+
+
+@pytest.mark.parametrize(("pid", "uid", "reason"), [
+    (10, 0, None),  # the listener: exe readable, sshd
+    (20, 0, None),  # the monitor: hidden, root, child of the listener
+    (21, 999, None),  # the post-auth child: hidden, limited-user, grandchild of the listener
+    (22, 65534, "hidden-untrusted-uid"),  # the keys command runs as nobody
+    (30, 999, "hidden-not-under-sshd"),  # a session's command is one generation too deep
+    (40, 0, "hidden-not-under-sshd"),
+    (51, 0, "hidden-not-under-sshd"),
+    (50, 0, "not-sshd"),
+    (1, 0, "not-sshd"),
+    (99, 0, None),  # exited: root is sshd's uid
+    (99, 999, None),  # exited: limited-user is sshd's uid
+    (99, 65534, "exited-untrusted-uid"),
+    (60, 0, None),  # races with the sender's exit: judged as exited
+    (60, 65534, "hidden-untrusted-uid"),
+    (61, 999, None),
+    (61, 65534, "exited-untrusted-uid"),
+    (70, 0, "hidden-not-under-sshd"),
+])
+def test_the_sender_rule(pid: int, uid: int, reason: str | None) -> None:
+    assert senders()(line_from(pid), Credentials(pid, uid, uid)) == reason
+
+
+def test_a_verdict_is_remembered_per_process_and_uid() -> None:
+    tree = dict(PROXY_TREE)
+    check = senders(tree)
+    assert check(line_from(21), Credentials(21, 999, 999)) is None
+    tree[21] = (HIDDEN, 1)  # (a change the cache does not look at again)
+    assert check(line_from(21), Credentials(21, 999, 999)) is None
+    assert check(line_from(21), Credentials(21, 65534, 65534)) == "hidden-untrusted-uid"  # another uid: looked at
+
+
+def test_a_reused_pid_is_looked_at_again() -> None:
+    tree = dict(PROXY_TREE)
+    proc = FakeProc(tree)
+    check = SshdSenders(sshd_binary=SSHD, trusted_uids=frozenset({0, 999}), proc=proc, supervisor_pid=1)
+    check._sshd_id = SSHD_FILE
+    assert check(line_from(21), Credentials(21, 999, 999)) is None
+    proc.start_time = lambda pid: 5000  # type: ignore[method-assign]  # pid 21 is another process now
+    tree[21] = (HIDDEN, 1)
+    assert check(line_from(21), Credentials(21, 999, 999)) == "hidden-not-under-sshd"
+
+
+def test_the_sender_rule_needs_credentials_and_a_matching_tag() -> None:
+    assert senders()(line_from(20), None) == "no-credentials"
+    assert senders()(line_from(21), Credentials(20, 0, 0)) == "pid-mismatch"
+    assert senders()(b"<38>sshd-keygen[20]: x", Credentials(20, 0, 0)) == "not-tagged-sshd"
+
+
+def test_drops_are_reported_at_most_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="watcher.syslog_listener")
+    now = [1000.0]
+    report = DropReport(interval=60.0, clock=lambda: now[0])
+    report.report_if_due()  # nothing to say
+    for reason in ("pid-mismatch", "not-sshd", "not-sshd"):
+        report.drop(reason)
+    now[0] += 59.0
+    report.drop("pid-mismatch")
+    report.report_if_due()
+    now[0] += 1.0
+    report.report_if_due()
+    report.report_if_due()
+    messages = [r.getMessage() for r in caplog.records if r.name == "watcher.syslog_listener"]
+    assert messages == [
+        "dropped 1 syslog datagrams not sent by sshd (pid-mismatch=1); a process other than sshd "
+        "writes to the log socket",
+        "dropped 3 syslog datagrams not sent by sshd (not-sshd=2 pid-mismatch=1); a process other "
+        "than sshd writes to the log socket",
+    ]
+    assert report.total == 4
+
+
+def test_a_failing_check_drops_the_datagram_and_keeps_serving(sock_path: Path) -> None:
+    def broken(data: bytes, sender: Credentials | None) -> str | None:
+        if data == b"bad":
+            raise RuntimeError("boom")
+        return None
+
+    with SyslogListener(sock_path, admit=broken) as listener:
+        assert serve_once(listener, sock_path, b"bad", b"good") == [b"good"]
+        assert listener.dropped == 1
+
+
+def test_without_the_sshd_binary_nothing_is_admitted(sock_path: Path, tmp_path: Path) -> None:
+    check = SshdSenders(sshd_binary=str(tmp_path / "no-sshd"), trusted_uids=frozenset({os.getuid()}))
+    with SyslogListener(sock_path, admit=check) as listener:
+        _send_and_exit(sock_path, None)  # would be admitted by uid alone
+        assert serve_once(listener, sock_path, line_from(os.getpid())) == []
+        assert listener.dropped == 2
