@@ -93,19 +93,21 @@ class AccessLog:
         self.handle = open(path, "a", buffering=1, encoding="utf-8")
         os.chmod(path, 0o644)
 
-    def __call__(self, datagram: bytes) -> None:
+    def __call__(self, datagram: bytes, sent_at: float | None = None) -> None:
         try:
-            self._handle(datagram)
+            self._handle(datagram, sent_at)
         except Exception:  # one odd line must not take the access log (or the proxy) down
             log.exception("access log: cannot handle sshd line %r", datagram[:200])
 
-    def _handle(self, datagram: bytes) -> None:
+    def _handle(self, datagram: bytes, sent_at: float | None) -> None:
         parsed = parse_datagram(datagram)
         if parsed is None:
             return
         pid, message = parsed
         with self.lock:
-            now = time.time()
+            # When sshd logged the line (the kernel's stamp), not when it was read: a
+            # connection's start is then exact for the login race (see revocation.py).
+            now = sent_at if sent_at is not None else time.time()
             for event in self.tracker.feed(pid, message, now):
                 self._write(format_event(event, self.target_of(event)))
             if self.recent:

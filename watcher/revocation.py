@@ -19,11 +19,12 @@ GrantSets = Mapping[str, frozenset[GrantElement]]
 RACE_WINDOW = 60.0
 """Seconds a revocation is remembered for logins that read the index before it was
 written: sshd's LoginGraceTime (30 s) bounds a login, twice that to be safe."""
-LOG_LAG = 2.0
-"""Seconds by which sshd's `Connection from` may reach the watcher after sshd logged it
-(lines queued in /dev/log while the watcher is busy): a connection seen up to this long
-after a revoking write is still taken to have begun before it. A login that really began
-after it is closed once; it logs in again with the new grants."""
+LOG_LAG = 0.0
+"""Seconds by which a connection seen after a revoking write is still taken to have begun
+before it. None are needed: a connection's start is the kernel's stamp on sshd's
+`Connection from` datagram (when sshd logged it, not when the watcher read it), and sshd
+logs that line before it runs the AuthorizedKeysCommand, so a connection stamped after the
+write can only have read the new index."""
 
 # Reasons, most specific first: what became of the target a lost destination belonged to.
 TARGET_REMOVED = "target-removed"  # stopped, died or removed
@@ -144,8 +145,8 @@ class RecentRevocations:
 
     def for_login(self, fingerprint: str, connected_at: float, now: float) -> Revocation | None:
         """The revocation of `fingerprint` written after a connection began at `connected_at`
-        (when its `Connection from` arrived: so its login may have read the old grants), or
-        None."""
+        (when sshd logged its `Connection from`: so its login may have read the old grants),
+        or None."""
         self.prune(now)
         entry = self._by_fp.get(fingerprint)
         if entry is None or connected_at > entry[0].at + self.lag:

@@ -58,6 +58,11 @@ SSHD_USERS = ("root", "limited-user")
 post-auth child (the login user). The pre-auth child logs through its monitor."""
 
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+_TIMEVAL = struct.Struct("@ll")  # struct timeval: time_t tv_sec; suseconds_t tv_usec
+_SO_TIMESTAMP = getattr(socket, "SO_TIMESTAMP", 29)  # Linux; Python names it on 3.13+ only
+Handler = Callable[[bytes, float], None]
+"""Called with each admitted datagram and the time (epoch seconds) the kernel queued it,
+i.e. when sshd logged it, however long the datagram then waited to be read."""
 
 
 @dataclass(frozen=True)
@@ -277,6 +282,7 @@ class SyslogListener:
         try:
             # Before bind: every datagram that can arrive carries its sender's credentials.
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+            self._sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMP, 1)
             _set_receive_buffer(self._sock, receive_buffer)
             self._sock.bind(self._path)
             os.chmod(self._path, 0o666)
@@ -301,8 +307,9 @@ class SyslogListener:
         """SO_RCVBUF as the kernel reports it (twice what it granted, by its convention)."""
         return self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
 
-    def serve(self, handler: Callable[[bytes], None], stop: threading.Event) -> None:
-        """Call `handler` with each admitted datagram, in arrival order, until `stop` is set.
+    def serve(self, handler: Handler, stop: threading.Event) -> None:
+        """Call `handler` with each admitted datagram and the time it was sent, in arrival
+        order, until `stop` is set.
 
         Looks at `stop` at least every `poll_interval` seconds; once it is set, the
         datagrams already queued (at most DRAIN_LIMIT) are still handed on, then it
@@ -311,7 +318,7 @@ class SyslogListener:
         self._sock.settimeout(self._poll_interval)
         while not stop.is_set():
             try:
-                data, sender = self._receive()
+                data, sender, sent_at = self._receive()
             except (TimeoutError, InterruptedError):
                 self._drops.report_if_due()
                 continue
@@ -319,30 +326,37 @@ class SyslogListener:
                 if self._closed:
                     return
                 raise
-            self._hand_on(handler, data, sender)
+            self._hand_on(handler, data, sender, sent_at)
         self._drain(handler)
 
-    def _receive(self) -> tuple[bytes, Credentials | None]:
-        data, ancillary, _flags, _address = self._sock.recvmsg(self._max_datagram,
-                                                               socket.CMSG_SPACE(_UCRED.size))
+    def _receive(self) -> tuple[bytes, Credentials | None, float]:
+        data, ancillary, _flags, _address = self._sock.recvmsg(
+            self._max_datagram, socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(_TIMEVAL.size))
         sender = None
+        sent_at = 0.0
         for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
                 sender = Credentials(*_UCRED.unpack_from(payload))
-        return data, sender
+            elif kind == _SO_TIMESTAMP and len(payload) >= _TIMEVAL.size:
+                seconds, micros = _TIMEVAL.unpack_from(payload)
+                sent_at = seconds + micros / 1e6
+        return data, sender, sent_at or time.time()
 
-    def _hand_on(self, handler: Callable[[bytes], None], data: bytes, sender: Credentials | None) -> None:
+    def _hand_on(self, handler: Handler, data: bytes, sender: Credentials | None,
+                 sent_at: float) -> None:
         try:
             problem = self._admit(data, sender)
         except Exception:  # noqa: BLE001 - a failed look at /proc must not stop the access log
             problem = "check-failed"
         if problem is None:
-            handler(data)
+            handler(data, sent_at)
         else:
             log.debug("dropped %r from %s: %s", data[:200], sender, problem)
             self._drops.drop(problem)
 
-    def _drain(self, handler: Callable[[bytes], None]) -> None:
+    def _drain(self, handler: Handler) -> None:
         try:
             self._sock.setblocking(False)
         except OSError:
@@ -351,7 +365,7 @@ class SyslogListener:
             raise
         for _ in range(DRAIN_LIMIT):
             try:
-                data, sender = self._receive()
+                data, sender, sent_at = self._receive()
             except BlockingIOError:
                 return
             except InterruptedError:
@@ -360,7 +374,7 @@ class SyslogListener:
                 if self._closed:
                     return
                 raise
-            self._hand_on(handler, data, sender)
+            self._hand_on(handler, data, sender, sent_at)
 
     def close(self) -> None:
         """Close the socket and remove its file (only if it is still ours). Idempotent."""

@@ -34,11 +34,16 @@ class Serving:
 
     def __init__(self, listener: SyslogListener, handler: Callable[[bytes], None] | None = None) -> None:
         self.received: list[bytes] = []
+        self.sent_at: list[float] = []
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        self._handler = handler or self.received.append
+        self._one = handler or self.received.append
         self._thread = threading.Thread(target=self._run, args=(listener,), daemon=True)
         self._thread.start()
+
+    def _handler(self, data: bytes, sent_at: float) -> None:
+        self.sent_at.append(sent_at)
+        self._one(data)
 
     def _run(self, listener: SyslogListener) -> None:
         try:
@@ -109,12 +114,27 @@ def test_stop_is_noticed_without_traffic(listener: SyslogListener) -> None:
     assert serving.received == []
 
 
+def test_each_datagram_comes_with_the_time_the_kernel_queued_it(listener: SyslogListener,
+                                                                sock_path: Path) -> None:
+    """Not when it was read: lines that wait in the queue keep the time sshd sent them."""
+    before = time.time()
+    send(sock_path, b"first")
+    time.sleep(0.3)  # read well after it was sent
+    stop = threading.Event()
+    stop.set()
+    got: list[tuple[bytes, float]] = []
+    listener.serve(lambda data, sent_at: got.append((data, sent_at)), stop)
+    read_at = time.time()
+    [(data, sent_at)] = got
+    assert data == b"first" and before <= sent_at < read_at - 0.2
+
+
 def test_what_is_queued_when_stop_is_set_is_still_handed_on(listener: SyslogListener, sock_path: Path) -> None:
     send(sock_path, b"one", b"two", b"three")
     stop = threading.Event()
     stop.set()
     received: list[bytes] = []
-    listener.serve(received.append, stop)
+    listener.serve(lambda data, sent_at: received.append(data), stop)
     assert received == [b"one", b"two", b"three"]
 
 
@@ -275,7 +295,7 @@ def serve_once(listener: SyslogListener, sock_path: Path, *datagrams: bytes) -> 
     stop = threading.Event()
     stop.set()
     received: list[bytes] = []
-    listener.serve(received.append, stop)
+    listener.serve(lambda data, sent_at: received.append(data), stop)
     return received
 
 
