@@ -211,7 +211,8 @@ def start_proxy(request, proxy_image, test_network, session_id) -> Iterator[Call
 
 @pytest.fixture
 def run_proxy_expect_exit(proxy_image, test_network, session_id) -> Iterator[Callable[..., tuple[int, str]]]:
-    """run_proxy_expect_exit(env, timeout=30, volumes=None, docker_args=None) -> (exit_code, logs)
+    """run_proxy_expect_exit(env, timeout=30, volumes=None, docker_args=None, docker_socket=True)
+    -> (exit_code, logs)
 
     Starts the proxy like start_proxy and waits for it to exit on its own (configuration
     errors); fails the test, with the logs, when it still runs after `timeout` s.
@@ -219,11 +220,12 @@ def run_proxy_expect_exit(proxy_image, test_network, session_id) -> Iterator[Cal
     names: list[str] = []
 
     def run(env: Mapping[str, str] | None = None, timeout: float = 30,
-            volumes: Sequence[str] | None = None, docker_args: Sequence[str] | None = None) -> tuple[int, str]:
+            volumes: Sequence[str] | None = None, docker_args: Sequence[str] | None = None,
+            docker_socket: bool = True) -> tuple[int, str]:
         name = unique_name("ssh-proxy-test-exit")
         names.append(name)
         docker(*proxy_run_args(name, test_network, session_id, image=proxy_image, env=env, volumes=volumes,
-                               docker_args=docker_args))
+                               docker_args=docker_args, docker_socket=docker_socket))
         deadline = time.monotonic() + timeout
         while True:
             state = docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).stdout.split()

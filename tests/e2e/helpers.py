@@ -260,7 +260,8 @@ class Target:
             self.removed = True
 
 
-def wait_for_target_sshd(target: Target, deadline: float = 30) -> None:
+def wait_for_target_sshd(target: Target, deadline: float = 90) -> None:
+    # Generous: on a loaded 2-core machine 20 containers starting at once take a while.
     def ready() -> bool:
         if target.state() not in ("running", "created", "restarting"):
             pytest.fail(f"target {target.name} is {target.state() or 'gone'} instead of running; logs:\n"

@@ -20,6 +20,9 @@ BAD_VALUES = [
     ("SSH_TARGET_PUBLICKEY_API_PORT", "0", r"1-65535"),
     ("SSH_TARGET_KEY_PATH", "relative", r"absolute"),
     ("MANUAL_AUTH_FILE", "maybe", r"true.*false"),
+    ("SSH_TARGET_KEY_SOURCE", "exec,api", r"'api,exec'.*'api'.*'exec'"),
+    ("SSH_PROXY_MODE", "swarm", r"docker, kubernetes, manual"),
+    ("KUBERNETES_CLUSTER_DOMAIN", "a..b", r"DNS domain"),
 ]
 
 
@@ -69,3 +72,27 @@ def test_check_config_command(proxy_image):
     assert bad.returncode == 2, bad.stdout + bad.stderr
     assert "SSH_PERMIT_TARGET_PORT" in bad.stderr
     assert "OK" not in bad.stdout
+
+
+def test_no_platform_at_all_is_one_line_naming_what_was_looked_for(run_proxy_expect_exit):
+    """No Docker socket, no kube config, not in a cluster, not manual: exit 2 at once."""
+    code, logs = run_proxy_expect_exit(docker_socket=False, timeout=20)
+    assert code == 2, f"exit code {code} (expected 2); logs:\n{logs}"
+    lines = [line for line in logs.splitlines() if "no platform" in line]
+    assert len(lines) == 1, logs
+    for looked_for in ("/var/run/docker.sock", "/root/.kube/config", "serviceaccount",
+                       "MANUAL_AUTH_FILE=true"):
+        assert looked_for in lines[0], lines[0]
+    assert "Traceback" not in logs and "sshd started" not in logs, logs
+
+
+def test_unusable_kube_config_is_one_line_naming_it(run_proxy_expect_exit, tmp_path):
+    """A kube config that is not one (the socket is there too: the kube config wins)."""
+    config = tmp_path / "config"
+    config.write_text("this: [is not a kube config\n")
+    config.chmod(0o644)
+    code, logs = run_proxy_expect_exit(volumes=[f"{config}:/root/.kube/config:ro"], timeout=20)
+    assert code != 0, logs
+    lines = [line for line in logs.splitlines() if line.startswith("ssh-proxy:")]
+    assert len(lines) == 1 and "kube" in lines[0].lower(), logs
+    assert "Traceback" not in logs and "sshd started" not in logs, logs
