@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from .config import load_settings
 from .errors import ConfigError, WatcherError
@@ -34,14 +35,13 @@ def cmd_check_config(_: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from .snapshot import SnapshotError
     from .status import health_problems, read_status, sshd_listening
 
     try:
         doc = read_status(Path(args.status))
-    except (OSError, ValueError) as exc:
-        print(f"unhealthy: cannot read {args.status}: {exc}")
+    except SnapshotError as exc:
+        print(f"unhealthy: {exc}")
         return EXIT_ERROR
     problems = health_problems(doc, time.time(), sshd_listening(args.port),
                                require_source=not args.liveness)
