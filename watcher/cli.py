@@ -20,6 +20,7 @@ from .logsetup import setup_logging
 from .snapshot import STATUS_PATH
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+PIPE_WIDTH = 200
 
 
 def cmd_run(_: argparse.Namespace) -> int:
@@ -59,6 +60,13 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _console() -> Console:
+    """A terminal's own width; piped or in `docker exec` without -t, wide enough for a row
+    per target (COLUMNS overrides). Colour only on a terminal, never with NO_COLOR."""
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else PIPE_WIDTH
+    return Console(width=width)
+
+
 def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="watcher", description="ssh-proxy watcher: keeps sshd's keys in step with the "
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     setup_logging(os.environ.get("WATCHER_LOG_LEVEL", "info"))
     try:
         if getattr(args, "needs_console", False):
-            return args.func(args, console or Console())
+            return args.func(args, console or _console())
         return args.func(args)
     except ConfigError as exc:
         print(f"ssh-proxy: configuration error: {exc}", file=sys.stderr)

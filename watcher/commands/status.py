@@ -96,19 +96,22 @@ def _source(doc: StatusDocument, now: float) -> Text:
 
 
 def _targets_table(doc: StatusDocument, now: float) -> Table:
-    table = Table(title="targets", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("target", "names granted", "ports", "key", "fingerprint", "from", "state",
-                   "since"):
-        table.add_column(column, overflow="fold", no_wrap=column == "fingerprint")
+    table = Table(title="targets", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    # Narrow terminals fold every cell (the fingerprint too) rather than squeeze one column.
+    # Free text wraps first, so a fingerprint stays on one line where the width allows.
+    for column, width, most in (("target", 8, 30), ("names granted", 8, 30), ("ports", 4, 12),
+                                ("key", 5, 12), ("fingerprint", 12, None), ("from", 4, 24),
+                                ("state, since", 8, 32)):
+        table.add_column(column, overflow="fold", min_width=width, max_width=most)
     port_rule = doc.settings.port_rule
     for target in doc.state.targets:
         table.add_row(safe(target.name), "\n".join(safe(a) for a in target.aliases) or "-",
                       port_rule, *_keys(target), VIA_NAMES.get(target.via, target.via or "-"),
-                      _state(target), ago(target.since, now))
+                      _state(target, now))
     for key in doc.state.manual_keys:
         hosts, ports = _permits(key)
         table.add_row("admin key", hosts, ports, _key_type(key.key_type), key.fingerprint,
-                      f"manual {safe(key.origin)}", Text("ok", style="green"), "-")
+                      f"manual {safe(key.origin)}", Text("ok", style="green"))
     if doc.state.manual.keys > len(doc.state.manual_keys):
         more = doc.state.manual.keys - len(doc.state.manual_keys)
         table.add_row(f"... {more} more admin key(s)")
@@ -130,8 +133,9 @@ def _key_type(key_type: str) -> str:
     return safe(key_type.removeprefix("ssh-").removeprefix("ecdsa-sha2-").upper())
 
 
-def _state(target: TargetStatus) -> Text:
+def _state(target: TargetStatus, now: float) -> Text:
     text = Text(target.key_status.value, style=STATE_STYLES[target.key_status])
+    text.append(f", {ago(target.since, now)}" if target.since else "")
     if target.error:
         text.append(f": {safe(target.error)}")
     for reason in target.rejected:
