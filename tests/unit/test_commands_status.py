@@ -191,3 +191,13 @@ def test_watch_redraws_until_ctrl_c(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert code == EXIT_OK
     assert sleeps == [2.0, 2.0]
     assert "not running: " in text  # the redraw after the snapshot went away
+
+
+def test_a_long_verdict_stays_one_line(tmp_path: Path) -> None:
+    doc = full_document()
+    doc = replace(doc, state=replace(doc.state, source=SourceStatus(
+        "docker", connected=False, error="cannot reach the Docker engine: " + "x" * 300)))
+    code, text = run(write_files(tmp_path, doc), width=80)
+    assert code == EXIT_UNHEALTHY
+    assert text.splitlines()[-1].startswith("unhealthy: docker source is not connected: ")
+    assert text.splitlines()[-1].endswith("x" * 300)

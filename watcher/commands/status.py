@@ -41,17 +41,23 @@ class View:
 # --- rendering: pure -----------------------------------------------------------------------
 
 
-def render(view: View) -> RenderableType:
+def render(view: View, with_verdict: bool = True) -> RenderableType:
     doc, now = view.doc, view.now
     parts: list[RenderableType] = [_summary(doc, now), _targets_table(doc, now)]
     refused = _refused_table(doc)
     if refused is not None:
         parts.append(refused)
     parts.append(_events(view))
-    verdict = (Text("unhealthy: " + "; ".join(view.problems), style="bold red") if view.problems
-               else Text("healthy", style="green"))
-    parts.append(verdict)
+    if with_verdict:
+        parts.append(verdict(view))
     return Group(*parts)
+
+
+def verdict(view: View) -> Text:
+    """The last line: `healthy`, or `unhealthy: ` and every problem (one line, for scripts)."""
+    if view.problems:
+        return Text("unhealthy: " + "; ".join(safe(p) for p in view.problems), style="bold red")
+    return Text("healthy", style="green")
 
 
 def _summary(doc: StatusDocument, now: float) -> Table:
@@ -215,7 +221,8 @@ def run(args: argparse.Namespace, console: Console,
     elif args.watch:
         return watch(args, console, listening)
     else:
-        console.print(render(view))
+        console.print(render(view, with_verdict=False))
+        console.print(verdict(view), soft_wrap=True)
     return EXIT_UNHEALTHY if view.problems else EXIT_OK
 
 
