@@ -41,9 +41,12 @@ class View:
 # --- rendering: pure -----------------------------------------------------------------------
 
 
-def render(view: View, with_verdict: bool = True) -> RenderableType:
+WIDE = 120  # columns from which a fingerprint is never folded
+
+
+def render(view: View, width: int = WIDE, with_verdict: bool = True) -> RenderableType:
     doc, now = view.doc, view.now
-    parts: list[RenderableType] = [_summary(doc, now), _targets_table(doc, now)]
+    parts: list[RenderableType] = [_summary(doc, now), _targets_table(doc, now, width >= WIDE)]
     refused = _refused_table(doc)
     if refused is not None:
         parts.append(refused)
@@ -101,14 +104,15 @@ def _source(doc: StatusDocument, now: float) -> Text:
     return text
 
 
-def _targets_table(doc: StatusDocument, now: float) -> Table:
+def _targets_table(doc: StatusDocument, now: float, wide: bool) -> Table:
     table = Table(title="targets", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     # Narrow terminals fold every cell (the fingerprint too) rather than squeeze one column.
     # Free text wraps first, so a fingerprint stays on one line where the width allows.
     for column, width, most in (("target", 8, 30), ("names granted", 8, 30), ("ports", 4, 12),
                                 ("key", 5, 12), ("fingerprint", 12, None), ("from", 4, 24),
                                 ("state, since", 8, 32)):
-        table.add_column(column, overflow="fold", min_width=width, max_width=most)
+        table.add_column(column, overflow="fold", min_width=width, max_width=most,
+                         no_wrap=wide and column == "fingerprint")
     port_rule = doc.settings.port_rule
     for target in doc.state.targets:
         table.add_row(safe(target.name), "\n".join(safe(a) for a in target.aliases) or "-",
@@ -141,9 +145,9 @@ def _key_type(key_type: str) -> str:
 
 def _state(target: TargetStatus, now: float) -> Text:
     text = Text(target.key_status.value, style=STATE_STYLES[target.key_status])
-    text.append(f", {ago(target.since, now)}" if target.since else "")
     if target.error:
         text.append(f": {safe(target.error)}")
+    text.append(f", {ago(target.since, now)}" if target.since else "")
     for reason in target.rejected:
         text.append(f"\nrejected: {safe(reason)}", style="yellow")
     return text
@@ -221,7 +225,7 @@ def run(args: argparse.Namespace, console: Console,
     elif args.watch:
         return watch(args, console, listening)
     else:
-        console.print(render(view, with_verdict=False))
+        console.print(render(view, console.width, with_verdict=False))
         console.print(verdict(view), soft_wrap=True)
     return EXIT_UNHEALTHY if view.problems else EXIT_OK
 
@@ -235,7 +239,7 @@ def watch(args: argparse.Namespace, console: Console, listening: Callable[[], bo
         except SnapshotError as exc:
             return Text(f"not running: {exc}", style="bold red")
         stale = not_running(view.doc, view.now)
-        return Text(stale, style="bold red") if stale else render(view)
+        return Text(stale, style="bold red") if stale else render(view, console.width)
 
     with Live(current(), console=console, auto_refresh=False, screen=False) as live:
         try:
