@@ -25,8 +25,8 @@ def read_status(path: Path) -> StatusDocument:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise SnapshotError(f"{path} does not exist: the watcher is not running "
-                            "(or not in this container)") from None
+        raise SnapshotError(f"the watcher is not running: {path} does not exist (run this "
+                            "in the proxy's container, or pass --status PATH)") from None
     except OSError as exc:
         raise SnapshotError(f"cannot read {path}: {exc.strerror}") from None
     try:

@@ -74,7 +74,8 @@ def test_not_running_exit_code(proxy_image):
     result = docker("run", "--rm", "--entrypoint", "watcher", proxy_image, "status", check=False)
     assert result.returncode == 3, result.stdout + result.stderr
     assert result.stdout.count("\n") == 1
-    assert result.stdout.startswith("not running: /run/ssh-proxy/status.json does not exist")
+    assert result.stdout.startswith(
+        "the watcher is not running: /run/ssh-proxy/status.json does not exist")
 
 
 def test_unhealthy_exit_code(test_network, session_id, proxy_image, request):

@@ -116,8 +116,8 @@ def test_not_running_without_a_snapshot(tmp_path: Path) -> None:
     args.status = str(tmp_path / "missing.json")
     code, text = run(args)
     assert code == EXIT_NOT_RUNNING
-    assert text == (f"not running: {tmp_path}/missing.json does not exist: the watcher is not "
-                    "running (or not in this container)\n")
+    assert text == (f"the watcher is not running: {tmp_path}/missing.json does not exist (run "
+                    "this in the proxy's container, or pass --status PATH)\n")
 
 
 def test_not_running_with_a_stale_snapshot(tmp_path: Path) -> None:
@@ -133,7 +133,7 @@ def test_unreadable_snapshot_is_not_running(tmp_path: Path) -> None:
     Path(args.status).write_text('{"schema": 2}')
     code, text = run(args)
     assert code == EXIT_NOT_RUNNING
-    assert "status schema 2 is not supported" in text
+    assert text.startswith(f"{args.status}: status schema 2 is not supported")
 
 
 def test_json_is_the_documented_document(tmp_path: Path) -> None:
@@ -166,7 +166,7 @@ def test_cli_reports_not_running(tmp_path: Path) -> None:
     out_console, out = console()
     code = main(["status", "--status", str(tmp_path / "none.json")], out_console)
     assert code == EXIT_NOT_RUNNING
-    assert out.getvalue().startswith("not running: ")
+    assert out.getvalue().startswith("the watcher is not running: ")
 
 
 @pytest.mark.parametrize("seconds, text", [(0, "0s"), (59, "59s"), (60, "1m"), (7200, "2h"),
@@ -190,7 +190,7 @@ def test_watch_redraws_until_ctrl_c(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     code, text = run(args)
     assert code == EXIT_OK
     assert sleeps == [2.0, 2.0]
-    assert "not running: " in text  # the redraw after the snapshot went away
+    assert "the watcher is not running: " in text  # redrawn after the snapshot went away
 
 
 def test_a_long_verdict_stays_one_line(tmp_path: Path) -> None:

@@ -214,7 +214,7 @@ def run(args: argparse.Namespace, console: Console,
     try:
         view = gather(Path(args.status), Path(args.access_log), listening, time.time())
     except SnapshotError as exc:
-        console.print(Text(f"not running: {exc}"), soft_wrap=True)
+        console.print(Text(str(exc)), soft_wrap=True)
         return EXIT_NOT_RUNNING
     stale = not_running(view.doc, view.now)
     if stale:
@@ -237,7 +237,7 @@ def watch(args: argparse.Namespace, console: Console, listening: Callable[[], bo
         try:
             view = gather(Path(args.status), Path(args.access_log), listening, time.time())
         except SnapshotError as exc:
-            return Text(f"not running: {exc}", style="bold red")
+            return Text(str(exc), style="bold red")
         stale = not_running(view.doc, view.now)
         return Text(stale, style="bold red") if stale else render(view, console.width)
 
