@@ -201,3 +201,12 @@ def test_a_long_verdict_stays_one_line(tmp_path: Path) -> None:
     assert code == EXIT_UNHEALTHY
     assert text.splitlines()[-1].startswith("unhealthy: docker source is not connected: ")
     assert text.splitlines()[-1].endswith("x" * 300)
+
+
+def test_no_color_is_honoured_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NO_COLOR", "1")
+    out = StringIO()
+    status_command.run(write_files(tmp_path), Console(file=out, width=140, force_terminal=True),
+                       listening=lambda: True)
+    assert "\x1b[31m" not in out.getvalue() and "\x1b[32m" not in out.getvalue()
+    assert "failed" in out.getvalue() and "HTTP 503" in out.getvalue()  # words carry the meaning
