@@ -814,3 +814,28 @@ def test_grants_that_grow_or_stay_revoke_nothing(rv) -> None:
     h.rec.remove(target("web2", 3).id)  # the shared key loses web2, keeps web
     h.settle()
     assert revoked.reasons()[1:] == [(KA.fingerprint, "target-removed", ("web2",))]
+
+
+def test_snapshot_says_since_when_and_the_last_source_event(h: Harness,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    wall = [1000.0]
+    monkeypatch.setattr("watcher.reconcile.time.time", lambda: wall[0])
+    web = target("web", 1)
+    h.fetch.results["web"] = ok(KA)
+    h.rec.upsert(web)
+    h.settle()
+    assert h.snapshot.last_event == 1000.0
+    assert h.snapshot.targets[0].since == 1000.0
+    wall[0] = 2000.0  # the same keys again: the state did not change
+    h.rec.inbox.put(_Fetched(web.id, h.rec.entries[web.id].generation, ok(KA)))
+    h.settle()
+    assert h.snapshot.targets[0].since == 1000.0 and h.snapshot.last_event == 1000.0
+    wall[0] = 3000.0  # the key API fails: the keys stay served, with the error since now
+    h.rec.inbox.put(_Fetched(web.id, h.rec.entries[web.id].generation, failed("HTTP 503")))
+    h.settle()
+    row = h.snapshot.targets[0]
+    assert (row.key_status, row.error, row.since) == (KeyStatus.OK, "HTTP 503", 3000.0)
+    wall[0] = 4000.0
+    h.rec.upsert(target("web", 1, started_at="2024-01-02T00:00:00Z"))  # restarted
+    h.settle()
+    assert h.snapshot.last_event == 4000.0 and h.snapshot.targets[0].since == 4000.0
