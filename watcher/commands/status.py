@@ -255,10 +255,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "status", help="show what the watcher knows: source, targets, keys, recent access",
         description="Show the watcher's state from its status snapshot and the last access "
                     "events. Exit 0 when healthy, 1 when unhealthy (one line says why), "
-                    "3 when the watcher is not running (no or stale snapshot).")
-    parser.add_argument("--json", action="store_true",
+                    "3 when the watcher is not running (no, stale or unreadable snapshot).")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true",
                         help="print the status document (JSON, schema 1; see README) instead")
-    parser.add_argument("--watch", action="store_true",
+    output.add_argument("--watch", action="store_true",
                         help="redraw every 2 s until Ctrl-C")
     parser.add_argument("--status", default=str(STATUS_PATH), metavar="PATH",
                         help=f"the status snapshot (default {STATUS_PATH})")
