@@ -22,8 +22,9 @@ def served(start_target, start_proxy, keypair):
     wait_for_login(SshClient(proxy, key), target.name)
     SshClient(proxy, stranger).ssh(target.name, "true", timeout=30)
     wait_for_event(proxy, event="denied", fp=stranger.fingerprint, deadline=10)
-    wait_for_status(proxy, lambda d: any(t["name"] == target.name and t["key_status"] == "ok"
-                                         for t in d["targets"]))
+    # status.json lags the proxy by up to 2 s: wait until it shows what happened
+    wait_for_status(proxy, lambda d: d["source"]["connected"] and any(
+        t["name"] == target.name and t["key_status"] == "ok" for t in d["targets"]))
     return proxy, target, key, stranger
 
 
@@ -95,3 +96,22 @@ def test_unhealthy_exit_code(test_network, session_id, proxy_image, request):
     finally:
         for proxy in started:
             proxy.remove()
+
+
+def test_status_shows_admin_keys_with_their_file_line(start_target, start_proxy, keypair, tmp_path):
+    own, admin = keypair("own"), keypair("admin")
+    target = start_target(unique_name("cmd-admin"), own)
+    keys_dir = tmp_path / "keys.d"
+    keys_dir.mkdir()
+    (keys_dir / "admin.pub").write_text("# the on-call admin\n" + admin.public + "\n")
+    proxy = start_proxy(volumes=[f"{keys_dir}:/etc/ssh/authorized_keys.d"])
+    wait_for_login(SshClient(proxy, own), target.name)
+    wait_for_status(proxy, lambda d: d["manual"]["keys"] == 1 and d["source"]["connected"])
+    result = proxy.exec(["watcher", "status"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.lstrip().startswith("admin key ")]
+    assert len(rows) == 1, result.stdout
+    row = rows[0]
+    assert admin.fingerprint in row, row
+    assert "manual /etc/ssh/authorized_keys.d/admin.pub:2" in row, row
+    assert "discovered targets" in row, row

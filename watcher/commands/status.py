@@ -109,7 +109,7 @@ def _targets_table(doc: StatusDocument, now: float, wide: bool) -> Table:
     # Narrow terminals fold every cell (the fingerprint too) rather than squeeze one column.
     # Free text wraps first, so a fingerprint stays on one line where the width allows.
     for column, width, most in (("target", 8, 30), ("names granted", 8, 30), ("ports", 4, 12),
-                                ("key", 5, 12), ("fingerprint", 12, None), ("from", 4, 24),
+                                ("key", 5, 12), ("fingerprint", 12, None), ("from", 4, 50),
                                 ("state, since", 8, 32)):
         table.add_column(column, overflow="fold", min_width=width, max_width=most,
                          no_wrap=wide and column == "fingerprint")
