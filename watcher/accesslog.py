@@ -564,3 +564,57 @@ def format_event(event: AccessEvent, targets: str) -> str:
     parts = [format_timestamp(event.time), f"event={logfmt_value(event.event)}"]
     parts.extend(f"{name}={logfmt_value(values[name])}" for name in _FIELD_ORDER if values[name])
     return " ".join(parts)
+
+
+# --- reading the log back (`watcher logs`, `watcher status`) -------------------------------
+
+_PAIR = re.compile(r'([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
+_UNESCAPE = re.compile(r'\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)')
+_UNESCAPES = {v[1]: k for k, v in _ESCAPES.items()}
+
+
+def _unescape(match: re.Match[str]) -> str:
+    code = match.group(1)
+    if code[0] in "xuU" and len(code) > 1:
+        return chr(int(code[1:], 16))
+    return _UNESCAPES.get(code, code)
+
+
+def parse_logfmt_value(raw: str) -> str:
+    """The inverse of `logfmt_value`."""
+    if len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        return _UNESCAPE.sub(_unescape, raw[1:-1])
+    return raw
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """One access.log line read back: its time and its fields in their order."""
+
+    time: float  # epoch seconds
+    event: str
+    fields: tuple[tuple[str, str], ...]  # (name, value), `event` included
+
+    def get(self, name: str) -> str:
+        return next((v for k, v in self.fields if k == name), "")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(t for t in self.get("target").split(",") if t)
+
+
+def parse_timestamp(stamp: str) -> float:
+    """`format_timestamp`'s output back to epoch seconds (ValueError if it is not one)."""
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def parse_line(line: str) -> LoggedEvent | None:
+    """One line of access.log, or None for a line that is not one (never raises)."""
+    stamp, _, rest = line.strip().partition(" ")
+    try:
+        when = parse_timestamp(stamp)
+    except ValueError:
+        return None
+    fields = tuple((key, parse_logfmt_value(raw)) for key, raw in _PAIR.findall(rest))
+    event = next((v for k, v in fields if k == "event"), "")
+    return LoggedEvent(when, event, fields) if event else None

@@ -26,7 +26,8 @@ from .revocation import RecentRevocations, Revocation
 from .sessions import SessionKiller
 from .sources.manual import ManualKeySource
 from .sshd import SshdPaths, SshdProcess, check_config, ensure_host_keys, render_sshd_config
-from .status import snapshot_document, write_status
+from .snapshot import STATUS_PATH, SettingsView, StatusDocument, WatcherState
+from .status import write_status
 from .syslog_listener import SyslogListener
 from .targets import ProxyIdentity
 
@@ -38,7 +39,7 @@ class Paths:
     cache: Path = Path("/etc/ssh/authorized_keys_cache")
     hosts: Path = Path("/etc/hosts")
     access_log: Path = Path("/etc/ssh/access.log")
-    status: Path = Path("/run/ssh-proxy/status.json")
+    status: Path = STATUS_PATH
     syslog_socket: Path = Path("/dev/log")
     keys_dir: Path = Path("/etc/ssh/authorized_keys.d")
     sshd: SshdPaths = field(default_factory=SshdPaths)
@@ -272,12 +273,15 @@ class Supervisor:
 
     def _write_status(self, mode: str) -> None:
         try:
-            write_status(self.paths.status, snapshot_document(self.snapshot, {
-                "mode": mode, "sshd_pid": self.sshd.pid, "sshd_restarts": self.sshd.restarts,
-                "settings": {"permit_hosts": list(self.settings.permit_hosts),
-                             "permit_ports": list(self.settings.permit_ports),
-                             "labels": [f"{k}={v}" if v is not None else k
-                                        for k, v in self.settings.labels]}}))
+            write_status(self.paths.status, StatusDocument(
+                heartbeat=time.time(), mode=mode, sshd_pid=self.sshd.pid,
+                sshd_restarts=self.sshd.restarts,
+                settings=SettingsView(
+                    permit_hosts=self.settings.permit_hosts,
+                    permit_ports=self.settings.permit_ports,
+                    labels=tuple(f"{k}={v}" if v is not None else k
+                                 for k, v in self.settings.labels)),
+                state=self.snapshot or WatcherState()))
         except OSError as exc:
             log.warning("cannot write %s: %s", self.paths.status, exc)
 

@@ -1,4 +1,5 @@
-"""`watcher run | health | check-config`: the one place a user-facing error is printed."""
+"""`watcher run | health | check-config | status | logs`: the one place a user-facing error
+is printed."""
 
 from __future__ import annotations
 
@@ -6,12 +7,20 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
+from rich.console import Console
+
+from . import __version__
+from .commands import logs as logs_command
+from .commands import status as status_command
 from .config import load_settings
 from .errors import ConfigError, WatcherError
 from .logsetup import setup_logging
+from .snapshot import STATUS_PATH
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+PIPE_WIDTH = 200
 
 
 def cmd_run(_: argparse.Namespace) -> int:
@@ -34,14 +43,13 @@ def cmd_check_config(_: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+    from .snapshot import SnapshotError
     from .status import health_problems, read_status, sshd_listening
 
     try:
         doc = read_status(Path(args.status))
-    except (OSError, ValueError) as exc:
-        print(f"unhealthy: cannot read {args.status}: {exc}")
+    except SnapshotError as exc:
+        print(f"unhealthy: {exc}")
         return EXIT_ERROR
     problems = health_problems(doc, time.time(), sshd_listening(args.port),
                                require_source=not args.liveness)
@@ -52,23 +60,42 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="watcher", description="ssh-proxy watcher")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _console() -> Console:
+    """A terminal's own width; piped or in `docker exec` without -t, wide enough for a row
+    per target (COLUMNS overrides). Colour only on a terminal, never with NO_COLOR."""
+    width = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else PIPE_WIDTH
+    return Console(width=width)
+
+
+def main(argv: list[str] | None = None, console: Console | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="watcher", description="ssh-proxy watcher: keeps sshd's keys in step with the "
+        "targets (run), and shows what it knows (status, logs, health).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="supervise sshd and keep its keys in step with the targets"
                    ).set_defaults(func=cmd_run)
     sub.add_parser("check-config", help="validate the environment variables and exit"
                    ).set_defaults(func=cmd_check_config)
-    health = sub.add_parser("health", help="exit 0 when sshd answers and the watcher is live")
-    health.add_argument("--status", default="/run/ssh-proxy/status.json")
-    health.add_argument("--port", type=int, default=22)
+    health = sub.add_parser("health", help="exit 0 when sshd answers and the watcher is live",
+                            description="Exit 0 and print `healthy` when the watcher's snapshot "
+                                        "is fresh, sshd runs and listens, and (unless "
+                                        "--liveness) the platform source is connected; else "
+                                        "exit 1 and print one line saying why.")
+    health.add_argument("--status", default=str(STATUS_PATH), metavar="PATH",
+                        help=f"the status snapshot (default {STATUS_PATH})")
+    health.add_argument("--port", type=int, default=22, help="sshd's port (default 22)")
     health.add_argument("--liveness", action="store_true",
                         help="only the watcher and sshd (not the platform connection): for "
                              "a liveness probe, so a platform outage never restarts the proxy")
     health.set_defaults(func=cmd_health)
+    status_command.add_parser(sub)
+    logs_command.add_parser(sub)
     args = parser.parse_args(argv)
     setup_logging(os.environ.get("WATCHER_LOG_LEVEL", "info"))
     try:
+        if getattr(args, "needs_console", False):
+            return args.func(args, console or _console())
         return args.func(args)
     except ConfigError as exc:
         print(f"ssh-proxy: configuration error: {exc}", file=sys.stderr)

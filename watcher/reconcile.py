@@ -25,6 +25,8 @@ from .model import KeyState, ManualLine, Target
 from .render import GrantElement, Rendered, ServedTarget, render
 from .revocation import Revocation, TargetRef, World, revocations
 from .revocation import TARGET_DISCONNECTED, TARGET_NOT_PERMITTED
+from .snapshot import (MANUAL_KEYS_LISTED, IgnoredTarget, KeyInfo, KeyStatus, ManualKey,
+                       ManualStatus, RefusedName, SourceStatus, TargetStatus, WatcherState)
 from .targets import (ProxyIdentity, ReservedNames, container_reservations, fold,
                       hosts_file_reservations, is_permitted, permitopen_reservations,
                       proxy_reservations, resolve_aliases)
@@ -40,20 +42,10 @@ class TargetEntry:
     fetching: bool = False
     failures: int = 0
     retry_at: float | None = None
+    since: float = field(default_factory=time.time)  # when the key state last changed
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """What the watcher knows, for `watcher status` and the health check."""
-
-    targets: tuple[dict, ...]
-    ignored: tuple[dict, ...]
-    refused_aliases: tuple[tuple[str, str, str], ...]
-    keys_served: int
-    writes: int
-    last_write: float
-    source: dict
-    manual: dict = field(default_factory=dict)
+Snapshot = WatcherState  # what the reconciler publishes (watcher/snapshot.py)
 
 
 # Messages (posted by any thread, applied by the loop thread only).
@@ -143,6 +135,7 @@ class Reconciler:
         self.alias_owners: dict[str, str] = {}
         self.writes = 0
         self.last_write = 0.0
+        self.last_event = 0.0  # wall clock of the source's last change (for `watcher status`)
         self._generations = itertools.count(1)  # global: a re-added target never reuses one
         self._first_dirty: float | None = None
         self._last_dirty = 0.0
@@ -239,6 +232,8 @@ class Reconciler:
         self._last_dirty = now
 
     def _apply(self, message: object) -> None:
+        if isinstance(message, (_Upsert, _Remove, _ReplaceAll)):
+            self.last_event = time.time()
         if isinstance(message, _Upsert):
             self._upsert(message.target)
         elif isinstance(message, _Remove):
@@ -285,6 +280,7 @@ class Reconciler:
             entry.failures = 0
             entry.keys = KeyState()
             entry.retry_at = self.clock()
+            entry.since = time.time()
 
     def _remove(self, target_id: str, quiet: bool = False) -> None:
         self.ignored.pop(target_id, None)
@@ -306,6 +302,7 @@ class Reconciler:
             return  # the target went away or restarted meanwhile: a newer fetch decides
         entry.fetching = False
         keys = message.keys
+        before = (entry.keys.status, entry.keys.keys, entry.keys.error)
         for reason in keys.rejected:
             log.warning("target %s: key line rejected: %s", entry.target.name, reason)
         if keys.status == "ok":
@@ -324,6 +321,8 @@ class Reconciler:
                                  error=keys.error)
             log.warning("target %s: no key (%s); retrying in %.0fs",
                         entry.target.name, keys.error, delay)
+        if (entry.keys.status, entry.keys.keys, entry.keys.error) != before:
+            entry.since = time.time()
 
     def _start_due_fetches(self) -> None:
         now = self.clock()
@@ -410,19 +409,43 @@ class Reconciler:
                      owners=rendered.owners)
 
     def _snapshot(self, aliases: dict, refused: tuple, rendered: Rendered) -> Snapshot:
-        rows = []
-        for entry in sorted(self.entries.values(), key=lambda e: e.target.name):
-            rows.append({
-                "id": entry.target.id[:12], "name": entry.target.name,
-                "address": entry.target.address,
-                "aliases": list(aliases.get(entry.target.id, ())),
-                "key_status": entry.keys.status, "via": entry.keys.via,
-                "fingerprints": [k.fingerprint for k in entry.keys.keys],
-                "error": entry.keys.error, "rejected": list(entry.keys.rejected),
-            })
-        ignored = [{"id": t.id[:12], "name": t.name, "reason": r}
-                   for t, r in sorted(self.ignored.values(), key=lambda v: v[0].name)]
-        return Snapshot(targets=tuple(rows), ignored=tuple(ignored), refused_aliases=refused,
-                        keys_served=rendered.index.count("\n"), writes=self.writes,
-                        last_write=self.last_write, source=dict(self.status["source"]),
-                        manual=dict(self.status["manual"]))
+        rows = tuple(_target_status(entry, aliases.get(entry.target.id, ()))
+                     for entry in sorted(self.entries.values(), key=lambda e: e.target.name))
+        ignored = tuple(IgnoredTarget(t.id[:12], t.name, r)
+                        for t, r in sorted(self.ignored.values(), key=lambda v: v[0].name))
+        manual_keys = tuple(ManualKey(m.origin, m.key.key_type, m.key.fingerprint, m.options)
+                            for m in self.manual[:MANUAL_KEYS_LISTED])
+        return Snapshot(targets=rows, ignored=ignored,
+                        refused_aliases=tuple(RefusedName(*r) for r in refused),
+                        manual_keys=manual_keys, keys_served=rendered.index.count("\n"),
+                        writes=self.writes, last_write=self.last_write,
+                        last_event=self.last_event,
+                        source=source_status(self.status["source"]),
+                        manual=manual_status(self.status["manual"]))
+
+
+def _target_status(entry: TargetEntry, aliases: tuple[str, ...]) -> TargetStatus:
+    keys = entry.keys
+    state = KeyStatus(keys.status)
+    if state is KeyStatus.PENDING and entry.fetching:
+        state = KeyStatus.FETCHING
+    return TargetStatus(
+        id=entry.target.id[:12], name=entry.target.name, address=entry.target.address,
+        aliases=tuple(aliases), key_status=state, via=keys.via,
+        keys=tuple(KeyInfo(k.key_type, k.fingerprint, k.bits) for k in keys.keys),
+        error=keys.error, rejected=tuple(keys.rejected), since=entry.since)
+
+
+def source_status(status: dict) -> SourceStatus:
+    """The sources' status message (a dict across the source boundary) as the typed value."""
+    since = status.get("since")
+    return SourceStatus(kind=str(status.get("kind", "")), connected=bool(status.get("connected")),
+                        error=str(status.get("error") or ""),
+                        reconnects=int(status.get("reconnects", 0)),
+                        since=float(since) if since is not None else None,
+                        namespace=str(status.get("namespace", "")))
+
+
+def manual_status(status: dict) -> ManualStatus:
+    return ManualStatus(files=int(status.get("files", 0)), keys=int(status.get("keys", 0)),
+                        errors=tuple(str(e) for e in status.get("errors", ())))

@@ -1,56 +1,38 @@
-"""The state snapshot: written by the supervisor, read by `watcher status` and `watcher health`.
+"""status.json on disk: written by the supervisor, read by `watcher status` and `watcher health`.
 
+The document itself (typed value, JSON schema, health rules) is pure: watcher/snapshot.py.
 The CLI never discovers on its own; it reads this file.
 """
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from .cache import atomic_write
-from .reconcile import Snapshot
+from .snapshot import (STALE_AFTER, SnapshotError, StatusDocument, from_json, health_problems,
+                       to_json)
 
-STALE_AFTER = 30.0  # seconds without a heartbeat: the supervisor is stuck or gone
-
-
-def snapshot_document(snapshot: Snapshot | None, extra: dict[str, Any]) -> dict[str, Any]:
-    doc: dict[str, Any] = {"heartbeat": time.time(), **extra}
-    if snapshot is not None:
-        doc.update(asdict(snapshot))
-    return doc
+__all__ = ["STALE_AFTER", "health_problems", "listening_ports", "read_status",
+           "sshd_listening", "write_status"]
 
 
-def write_status(path: Path, document: dict[str, Any]) -> None:
-    atomic_write(path, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode(), 0o644)
+def write_status(path: Path, document: StatusDocument) -> None:
+    atomic_write(path, to_json(document).encode(), 0o644)
 
 
-def read_status(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
-def health_problems(doc: dict[str, Any], now: float, listening: bool,
-                    require_source: bool = True) -> list[str]:
-    """Why the proxy is not healthy ([] = healthy). Pure: the caller gathers the inputs.
-
-    `require_source`: a discovering mode's stream must be connected (readiness). Without it
-    (liveness) only the watcher and sshd count: during a platform outage sshd keeps serving
-    the last good keys, and restarting the proxy would not bring the platform back."""
-    problems = []
-    if now - float(doc.get("heartbeat", 0)) > STALE_AFTER:
-        problems.append("watcher heartbeat is stale")
-    if not doc.get("sshd_pid"):
-        problems.append("sshd is not running")
-    if not listening:
-        problems.append("sshd does not listen on port 22")
-    source = doc.get("source") or {}
-    mode = doc.get("mode")
-    if require_source and mode in ("docker", "kubernetes") and not source.get("connected"):
-        problems.append(f"{mode} source is not connected: {source.get('error') or 'connecting'}")
-    return problems
+def read_status(path: Path) -> StatusDocument:
+    """The document at `path`; SnapshotError when it is missing or unreadable."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SnapshotError(f"the watcher is not running: {path} does not exist (run this "
+                            "in the proxy's container, or pass --status PATH)") from None
+    except OSError as exc:
+        raise SnapshotError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return from_json(text)
+    except SnapshotError as exc:
+        raise SnapshotError(f"{path}: {exc}") from None
 
 
 def listening_ports(proc_net_tcp: str) -> set[int]:

@@ -17,6 +17,7 @@ from watcher.model import KeyState, ManualLine, PublicKey, Target
 from watcher.reconcile import Reconciler, Snapshot, _Fetched, retry_delay
 from watcher.render import Rendered
 from watcher.revocation import Revocation
+from watcher.snapshot import IgnoredTarget, KeyInfo, KeyStatus, SourceStatus, TargetStatus
 from watcher.targets import ProxyIdentity
 
 PROXY = ProxyIdentity(names=frozenset({"ssh-proxy"}), addresses=frozenset({"172.18.0.2"}))
@@ -155,9 +156,10 @@ def test_upsert_fetch_render(h: Harness) -> None:
     assert h.rec.alias_owner(web.id[:12]) == "web"
     assert h.rec.alias_owner("db") == ""
     [row] = h.snapshot.targets
-    assert row == {"id": web.id[:12], "name": "web", "address": "172.18.0.11",
-                   "aliases": ["web", web.id[:12], "172.18.0.11"], "key_status": "ok",
-                   "via": "http", "fingerprints": [KA.fingerprint], "error": "", "rejected": []}
+    assert row == TargetStatus(id=web.id[:12], name="web", address="172.18.0.11",
+                               aliases=("web", web.id[:12], "172.18.0.11"), key_status=KeyStatus.OK,
+                               via="http", keys=(KeyInfo(KA.key_type, KA.fingerprint, KA.bits),),
+                               since=row.since)
     assert h.snapshot.keys_served == 1
     assert h.snapshot.ignored == ()
 
@@ -169,7 +171,7 @@ def test_first_flush_has_no_key_until_fetched(h: Harness) -> None:
     h.rec.run_once_pending()
     assert len(h.writes) == 1
     assert h.last.index == ""
-    assert h.snapshot.targets[0]["key_status"] == "pending"
+    assert h.snapshot.targets[0].key_status == KeyStatus.FETCHING
     gate.set()
     h.settle()
     assert h.index_lines()[0].startswith(KA.fingerprint + " ")
@@ -200,7 +202,7 @@ def test_target_without_address_is_not_served() -> None:
         harness.rec.upsert(target("web", 1, address=""))
         harness.settle()
         assert harness.index_lines() == []
-        assert [row["reason"] for row in harness.snapshot.ignored] == [
+        assert [row.reason for row in harness.snapshot.ignored] == [
             "no network shared with the proxy"]
     finally:
         harness.rec.pool.shutdown(wait=True)
@@ -218,7 +220,7 @@ def test_remove_drops_key(h: Harness) -> None:
     assert [line.split()[0] for line in h.index_lines()] == [KB.fingerprint]
     assert h.rec.owners_of(KA.fingerprint) == ()
     assert h.rec.alias_owner("web") == ""
-    assert [r["name"] for r in h.snapshot.targets] == ["db"]
+    assert [r.name for r in h.snapshot.targets] == ["db"]
     h.rec.remove("unknown-id")
     h.settle()
     assert [line.split()[0] for line in h.index_lines()] == [KB.fingerprint]
@@ -256,21 +258,19 @@ def test_not_permitted_target_is_ignored() -> None:
         assert [line.split()[0] for line in harness.index_lines()] == [KA.fingerprint]
         assert [c.name for c in harness.fetch.calls] == ["web-1"]
         assert harness.snapshot.ignored == (
-            {"id": db.id[:12], "name": "db",
-             "reason": "name does not match SSH_PERMIT_TARGET_HOST=web-*"},
-            {"id": off.id[:12], "name": "web-2",
-             "reason": "label 'proxy' missing (SSH_TARGET_LABELS)"},
+            IgnoredTarget(db.id[:12], "db", "name does not match SSH_PERMIT_TARGET_HOST=web-*"),
+            IgnoredTarget(off.id[:12], "web-2", "label 'proxy' missing (SSH_TARGET_LABELS)"),
         )
         # A served target whose label changes stops being served and is listed as ignored.
         harness.rec.upsert(target("web-1", 1, labels={"proxy": "off"}))
         harness.settle()
         assert harness.last.index == ""
         assert harness.snapshot.targets == ()
-        assert {i["name"] for i in harness.snapshot.ignored} == {"db", "web-1", "web-2"}
+        assert {i.name for i in harness.snapshot.ignored} == {"db", "web-1", "web-2"}
         # A resync drops ignored targets that are gone.
         harness.rec.replace_all([db])
         harness.settle()
-        assert [i["name"] for i in harness.snapshot.ignored] == ["db"]
+        assert [i.name for i in harness.snapshot.ignored] == ["db"]
         harness.rec.remove(db.id)
         harness.settle()
         assert harness.snapshot.ignored == ()
@@ -338,7 +338,7 @@ def test_non_served_containers_names_reserved() -> None:
             "db-1": "name of container db-1, which is not served",
             "db-alias": "network alias of container db-1, which is not served"}
         [row] = harness.snapshot.targets
-        assert row["aliases"] == ["web-1", web.id[:12], web.address, "free"]
+        assert row.aliases == ("web-1", web.id[:12], web.address, "free")
         assert "db-1" not in harness.last.hosts_block
         # The container goes away: its names are free again.
         harness.rec.remove(db.id)
@@ -456,7 +456,7 @@ def test_restart_while_old_fetch_in_flight() -> None:
         harness.wait_for_message()
         harness.settle()
         assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
-        assert harness.snapshot.targets[0]["fingerprints"] == [KB.fingerprint]
+        assert harness.snapshot.targets[0].fingerprints == (KB.fingerprint,)
     finally:
         release_old.set()
         harness.rec.pool.shutdown(wait=True)
@@ -529,8 +529,8 @@ def test_failed_fetch_is_retried_with_growing_delay(h: Harness) -> None:
     assert h.fetch.count("web") == 1
     assert entry.failures == 1
     assert entry.retry_at == pytest.approx(h.clock.now + 5)
-    assert h.snapshot.targets[0]["key_status"] == "failed"
-    assert h.snapshot.targets[0]["error"] == "GET answered HTTP 503"
+    assert h.snapshot.targets[0].key_status == KeyStatus.FAILED
+    assert h.snapshot.targets[0].error == "GET answered HTTP 503"
     assert h.last.index == ""
     expected_delays = [10, 20, 40, 80, 160, 300, 300]
     delay = 5.0
@@ -566,9 +566,9 @@ def test_failure_keeps_already_served_keys(h: Harness) -> None:
     h.settle()
     assert h.index_lines()[0].split()[0] == KA.fingerprint
     row = h.snapshot.targets[0]
-    assert row["key_status"] == "ok"
-    assert row["error"] == "connection refused"
-    assert row["fingerprints"] == [KA.fingerprint]
+    assert row.key_status == KeyStatus.OK
+    assert row.error == "connection refused"
+    assert row.fingerprints == (KA.fingerprint,)
     assert h.rec.entries[web.id].retry_at == pytest.approx(h.clock.now + 5)
 
 
@@ -580,8 +580,8 @@ def test_crashing_fetch_is_a_failure(h: Harness) -> None:
     h.rec.upsert(target("web", 1))
     h.settle()
     row = h.snapshot.targets[0]
-    assert row["key_status"] == "failed"
-    assert row["error"] == "internal error: adapter bug"
+    assert row.key_status == KeyStatus.FAILED
+    assert row.error == "internal error: adapter bug"
     assert h.rec.entries[target("web", 1).id].failures == 1
 
 
@@ -609,7 +609,7 @@ def test_manual_lines_and_source_status(h: Harness) -> None:
     assert h.index_lines() == [
         f'{KD.fingerprint} restrict,port-forwarding,permitopen="db:22" {KD.line()}']
     assert h.rec.owners_of(KD.fingerprint) == ("/keys/admin:1",)
-    assert h.snapshot.source == {"kind": "docker", "connected": True}
+    assert h.snapshot.source == SourceStatus(kind="docker", connected=True)
     assert h.snapshot.writes == len(h.writes)
 
 
@@ -814,3 +814,28 @@ def test_grants_that_grow_or_stay_revoke_nothing(rv) -> None:
     h.rec.remove(target("web2", 3).id)  # the shared key loses web2, keeps web
     h.settle()
     assert revoked.reasons()[1:] == [(KA.fingerprint, "target-removed", ("web2",))]
+
+
+def test_snapshot_says_since_when_and_the_last_source_event(h: Harness,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    wall = [1000.0]
+    monkeypatch.setattr("watcher.reconcile.time.time", lambda: wall[0])
+    web = target("web", 1)
+    h.fetch.results["web"] = ok(KA)
+    h.rec.upsert(web)
+    h.settle()
+    assert h.snapshot.last_event == 1000.0
+    assert h.snapshot.targets[0].since == 1000.0
+    wall[0] = 2000.0  # the same keys again: the state did not change
+    h.rec.inbox.put(_Fetched(web.id, h.rec.entries[web.id].generation, ok(KA)))
+    h.settle()
+    assert h.snapshot.targets[0].since == 1000.0 and h.snapshot.last_event == 1000.0
+    wall[0] = 3000.0  # the key API fails: the keys stay served, with the error since now
+    h.rec.inbox.put(_Fetched(web.id, h.rec.entries[web.id].generation, failed("HTTP 503")))
+    h.settle()
+    row = h.snapshot.targets[0]
+    assert (row.key_status, row.error, row.since) == (KeyStatus.OK, "HTTP 503", 3000.0)
+    wall[0] = 4000.0
+    h.rec.upsert(target("web", 1, started_at="2024-01-02T00:00:00Z"))  # restarted
+    h.settle()
+    assert h.snapshot.last_event == 4000.0 and h.snapshot.targets[0].since == 4000.0

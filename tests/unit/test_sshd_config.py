@@ -18,6 +18,7 @@ import pytest
 from watcher.config import RunMode, Settings, load_settings
 from watcher.errors import WatcherError
 from watcher.sshd import SshdPaths, ensure_host_keys, permit_open, render_sshd_config
+from watcher.snapshot import SourceStatus, StatusDocument, WatcherState
 from watcher.status import STALE_AFTER, health_problems
 
 REPO = Path(__file__).resolve().parents[2]
@@ -286,11 +287,11 @@ NOW = 1_700_000_000.0
 BANNER = True  # sshd listens on :22
 
 
-def healthy_doc(**changes) -> dict:
-    doc = {"heartbeat": NOW - 2, "mode": "docker", "sshd_pid": 42,
-           "source": {"kind": "docker", "connected": True, "error": ""}}
-    doc.update(changes)
-    return doc
+def healthy_doc(source: SourceStatus = SourceStatus("docker", connected=True),
+                **changes) -> StatusDocument:
+    doc = StatusDocument(heartbeat=NOW - 2, mode="docker", sshd_pid=42,
+                         state=WatcherState(source=source))
+    return replace(doc, **changes)
 
 
 def test_healthy() -> None:
@@ -302,7 +303,7 @@ def test_stale_heartbeat() -> None:
     assert STALE_AFTER == 30.0
     assert health_problems(healthy_doc(heartbeat=NOW - 31), NOW, BANNER) == [
         "watcher heartbeat is stale"]
-    assert health_problems({k: v for k, v in healthy_doc().items() if k != "heartbeat"},
+    assert health_problems(healthy_doc(heartbeat=0.0),
                            NOW, BANNER) == ["watcher heartbeat is stale"]
 
 
@@ -333,34 +334,32 @@ def test_listening_ports_reads_only_listen_sockets() -> None:
 
 
 def test_docker_disconnected() -> None:
-    doc = healthy_doc(source={"kind": "docker", "connected": False,
-                              "error": "Error while fetching server API version"})
+    doc = healthy_doc(source=SourceStatus("docker", connected=False,
+                                             error="Error while fetching server API version"))
     assert health_problems(doc, NOW, BANNER) == [
         "docker source is not connected: Error while fetching server API version"]
-    assert health_problems(healthy_doc(source={}), NOW, BANNER) == [
-        "docker source is not connected: connecting"]
-    assert health_problems(healthy_doc(source=None), NOW, BANNER) == [
+    assert health_problems(healthy_doc(source=SourceStatus()), NOW, BANNER) == [
         "docker source is not connected: connecting"]
     # Manual mode has no platform to depend on.
-    assert health_problems(healthy_doc(mode="manual", source={}), NOW, BANNER) == []
+    assert health_problems(healthy_doc(mode="manual", source=SourceStatus()), NOW, BANNER) == []
 
 
 def test_kubernetes_disconnected_fails_readiness_not_liveness() -> None:
-    doc = healthy_doc(mode="kubernetes", source={"kind": "kubernetes", "connected": False,
-                                                 "error": "cannot reach the Kubernetes API"})
+    doc = healthy_doc(mode="kubernetes", source=SourceStatus(
+        "kubernetes", connected=False, error="cannot reach the Kubernetes API"))
     assert health_problems(doc, NOW, BANNER) == [
         "kubernetes source is not connected: cannot reach the Kubernetes API"]
     assert health_problems(doc, NOW, BANNER, require_source=False) == []
-    assert health_problems(healthy_doc(mode="kubernetes", source={"connected": True}),
+    assert health_problems(healthy_doc(mode="kubernetes", source=SourceStatus(connected=True)),
                            NOW, BANNER) == []
     # Liveness still needs the watcher and sshd.
-    assert health_problems(dict(doc, sshd_pid=None), NOW, BANNER, require_source=False) == [
+    assert health_problems(replace(doc, sshd_pid=None), NOW, BANNER, require_source=False) == [
         "sshd is not running"]
 
 
 def test_everything_wrong_at_once() -> None:
-    doc = {"heartbeat": NOW - 600, "mode": "docker", "sshd_pid": None,
-           "source": {"connected": False, "error": "boom"}}
+    doc = healthy_doc(heartbeat=NOW - 600, sshd_pid=None,
+                      source=SourceStatus(connected=False, error="boom"))
     assert health_problems(doc, NOW, False) == [
         "watcher heartbeat is stale", "sshd is not running", "sshd does not listen on port 22",
         "docker source is not connected: boom"]
