@@ -17,6 +17,7 @@ from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse
                         revoked_event)
 from .cache import read_unmanaged_hosts, update_hosts_block, write_if_changed
 from .config import RunMode, Settings
+from .errors import WatcherError
 from .fetch import KeyFetcher
 from .model import KeyState
 from .platforms import platform_for
@@ -194,6 +195,10 @@ class Supervisor:
         def guarded() -> None:
             try:
                 target(*args)
+            except WatcherError as exc:  # says what failed and what to do: no traceback
+                log.error("%s failed; stopping: %s", name, exc)
+                self.failed = True
+                self.stop.set()
             except Exception:
                 log.exception("%s failed; stopping", name)
                 self.failed = True

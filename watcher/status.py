@@ -49,7 +49,9 @@ def health_problems(doc: dict[str, Any], now: float, listening: bool,
     source = doc.get("source") or {}
     mode = doc.get("mode")
     if require_source and mode in ("docker", "kubernetes") and not source.get("connected"):
-        problems.append(f"{mode} source is not connected: {source.get('error') or 'connecting'}")
+        state = (f"reconnecting (attempt {source.get('attempt')})"
+                 if source.get("state") == "reconnecting" else "not connected")
+        problems.append(f"{mode} source is {state}: {source.get('error') or 'connecting'}")
     return problems
 
 
