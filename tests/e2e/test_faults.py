@@ -1,0 +1,136 @@
+"""Faults (issue 13): the Docker engine going away and coming back, a stop with open tunnels,
+a full disk. Real engine, real image; the engine itself is never restarted (other containers
+run on it): its socket is reached through a relay the test starts, kills and recreates,
+as a restarting engine would (refused, then a new socket file: a new inode)."""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from helpers import (DOCKER_SOCKET, Proxy, SshClient, docker, remove_containers,
+                     run_proxy_container, status, wait_for_login, wait_for_proxy_banner,
+                     wait_until)
+
+INDEX = "/etc/ssh/authorized_keys.index"
+
+
+class SocketRelay:
+    """`socat` relaying a unix socket at `path` to the real engine's socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Listens on a new socket file (a new inode, as a restarted engine makes)."""
+        self.path.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            ["socat", f"UNIX-LISTEN:{self.path},fork,mode=600", f"UNIX-CONNECT:{DOCKER_SOCKET}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_until(self.path.is_socket, 10), f"socat did not create {self.path}"
+
+    def kill(self) -> None:
+        """The engine stops answering: the socket file stays, connections are refused."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[SocketRelay]:
+    directory = tmp_path / "dockerdir"
+    directory.mkdir()
+    started = SocketRelay(directory / "docker.sock")
+    started.start()
+    yield started
+    started.kill()
+
+
+@pytest.fixture
+def proxy_via(request, proxy_image, test_network, session_id) -> Iterator[Callable[..., Proxy]]:
+    """A proxy that reaches the engine only through `volumes` (no real socket mounted)."""
+    started: list[Proxy] = []
+
+    def start(env: dict[str, str], volumes: list[str], docker_args: list[str] | None = None) -> Proxy:
+        return run_proxy_container(test_network, session_id, image=proxy_image, env=env, volumes=volumes,
+                                   docker_args=docker_args, docker_socket=False, track=started.append)
+
+    yield start
+    failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call"))
+    remove_containers(started, failed=failed)
+
+
+def source(proxy: Proxy) -> dict:
+    return status(proxy).get("source") or {}
+
+
+def test_engine_outage_keeps_serving_then_resyncs(start_target, keypair, relay, proxy_via):
+    sfx = secrets.token_hex(3)
+    old_key, new_key = keypair("old"), keypair("new")
+    old = start_target(f"fo-old-{sfx}", old_key)
+    proxy = proxy_via(env={"SSH_PROXY_MODE": "docker", "SSH_PERMIT_TARGET_HOST": f"*-{sfx}",
+                           "DOCKER_HOST": "unix:///var/run/dockerdir/docker.sock",
+                           "SSH_PROXY_SOURCE_OUTAGE_SECONDS": "600"},
+                      volumes=[f"{relay.path.parent}:/var/run/dockerdir"])
+    wait_for_login(SshClient(proxy, old_key), old.name)
+
+    relay.kill()  # refused
+    assert wait_until(lambda: source(proxy).get("state") == "reconnecting"
+                      and source(proxy).get("attempt", 0) >= 2, 60), source(proxy)
+    outage = source(proxy)
+    assert "refused" in outage["error"].lower(), outage
+    health = proxy.exec(["watcher", "health"])
+    assert health.returncode != 0 and "docker source is reconnecting (attempt" in health.stdout, health
+    assert proxy.exec(["watcher", "health", "--liveness"]).returncode == 0
+    # sshd serves the last good keys all the while.
+    wait_for_login(SshClient(proxy, old_key), old.name)
+
+    # Meanwhile one target goes, another comes; then the engine is back with a new socket.
+    old.remove()
+    new = start_target(f"fo-new-{sfx}", new_key)
+    relay.kill()
+    relay.path.unlink()  # missing for a moment, as while an engine restarts
+    relay.start()
+
+    assert wait_until(lambda: source(proxy).get("connected") is True, 60), source(proxy)
+    wait_for_login(SshClient(proxy, new_key), new.name, deadline=60)
+    assert wait_until(lambda: old_key.fingerprint not in proxy.read_file(INDEX), 30), \
+        "the target removed during the outage is still granted"
+    assert proxy.state() == "running"
+
+
+def test_engine_gone_for_good_exits_and_restart_policy_mounts_the_new_socket(start_target, keypair,
+                                                                              relay, proxy_via):
+    """The single-file bind mount of the socket, as the README says to run it: once the
+    engine's socket is a new file, only a new container start sees it."""
+    sfx = secrets.token_hex(3)
+    key, later_key = keypair("k"), keypair("later")
+    target = start_target(f"fg-a-{sfx}", key)
+    proxy = proxy_via(env={"SSH_PERMIT_TARGET_HOST": f"*-{sfx}", "SSH_PROXY_SOURCE_OUTAGE_SECONDS": "5"},
+                      volumes=[f"{relay.path}:{DOCKER_SOCKET}"],
+                      docker_args=["--restart", "on-failure"])
+    wait_for_login(SshClient(proxy, key), target.name)
+
+    relay.kill()
+    relay.start()  # a new inode: the container's mount still names the old, dead socket
+    later = start_target(f"fg-b-{sfx}", later_key)
+
+    def restarted() -> bool:
+        count = docker("inspect", "-f", "{{.RestartCount}}", proxy.id).stdout.strip()
+        return count.isdigit() and int(count) >= 1
+    assert wait_until(restarted, 120), f"the proxy was not restarted (on-failure); logs:\n{proxy.logs()}"
+    gave_up = [line for line in proxy.logs().splitlines() if "has not answered for 5 s" in line]
+    assert len(gave_up) == 1, proxy.logs()
+    assert "unix:///var/run/docker.sock" in gave_up[0] and "--restart unless-stopped" in gave_up[0]
+    assert "Traceback" not in proxy.logs()
+
+    wait_for_proxy_banner(proxy)
+    assert wait_until(lambda: source(proxy).get("connected") is True, 60), source(proxy)
+    wait_for_login(SshClient(proxy, later_key), later.name, deadline=60)
+    wait_for_login(SshClient(proxy, key), target.name)
