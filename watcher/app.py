@@ -24,9 +24,10 @@ from .platforms import platform_for
 from .reconcile import Reconciler, Snapshot
 from .render import Rendered
 from .revocation import RecentRevocations, Revocation
-from .sessions import SessionKiller
+from .sessions import ProcFS, SessionKiller
 from .sources.manual import ManualKeySource
-from .sshd import SshdPaths, SshdProcess, check_config, ensure_host_keys, render_sshd_config
+from .sshd import (SshdPaths, SshdProcess, check_config, cut_connections, drain,
+                   ensure_host_keys, open_connections, render_sshd_config)
 from .status import snapshot_document, write_status
 from .syslog_listener import SyslogListener
 from .targets import ProxyIdentity
@@ -243,7 +244,9 @@ class Supervisor:
         reconciler.run_once_pending()  # the index exists before sshd starts
 
         listener = SyslogListener(str(self.paths.syslog_socket))
-        self._thread(listener.serve, access, self.stop, name="syslog")
+        # Its own stop: sshd's lines about tunnels that end during the drain still count.
+        syslog_stop = threading.Event()
+        self._thread(listener.serve, access, syslog_stop, name="syslog")
         self._start_sshd()
         self._thread(reconciler.run, self.stop, name="reconcile")
         self._thread(keys.run, self.stop, name="manual-keys")
@@ -258,11 +261,35 @@ class Supervisor:
                 self._write_status(mode.value)
                 _reap_orphans(self.sshd.pid)
         finally:
-            log.info("stopping")
-            self.sshd.stop()
+            self.sshd.stop()  # the listener: new logins are refused from here on
+            log.info("stopping: sshd no longer accepts connections")
+            self._drain()
+            syslog_stop.set()
             listener.close()
             access.close()
         return 1 if self.failed else 0
+
+    def _drain(self) -> None:
+        """Open tunnels get up to SSH_PROXY_DRAIN_SECONDS to end by themselves; the rest
+        are cut, and the count logged."""
+        proc = ProcFS()
+
+        def connections() -> list[int]:
+            _reap_orphans(None)  # the monitors are ours now that the listener is gone
+            return open_connections(proc)
+
+        seconds = self.settings.drain_seconds
+        pids = connections()
+        if pids:
+            log.info("draining %d open connection(s) for up to %d s", len(pids), seconds)
+        result = drain(connections, seconds,
+                       cut=lambda left: cut_connections(left, connections))
+        if result.cut:
+            log.warning("drain over: cut %d open connection(s) after %d s", result.cut, seconds)
+        elif result.open_at_start:
+            log.info("drained: all %d connection(s) ended by themselves", result.open_at_start)
+        else:
+            log.info("no open connection: nothing to drain")
 
     def _start_sshd(self) -> None:
         paths = self.paths.sshd

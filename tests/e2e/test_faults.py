@@ -12,9 +12,9 @@ from typing import Callable, Iterator
 
 import pytest
 
-from helpers import (DOCKER_SOCKET, Proxy, SshClient, docker, remove_containers,
-                     run_proxy_container, status, wait_for_login, wait_for_proxy_banner,
-                     wait_until)
+from helpers import (DOCKER_SOCKET, KeyPair, Proxy, SshClient, docker, free_port, read_banner,
+                     remove_containers, run_proxy_container, status, wait_for_login,
+                     wait_for_proxy_banner, wait_until)
 
 INDEX = "/etc/ssh/authorized_keys.index"
 
@@ -134,3 +134,89 @@ def test_engine_gone_for_good_exits_and_restart_policy_mounts_the_new_socket(sta
     assert wait_until(lambda: source(proxy).get("connected") is True, 60), source(proxy)
     wait_for_login(SshClient(proxy, later_key), later.name, deadline=60)
     wait_for_login(SshClient(proxy, key), target.name)
+
+
+# --------------------------------------------------------------------------- drain on stop
+
+
+class HeldTunnel:
+    """`ssh -N -L 127.0.0.1:PORT:DEST` through the proxy, held open by the test."""
+
+    def __init__(self, proxy: Proxy, key: KeyPair, dest: str) -> None:
+        self.port = free_port()
+        argv = SshClient(proxy_port=proxy, key=key).direct_argv(
+            opts=["-N", "-o", "ExitOnForwardFailure=yes", "-L", f"127.0.0.1:{self.port}:{dest}"])
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        assert wait_until(lambda: self.works() or not self.alive(), 30), f"the tunnel to {dest} did not open"
+        assert self.alive(), f"ssh -N -L {dest} exited {self.process.returncode}"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def works(self) -> bool:
+        """A new forward over the held connection reaches the target's sshd."""
+        return read_banner("127.0.0.1", self.port, timeout=5).startswith("SSH-2.0-")
+
+    def close(self) -> None:
+        if self.alive():
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def hold() -> Iterator[Callable[[Proxy, KeyPair, str], HeldTunnel]]:
+    held: list[HeldTunnel] = []
+
+    def start(proxy: Proxy, key: KeyPair, dest: str) -> HeldTunnel:
+        held.append(HeldTunnel(proxy, key, dest))
+        return held[-1]
+
+    yield start
+    for tunnel in held:
+        tunnel.close()
+
+
+def exit_code(proxy: Proxy) -> tuple[str, int]:
+    state, code = docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", proxy.id).stdout.split()
+    return state, int(code)
+
+
+def test_stop_drains_open_tunnel_refuses_new_logins_and_exits_0_when_it_ends(start_target, start_proxy,
+                                                                               keypair, hold):
+    sfx = secrets.token_hex(3)
+    key = keypair("k")
+    target = start_target(f"fd-a-{sfx}", key)
+    proxy = start_proxy(env={"SSH_PERMIT_TARGET_HOST": f"*-{sfx}", "SSH_PROXY_DRAIN_SECONDS": "300"})
+    client = SshClient(proxy, key)
+    wait_for_login(client, target.name)
+    tunnel = hold(proxy, key, f"{target.name}:22")
+
+    stopping = subprocess.Popen(["docker", "stop", "-t", "400", proxy.id], stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_until(lambda: "msg=\"draining " in proxy.logs(), 60), proxy.logs()
+        assert client.ssh(target.name, "true", timeout=30).returncode != 0, "a new login got in during the drain"
+        assert tunnel.alive() and tunnel.works(), "the open tunnel stopped working during the drain"
+        tunnel.close()  # the last tunnel ends: the proxy exits now, not at the drain's end
+        stopping.wait(timeout=120)
+    finally:
+        if stopping.poll() is None:
+            stopping.kill()
+    assert stopping.returncode == 0, stopping.stderr.read()
+    assert exit_code(proxy) == ("exited", 0), proxy.logs()
+    assert "connection(s) ended by themselves" in proxy.logs(), proxy.logs()
+
+
+def test_docker_stop_cuts_tunnels_left_after_the_drain_and_exits_0(start_target, start_proxy, keypair, hold):
+    sfx = secrets.token_hex(3)
+    key = keypair("k")
+    target = start_target(f"fc-a-{sfx}", key)
+    proxy = start_proxy(env={"SSH_PERMIT_TARGET_HOST": f"*-{sfx}"})  # the default drain, 8 s
+    wait_for_login(SshClient(proxy, key), target.name)
+    tunnel = hold(proxy, key, f"{target.name}:22")
+
+    docker("stop", proxy.id)  # Docker's default: SIGKILL after 10 s, exit 137
+    assert exit_code(proxy) == ("exited", 0), proxy.logs()
+    assert "drain over: cut 1 open connection(s)" in proxy.logs()
+    assert wait_until(lambda: not tunnel.alive(), 30), "the client did not see its connection cut"
