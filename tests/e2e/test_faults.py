@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import pytest
 
 from helpers import (DOCKER_SOCKET, KeyPair, Proxy, SshClient, docker, free_port, read_banner,
-                     remove_containers, run_proxy_container, status, wait_for_login,
+                     remove_containers, run_proxy_container, status, wait_for_login, wait_for_status,
                      wait_for_proxy_banner, wait_until)
 
 INDEX = "/etc/ssh/authorized_keys.index"
@@ -220,3 +220,59 @@ def test_docker_stop_cuts_tunnels_left_after_the_drain_and_exits_0(start_target,
     assert exit_code(proxy) == ("exited", 0), proxy.logs()
     assert "drain over: cut 1 open connection(s)" in proxy.logs()
     assert wait_until(lambda: not tunnel.alive(), 30), "the client did not see its connection cut"
+
+
+# --------------------------------------------------------------------------- disk full
+
+
+def test_disk_full_keeps_serving_the_previous_keys_and_resumes(start_target, start_proxy, keypair):
+    sfx = secrets.token_hex(3)
+    key, new_key, newer_key = keypair("k"), keypair("new"), keypair("newer")
+    first = start_target(f"fx-a-{sfx}", key)
+    proxy = start_proxy(env={"SSH_PERMIT_TARGET_HOST": f"*-{sfx}"},
+                        docker_args=["--mount", "type=tmpfs,destination=/etc/ssh,tmpfs-size=2m,tmpfs-mode=0755"])
+    wait_for_login(SshClient(proxy, key), first.name)
+    before = proxy.read_file(INDEX)
+    assert key.fingerprint in before
+
+    proxy.exec("dd if=/dev/zero of=/etc/ssh/fill bs=64k 2>/dev/null; true", check=True)
+    new = start_target(f"fx-b-{sfx}", new_key)
+    doc = wait_for_status(proxy, lambda d: "No space left" in (d.get("write_errors") or {}).get("rendered", ""), 60)
+    newer = start_target(f"fx-c-{sfx}", newer_key)
+    assert wait_until(lambda: f"target added: {newer.name}" in proxy.logs(), 30), proxy.logs()
+    wait_for_login(SshClient(proxy, key), first.name)  # the previous keys are served
+    assert proxy.read_file(INDEX) == before, "the index changed on a full disk"
+    assert SshClient(proxy, new_key).ssh(new.name, "true", timeout=30).returncode != 0
+    logs = proxy.logs()
+    assert logs.count("cannot write the rendered keys") == 1, logs
+    assert logs.count("cannot write /etc/ssh/access.log") <= 1, logs
+    assert doc["heartbeat"]
+
+    proxy.exec("rm -f /etc/ssh/fill", check=True)
+    wait_for_status(proxy, lambda d: (d.get("write_errors") or {}).get("rendered") == "", 60)
+    wait_for_login(SshClient(proxy, new_key), new.name)
+    wait_for_login(SshClient(proxy, newer_key), newer.name)
+    assert "rendered keys written again" in proxy.logs()
+    assert wait_until(lambda: new_key.fingerprint in proxy.access_log(), 30), "access.log did not resume"
+
+
+
+def test_access_log_rotates_by_size(start_target, start_proxy, keypair):
+    sfx = secrets.token_hex(3)
+    key = keypair("k")
+    target = start_target(f"fr-a-{sfx}", key)
+    proxy = start_proxy(env={"SSH_PERMIT_TARGET_HOST": f"*-{sfx}", "ACCESS_LOG_MAX_BYTES": "4096",
+                             "ACCESS_LOG_BACKUPS": "1"})
+    client = SshClient(proxy, key)
+
+    def rotated() -> bool:
+        client.ssh(target.name, "true", timeout=30)
+        sizes = proxy.exec("wc -c < /etc/ssh/access.log.1").stdout.strip()
+        # .1 holds a full file, and access.log has started over
+        return sizes.isdigit() and int(sizes) > 2048 and proxy.exec(
+            "test $(wc -c < /etc/ssh/access.log) -lt 4097").returncode == 0 and \
+            key.fingerprint in proxy.access_log()
+    assert wait_until(rotated, 180, interval=0), proxy.exec("ls -l /etc/ssh").stdout
+    listing = proxy.exec("ls /etc/ssh").stdout.split()
+    assert "access.log.2" not in listing, listing
+    assert int(proxy.exec("wc -c < /etc/ssh/access.log.1").stdout) <= 4096
