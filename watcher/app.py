@@ -291,8 +291,8 @@ class Supervisor:
         self.sshd = SshdProcess(paths.sshd)
         self.threads: list[threading.Thread] = []
         self.failed = False  # a component crashed: exit non-zero so a restart policy acts
-        # Why the rendered keys or access.log last failed to be written, for the status.
-        self.write_errors: Callable[[], dict[str, str]] = dict
+        self.writer: OutputWriter | None = None  # set by run; their write errors go in the status
+        self.access: AccessLog | None = None
 
     def _thread(self, target: Callable[..., Any], *args: Any, name: str) -> None:
         def guarded() -> None:
@@ -336,8 +336,7 @@ class Supervisor:
                            max_bytes=self.settings.access_log_max_bytes,
                            backups=self.settings.access_log_backups)
         writer = OutputWriter(self.paths, mode, pin_names)
-        self.write_errors = lambda: {"rendered": writer.error,  # noqa: E731
-                                     "access_log": access.file.error}
+        self.writer, self.access = writer, access
         # The proxy's own names and addresses come from the platform's watcher on every
         # (re)connect, ahead of the first targets it lists.
         reconciler = Reconciler(self.settings, ProxyIdentity(), fetch,
@@ -410,11 +409,16 @@ class Supervisor:
     def _publish(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
 
+    def _write_errors(self) -> dict[str, str]:
+        """Why the rendered keys or access.log could not be written lately ("" = fine)."""
+        return {"rendered": self.writer.error if self.writer else "",
+                "access_log": self.access.file.error if self.access else ""}
+
     def _write_status(self, mode: str) -> None:
         try:
             write_status(self.paths.status, snapshot_document(self.snapshot, {
                 "mode": mode, "sshd_pid": self.sshd.pid, "sshd_restarts": self.sshd.restarts,
-                "write_errors": self.write_errors(),
+                "write_errors": self._write_errors(),
                 "settings": {"permit_hosts": list(self.settings.permit_hosts),
                              "permit_ports": list(self.settings.permit_ports),
                              "labels": [f"{k}={v}" if v is not None else k
