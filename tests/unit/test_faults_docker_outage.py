@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import docker.errors
 import pytest
 import requests
 
@@ -49,9 +50,11 @@ class _Stream:
 class Engine:
     """A fake engine: refuses while `down`, else answers from `containers`."""
 
-    def __init__(self, containers: dict[str, dict[str, Any]], down_for: int) -> None:
+    def __init__(self, containers: dict[str, dict[str, Any]], down_for: int,
+                 error: Exception | None = None) -> None:
         self.containers = containers
         self.down_for = down_for  # connect attempts still refused
+        self.error = error or requests.ConnectionError("[Errno 111] Connection refused")
         self.connects = 0
         self.stream: _Stream | None = None
 
@@ -59,7 +62,7 @@ class Engine:
         self.connects += 1
         if self.down_for > 0:
             self.down_for -= 1
-            raise requests.ConnectionError("[Errno 111] Connection refused")
+            raise self.error
         return _Client(self)
 
 
@@ -72,7 +75,6 @@ class _Client:
         return True
 
     def inspect_container(self, cid: str) -> dict[str, Any]:
-        import docker.errors
         if cid not in self.engine.containers:
             raise docker.errors.NotFound(cid)
         return self.engine.containers[cid]
@@ -173,3 +175,34 @@ def test_health_names_the_reconnect_attempt_and_error() -> None:
     assert health_problems(doc, 101.0, listening=True) == [
         "docker source is reconnecting (attempt 4): [Errno 111] Connection refused"]
     assert health_problems(doc, 101.0, listening=True, require_source=False) == []
+
+
+def test_an_outage_logs_its_first_failure_not_every_attempt(caplog) -> None:
+    engine = Engine({}, down_for=10_000)
+    clock = FakeClock()
+    watcher, _ = _watcher(engine, clock, limit=30)
+    caplog.set_level("INFO", logger="watcher.sources.docker_watcher")
+    with pytest.raises(SourceError):
+        watcher.run(threading.Event())
+    assert engine.connects > 3
+    warnings = [r for r in caplog.records if r.name == "watcher.sources.docker_watcher"]
+    assert len(warnings) == 1 and "reconnect attempt 2" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("error, shown", [
+    # docker-py, when the socket file is missing or not ours to open
+    (docker.errors.DockerException("Error while fetching server API version: ('Connection aborted.', "
+                                   "FileNotFoundError(2, 'No such file or directory'))"),
+     "No such file or directory"),
+    (docker.errors.DockerException("Error while fetching server API version: ('Connection aborted.', "
+                                   "PermissionError(13, 'Permission denied'))"),
+     "Permission denied"),
+])
+def test_missing_or_forbidden_socket_counts_as_an_outage(error: Exception, shown: str) -> None:
+    engine = Engine({}, down_for=10_000, error=error)
+    clock = FakeClock()
+    watcher, sink = _watcher(engine, clock, limit=20)
+    with pytest.raises(SourceError) as raised:
+        watcher.run(threading.Event())
+    assert shown in str(raised.value) and "unix:///var/run/dockerdir/docker.sock" in str(raised.value)
+    assert shown in [c[1] for c in sink.calls if c[0] == "status"][-1]["error"]

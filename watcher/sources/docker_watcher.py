@@ -131,9 +131,11 @@ class DockerWatcher:
         self.reconnects += 1
         self.client.reset()
         exc = state.outcome.exception() if state.outcome else None
-        log.warning("docker engine at %s: %s; reconnect attempt %d in %.1fs",
-                    self.client.base_url, exc or "events stream ended",
-                    self.outage.attempts + 1, state.upcoming_sleep)
+        # Quiet: the first failure is worth a warning; the status has the attempt count.
+        log.log(logging.WARNING if self.outage.attempts == 1 else logging.DEBUG,
+                "docker engine at %s: %s; reconnect attempt %d in %.1fs",
+                self.client.base_url, exc or "events stream ended",
+                self.outage.attempts + 1, state.upcoming_sleep)
         self.sink.set_source_status({"kind": "docker", "connected": False,
                                      "reconnects": self.reconnects,
                                      **self.outage.status(self.clock())})
@@ -150,6 +152,9 @@ class DockerWatcher:
             self.sink.set_proxy_identity(self.client.discover_identity())
             self.sink.replace_all(self.client.list_targets())
             self.connected = True
+            if self.outage.attempts > 1:
+                log.info("docker engine at %s answers again after %d failed attempts",
+                         self.client.base_url, self.outage.attempts)
             self.outage.ended()
             self.sink.set_source_status({"kind": "docker", "connected": True, "error": "",
                                          "state": "connected",
