@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -17,16 +18,18 @@ from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse
                         revoked_event)
 from .cache import read_unmanaged_hosts, update_hosts_block, write_if_changed
 from .config import RunMode, Settings
+from .errors import WatcherError
 from .fetch import KeyFetcher
 from .model import KeyState
 from .platforms import platform_for
 from .reconcile import Reconciler, Snapshot
 from .render import Rendered
 from .revocation import RecentRevocations, Revocation
-from .sessions import SessionKiller
+from .sessions import ProcFS, SessionKiller
 from .sources.manual import ManualKeySource
-from .sshd import SshdPaths, SshdProcess, check_config, ensure_host_keys, render_sshd_config
-from .snapshot import STATUS_PATH, SettingsView, StatusDocument, WatcherState
+from .sshd import (SshdPaths, SshdProcess, check_config, cut_connections, drain,
+                   ensure_host_keys, open_connections, render_sshd_config)
+from .snapshot import STATUS_PATH, SettingsView, StatusDocument, WatcherState, WriteErrors
 from .status import write_status
 from .syslog_listener import SyslogListener
 from .targets import ProxyIdentity
@@ -46,14 +49,50 @@ class Paths:
 
 
 class OutputWriter:
-    """The reconciler's single write path: hosts block, then index, then the cache."""
+    """The reconciler's single write path: hosts block, then index, then the cache.
+
+    A write that fails (disk full, read-only) leaves the previous files whole (atomic
+    renames) and served; the error is logged once, shown in the status, and the newest
+    render is written again by `retry` (the supervisor's heartbeat) until it goes through.
+    """
 
     def __init__(self, paths: Paths, mode: RunMode, pin_names: bool) -> None:
         self.paths = paths
         self.pin_names = pin_names
         self.write_cache = mode.discovers  # without discovery the cache is the admin's input
+        self.error = ""  # why the newest render is not on disk yet ("" = it is)
+        self._pending: Rendered | None = None
+        self._lock = threading.Lock()  # the reconciler and `retry` never write at once
 
     def __call__(self, rendered: Rendered) -> bool:
+        with self._lock:
+            self._pending = rendered
+            return self._write_pending()
+
+    def retry(self) -> None:
+        """Write the newest render if an earlier attempt failed."""
+        with self._lock:
+            if self._pending is not None:
+                self._write_pending()
+
+    def _write_pending(self) -> bool:
+        assert self._pending is not None
+        try:
+            changed = self._write(self._pending)
+        except OSError as exc:
+            if not self.error:
+                log.error("cannot write the rendered keys (%s): sshd keeps serving the previous "
+                          "%s; free space in %s, writing is retried every 2 s",
+                          exc, self.paths.sshd.index, self.paths.sshd.index.parent)
+            self.error = str(exc)
+            return False
+        if self.error:
+            log.info("rendered keys written again (the earlier error was: %s)", self.error)
+            self.error = ""
+        self._pending = None
+        return changed
+
+    def _write(self, rendered: Rendered) -> bool:
         changed = False
         if self.pin_names:
             # Names first, so a newly granted name resolves by the time sshd allows it.
@@ -68,6 +107,70 @@ def hosts_writable(path: Path) -> bool:
     return path.exists() and os.access(path, os.W_OK)
 
 
+class RotatingFile:
+    """access.log: appended a line at a time, rotated by size (`.1` is the newest backup).
+
+    A failed write (disk full) is logged once, not per line; the events still reach stdout,
+    and the file resumes with the first line that fits again."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.error = ""  # why the last line did not reach the file ("" = it did)
+        self._partial = False  # the last write stopped mid-line: start the next one afresh
+        self._handle: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "ab", buffering=0)
+        os.chmod(self.path, 0o644)
+
+    def write(self, line: str) -> None:
+        data = (b"\n" if self._partial else b"") + line.encode() + b"\n"
+        try:
+            if self._handle is None:
+                self._open()
+            size = os.fstat(self._handle.fileno()).st_size
+            if size and size + len(data) > self.max_bytes:
+                self._rotate()
+            written = self._handle.write(data) or 0
+            if written < len(data):
+                self._partial = written > 0 or self._partial
+                raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+        except OSError as exc:
+            if not self.error:
+                log.error("cannot write %s (%s): access events still go to stdout; the file "
+                          "resumes when it can be written (free space in %s)",
+                          self.path, exc, self.path.parent)
+            self.error = str(exc)
+            return
+        self._partial = False
+        if self.error:
+            log.info("writing %s again (the earlier error was: %s)", self.path, self.error)
+            self.error = ""
+
+    def _rotate(self) -> None:
+        """access.log -> .1 -> .2 ... (renames need no free space); the oldest is dropped."""
+        self._handle.close()
+        self._handle = None
+        if self.backups == 0:
+            self.path.write_bytes(b"")
+        else:
+            for n in range(self.backups - 1, 0, -1):
+                older = self.path.with_name(f"{self.path.name}.{n}")
+                if older.exists():
+                    os.replace(older, self.path.with_name(f"{self.path.name}.{n + 1}"))
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        self._open()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
 class AccessLog:
     """sshd syslog datagrams -> access events -> access.log and stdout; closes the sessions
     of revoked keys.
@@ -78,7 +181,8 @@ class AccessLog:
 
     def __init__(self, path: Path, owners: Callable[[str], tuple[str, ...]],
                  alias_owner: Callable[[str], str], stdout: TextIO = sys.stdout,
-                 killer: SessionKiller | None = None) -> None:
+                 killer: SessionKiller | None = None, max_bytes: int = 10 * 1024 * 1024,
+                 backups: int = 5) -> None:
         self.path = path
         self.owners = owners
         self.alias_owner = alias_owner
@@ -90,9 +194,7 @@ class AccessLog:
         # monitor pid -> (start, when) of each session closed lately: closed once only
         self.closing: dict[int, tuple[float, float]] = {}
         self.lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(path, "a", buffering=1, encoding="utf-8")
-        os.chmod(path, 0o644)
+        self.file = RotatingFile(path, max_bytes, backups)
 
     def __call__(self, datagram: bytes, sent_at: float | None = None) -> None:
         try:
@@ -162,7 +264,7 @@ class AccessLog:
             log.exception("access log: cannot write the revocation of %s's session", session.client)
 
     def _write(self, line: str) -> None:
-        self.handle.write(line + "\n")
+        self.file.write(line)
         self.stdout.write(line + "\n")
         self.stdout.flush()
 
@@ -178,7 +280,7 @@ class AccessLog:
 
     def close(self) -> None:
         with self.lock:
-            self.handle.close()
+            self.file.close()
 
 
 class Supervisor:
@@ -190,11 +292,17 @@ class Supervisor:
         self.sshd = SshdProcess(paths.sshd)
         self.threads: list[threading.Thread] = []
         self.failed = False  # a component crashed: exit non-zero so a restart policy acts
+        self.writer: OutputWriter | None = None  # set by run; their write errors go in the status
+        self.access: AccessLog | None = None
 
     def _thread(self, target: Callable[..., Any], *args: Any, name: str) -> None:
         def guarded() -> None:
             try:
                 target(*args)
+            except WatcherError as exc:  # says what failed and what to do: no traceback
+                log.error("%s failed; stopping: %s", name, exc)
+                self.failed = True
+                self.stop.set()
             except Exception:
                 log.exception("%s failed; stopping", name)
                 self.failed = True
@@ -225,11 +333,15 @@ class Supervisor:
         # The reconciler tells the access log of revoked keys; the access log asks it who
         # owns a key (looked up when a line arrives, after both exist).
         access = AccessLog(self.paths.access_log, lambda fp: reconciler.owners_of(fp),
-                           lambda alias: reconciler.alias_owner(alias))
+                           lambda alias: reconciler.alias_owner(alias),
+                           max_bytes=self.settings.access_log_max_bytes,
+                           backups=self.settings.access_log_backups)
+        writer = OutputWriter(self.paths, mode, pin_names)
+        self.writer, self.access = writer, access
         # The proxy's own names and addresses come from the platform's watcher on every
         # (re)connect, ahead of the first targets it lists.
         reconciler = Reconciler(self.settings, ProxyIdentity(), fetch,
-                                OutputWriter(self.paths, mode, pin_names),
+                                writer,
                                 self._publish, access.revoke, pin_names=pin_names,
                                 unmanaged_hosts=lambda: read_unmanaged_hosts(self.paths.hosts),
                                 local_names=local_names() if mode.discovers else frozenset())
@@ -239,7 +351,9 @@ class Supervisor:
         reconciler.run_once_pending()  # the index exists before sshd starts
 
         listener = SyslogListener(str(self.paths.syslog_socket))
-        self._thread(listener.serve, access, self.stop, name="syslog")
+        # Its own stop: sshd's lines about tunnels that end during the drain still count.
+        syslog_stop = threading.Event()
+        self._thread(listener.serve, access, syslog_stop, name="syslog")
         self._start_sshd()
         self._thread(reconciler.run, self.stop, name="reconcile")
         self._thread(keys.run, self.stop, name="manual-keys")
@@ -251,14 +365,39 @@ class Supervisor:
         self._write_status(mode.value)  # health can answer from the first second
         try:
             while not self.stop.wait(2.0):
+                writer.retry()
                 self._write_status(mode.value)
                 _reap_orphans(self.sshd.pid)
         finally:
-            log.info("stopping")
-            self.sshd.stop()
+            self.sshd.stop()  # the listener: new logins are refused from here on
+            log.info("stopping: sshd no longer accepts connections")
+            self._drain()
+            syslog_stop.set()
             listener.close()
             access.close()
         return 1 if self.failed else 0
+
+    def _drain(self) -> None:
+        """Open tunnels get up to SSH_PROXY_DRAIN_SECONDS to end by themselves; the rest
+        are cut, and the count logged."""
+        proc = ProcFS()
+
+        def connections() -> list[int]:
+            _reap_orphans(None)  # the monitors are ours now that the listener is gone
+            return open_connections(proc)
+
+        seconds = self.settings.drain_seconds
+        pids = connections()
+        if pids:
+            log.info("draining %d open connection(s) for up to %d s", len(pids), seconds)
+        result = drain(connections, seconds,
+                       cut=lambda left: cut_connections(left, connections))
+        if result.cut:
+            log.warning("drain over: cut %d open connection(s) after %d s", result.cut, seconds)
+        elif result.open_at_start:
+            log.info("drained: all %d connection(s) ended by themselves", result.open_at_start)
+        else:
+            log.info("no open connection: nothing to drain")
 
     def _start_sshd(self) -> None:
         paths = self.paths.sshd
@@ -271,6 +410,11 @@ class Supervisor:
     def _publish(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
 
+    def _write_errors(self) -> WriteErrors:
+        """Why the rendered keys or access.log could not be written lately ("" = fine)."""
+        return WriteErrors(rendered=self.writer.error if self.writer else "",
+                           access_log=self.access.file.error if self.access else "")
+
     def _write_status(self, mode: str) -> None:
         try:
             write_status(self.paths.status, StatusDocument(
@@ -281,7 +425,7 @@ class Supervisor:
                     permit_ports=self.settings.permit_ports,
                     labels=tuple(f"{k}={v}" if v is not None else k
                                  for k, v in self.settings.labels)),
-                state=self.snapshot or WatcherState()))
+                state=self.snapshot or WatcherState(), write_errors=self._write_errors()))
         except OSError as exc:
             log.warning("cannot write %s: %s", self.paths.status, exc)
 

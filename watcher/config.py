@@ -89,6 +89,19 @@ class Settings:
     cluster_domain: str = "cluster.local"
     """KUBERNETES_CLUSTER_DOMAIN: the cluster's DNS domain, for `svc.ns.svc.<domain>` names."""
 
+    docker_host: str = "unix://" + DOCKER_SOCKET
+    """DOCKER_HOST: the engine's API (`unix:///path` or `tcp://host:port`), as the docker CLI."""
+    source_outage_seconds: int = 60
+    """SSH_PROXY_SOURCE_OUTAGE_SECONDS: how long the platform may stay unreachable before the
+    proxy exits non-zero, so its restart policy recreates it (and its socket mount)."""
+    drain_seconds: int = 8
+    """SSH_PROXY_DRAIN_SECONDS: on stop, how long open tunnels may go on (new logins are refused
+    at once); inside Docker's default 10 s stop timeout."""
+    access_log_max_bytes: int = 10 * 1024 * 1024
+    """ACCESS_LOG_MAX_BYTES: access.log is rotated when a line would take it past this size."""
+    access_log_backups: int = 5
+    """ACCESS_LOG_BACKUPS: rotated access logs kept (access.log.1 ... .N)."""
+
     @property
     def any_host(self) -> bool:
         return "*" in self.permit_hosts
@@ -190,6 +203,25 @@ def parse_key_source(value: str) -> tuple[KeySource, ...]:
     return KEY_SOURCES[text]
 
 
+def parse_int(name: str, value: str, low: int, high: int, what: str) -> int:
+    """A whole number in [low, high]; `what` says what it counts, for the error."""
+    text = value.strip()
+    if not re.fullmatch(r"[0-9]{1,12}", text) or not low <= int(text) <= high:
+        raise ConfigError(f"{name}={value!r}: expected {what}, a whole number {low}-{high}")
+    return int(text)
+
+
+_DOCKER_HOST = re.compile(r"unix:///[^\x00-\x1f\x7f]+|tcp://[A-Za-z0-9.:\[\]-]+:[0-9]{1,5}")
+
+
+def parse_docker_host(value: str) -> str:
+    text = value.strip()
+    if not _DOCKER_HOST.fullmatch(text):
+        raise ConfigError(f"DOCKER_HOST={value!r}: expected 'unix:///path/to/docker.sock' or "
+                          "'tcp://host:port' (the default is unix:///var/run/docker.sock)")
+    return text
+
+
 def parse_bool(name: str, value: str) -> bool:
     text = value.strip().lower()
     if text in _TRUE:
@@ -268,4 +300,15 @@ def _read_settings(env: Mapping[str, str], facts: PlatformFacts) -> Settings:
         cluster_domain=parse_domain("KUBERNETES_CLUSTER_DOMAIN",
                                     env.get("KUBERNETES_CLUSTER_DOMAIN", "cluster.local")),
         mode=choose_mode(env, facts),
+        docker_host=parse_docker_host(env.get("DOCKER_HOST") or "unix://" + DOCKER_SOCKET),
+        source_outage_seconds=parse_int("SSH_PROXY_SOURCE_OUTAGE_SECONDS",
+                                        env.get("SSH_PROXY_SOURCE_OUTAGE_SECONDS", "60"),
+                                        5, 86400, "seconds"),
+        drain_seconds=parse_int("SSH_PROXY_DRAIN_SECONDS", env.get("SSH_PROXY_DRAIN_SECONDS", "8"),
+                                0, 3600, "seconds"),
+        access_log_max_bytes=parse_int("ACCESS_LOG_MAX_BYTES",
+                                       env.get("ACCESS_LOG_MAX_BYTES", str(10 * 1024 * 1024)),
+                                       4096, 2**40, "bytes"),
+        access_log_backups=parse_int("ACCESS_LOG_BACKUPS", env.get("ACCESS_LOG_BACKUPS", "5"),
+                                     0, 100, "rotated files kept"),
     )

@@ -443,7 +443,11 @@ def source_status(status: dict) -> SourceStatus:
                         error=str(status.get("error") or ""),
                         reconnects=int(status.get("reconnects", 0)),
                         since=float(since) if since is not None else None,
-                        namespace=str(status.get("namespace", "")))
+                        namespace=str(status.get("namespace", "")),
+                        state=str(status.get("state", "")),
+                        attempt=int(status.get("attempt", 0)),
+                        outage_seconds=float(status.get("outage_seconds", 0.0)),
+                        gives_up_after=float(status.get("gives_up_after", 0.0)))
 
 
 def manual_status(status: dict) -> ManualStatus:

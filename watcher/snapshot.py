@@ -95,6 +95,10 @@ class SourceStatus:
     reconnects: int = 0  # attempts after a lost stream
     since: float | None = None  # epoch seconds connected at
     namespace: str = ""
+    state: str = ""  # "connected" | "reconnecting" | "" (not reported)
+    attempt: int = 0  # reconnect attempts in the current outage
+    outage_seconds: float = 0.0  # how long the current outage has lasted
+    gives_up_after: float = 0.0  # seconds of outage after which the proxy exits; 0 never
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,14 @@ class SettingsView:
 
 
 @dataclass(frozen=True)
+class WriteErrors:
+    """Why the rendered key files or access.log could not be written lately ("" = fine)."""
+
+    rendered: str = ""
+    access_log: str = ""
+
+
+@dataclass(frozen=True)
 class StatusDocument:
     """status.json: the supervisor's facts around the reconciler's state."""
 
@@ -141,6 +153,7 @@ class StatusDocument:
     sshd_restarts: int = 0
     settings: SettingsView = field(default_factory=SettingsView)
     state: WatcherState = field(default_factory=WatcherState)
+    write_errors: WriteErrors = field(default_factory=WriteErrors)
     schema: int = SCHEMA_VERSION
 
 
@@ -158,7 +171,12 @@ def to_json(doc: StatusDocument) -> str:
                      "labels": list(doc.settings.labels)},
         "source": {"kind": s.source.kind, "connected": s.source.connected,
                    "error": s.source.error, "reconnects": s.source.reconnects,
-                   "since": s.source.since, "namespace": s.source.namespace},
+                   "since": s.source.since, "namespace": s.source.namespace,
+                   "state": s.source.state, "attempt": s.source.attempt,
+                   "outage_seconds": s.source.outage_seconds,
+                   "gives_up_after": s.source.gives_up_after},
+        "write_errors": {"rendered": doc.write_errors.rendered,
+                         "access_log": doc.write_errors.access_log},
         "manual": {"files": s.manual.files, "keys": s.manual.keys,
                    "errors": list(s.manual.errors)},
         "targets": [_target_json(t) for t in s.targets],
@@ -194,6 +212,7 @@ def from_json(text: str) -> StatusDocument:
         raise SnapshotError(f"status schema {schema} is not supported (this watcher reads "
                             f"{SCHEMA_VERSION}): run the same version of `watcher` as the proxy")
     settings, source, manual = r.obj("settings"), r.obj("source"), r.obj("manual")
+    write_errors = r.obj("write_errors")
     return StatusDocument(
         schema=schema, heartbeat=r.number("heartbeat"), mode=r.text("mode"),
         sshd_pid=r.opt_integer("sshd_pid"), sshd_restarts=r.integer("sshd_restarts"),
@@ -210,8 +229,11 @@ def from_json(text: str) -> StatusDocument:
             last_write=r.number("last_write"), last_event=r.number("last_event"),
             source=SourceStatus(source.text("kind"), source.flag("connected"), source.text("error"),
                                 source.integer("reconnects"), source.opt_number("since"),
-                                source.text("namespace")),
-            manual=ManualStatus(manual.integer("files"), manual.integer("keys"), manual.strs("errors"))))
+                                source.text("namespace"), source.text("state"),
+                                source.integer("attempt"), source.number("outage_seconds"),
+                                source.number("gives_up_after")),
+            manual=ManualStatus(manual.integer("files"), manual.integer("keys"), manual.strs("errors"))),
+        write_errors=WriteErrors(write_errors.text("rendered"), write_errors.text("access_log")))
 
 
 def _target(t: _Reader) -> TargetStatus:
@@ -310,7 +332,9 @@ JSON_SCHEMA: dict[str, Any] = {
         settings=_object(permit_hosts=_STRS, permit_ports=_STRS, labels=_STRS),
         source=_object(kind={"enum": ["", "docker", "kubernetes"]}, connected={"type": "boolean"},
                        error=_STR, reconnects=_INT, since={"type": ["number", "null"]},
-                       namespace=_STR),
+                       namespace=_STR, state={"enum": ["", "connected", "reconnecting"]},
+                       attempt=_INT, outage_seconds=_NUM, gives_up_after=_NUM),
+        write_errors=_object(rendered=_STR, access_log=_STR),
         manual=_object(files=_INT, keys=_INT, errors=_STRS),
         targets={"type": "array", "items": _object(
             id=_STR, name=_STR, address=_STR, aliases=_STRS,
@@ -345,5 +369,7 @@ def health_problems(doc: StatusDocument, now: float, listening: bool,
         problems.append("sshd does not listen on port 22")
     source = doc.state.source
     if require_source and doc.mode in ("docker", "kubernetes") and not source.connected:
-        problems.append(f"{doc.mode} source is not connected: {source.error or 'connecting'}")
+        state = (f"reconnecting (attempt {source.attempt})" if source.state == "reconnecting"
+                 else "not connected")
+        problems.append(f"{doc.mode} source is {state}: {source.error or 'connecting'}")
     return problems

@@ -11,15 +11,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
+from typing import Callable
 
 import tenacity
 
 from . import backoff
 from .config import Settings
 from .errors import WatcherError
+from .sessions import ProcFS
 
 log = logging.getLogger(__name__)
 
+CUT_GRACE = 1.0  # seconds a cut connection gets to exit on SIGTERM before SIGKILL
 STABLE_AFTER = 60.0  # seconds of sshd uptime after which its next crash is a first one
 HOST_KEY_TYPES = (("ed25519", []), ("ecdsa", ["-b", "256"]), ("rsa", ["-b", "3072"]))
 
@@ -170,3 +173,72 @@ class SshdProcess:
             process.kill()
             process.wait()
 
+
+
+# ---- stop: drain the open connections --------------------------------------------------
+def open_connections(proc: ProcFS) -> list[int]:
+    """Pids of the per-connection sshd processes still running once the listener is gone:
+    sshd processes whose parent is not sshd (their post-auth children have one). Exited
+    ones not reaped yet (zombies) are not counted."""
+    found = []
+    for entry in proc.root.iterdir():
+        if not entry.name.isdigit() or _zombie(entry):
+            continue
+        info = proc.info(int(entry.name))
+        if info is None or not proc.is_sshd(info):
+            continue
+        parent = proc.info(info.ppid)
+        if parent is None or not proc.is_sshd(parent):
+            found.append(info.pid)
+    return sorted(found)
+
+
+def _zombie(entry: Path) -> bool:
+    try:
+        stat = (entry / "stat").read_text()
+    except OSError:
+        return True  # gone
+    return stat[stat.rindex(")") + 2:].startswith("Z")
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    open_at_start: int
+    cut: int
+
+
+def drain(connections: Callable[[], list[int]], seconds: float, cut: Callable[[list[int]], None],
+          clock: Callable[[], float] = time.monotonic,
+          sleep: Callable[[float], object] = time.sleep, poll: float = 0.2) -> DrainResult:
+    """Let the open connections end by themselves for up to `seconds`, then `cut` those
+    still open. Returns at once when none is open."""
+    pids = connections()
+    at_start = len(pids)
+    deadline = clock() + seconds
+    while pids and clock() < deadline:
+        sleep(min(poll, max(0.0, deadline - clock())))
+        pids = connections()
+    if pids:
+        cut(pids)
+    return DrainResult(open_at_start=at_start, cut=len(pids))
+
+
+def cut_connections(pids: list[int], connections: Callable[[], list[int]],
+                    sleep: Callable[[float], object] = time.sleep) -> None:
+    """SIGTERM each connection's monitor (it passes the signal to its session child, and
+    sshd logs the close); SIGKILL whichever is still there after CUT_GRACE."""
+    for pid in pids:
+        _signal(pid, signal.SIGTERM)
+    waited = 0.0
+    while waited < CUT_GRACE and set(pids) & set(connections()):
+        sleep(0.1)
+        waited += 0.1
+    for pid in set(pids) & set(connections()):
+        _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:  # ended meanwhile: nothing to cut
+        pass

@@ -324,7 +324,9 @@ def test_an_unwritable_log_does_not_raise(access) -> None:
     for pid, port in ((100, 5000), (200, 5001)):
         connect(log, pid, port)
         accept(log, pid, port, child=pid + 1)
-    log.handle.close()  # writing now raises ValueError
+    def unwritable(line: str) -> None:
+        raise ValueError("I/O operation on closed file")
+    log.file.write = unwritable  # writing now raises
     log.revoke([Revocation(FP, TARGET_REMOVED, ("web",), at=time.time())])
     assert sorted(s.monitor for s in killer.closed) == [100, 200]  # closed all the same
     assert log.tracker.sessions_of(FP) == []

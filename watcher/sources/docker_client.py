@@ -136,9 +136,9 @@ class DockerClient:
     def __init__(self, base_url: str | None = None,
                  client_factory: Callable[[], docker.DockerClient] | None = None) -> None:
         self.exec_timeout = 5.0  # seconds for one key-file read by exec
+        self.base_url = base_url or "unix:///var/run/docker.sock"
         self._factory = client_factory or (
-            lambda: docker.DockerClient(base_url=base_url or "unix:///var/run/docker.sock",
-                                        timeout=15))
+            lambda: docker.DockerClient(base_url=self.base_url, timeout=15))
         self.client: docker.DockerClient | None = None
         self.identity = ProxyIdentity()
         self.proxy_networks: set[str] | None = None
@@ -177,8 +177,9 @@ class DockerClient:
             try:
                 self.client = self._factory()
             except docker.errors.DockerException as exc:
-                raise SourceError(f"cannot reach the Docker engine: {exc}; mount the socket "
-                                  "with -v /var/run/docker.sock:/var/run/docker.sock") from exc
+                raise SourceError(f"cannot reach the Docker engine at {self.base_url}: {exc}; "
+                                  "mount the socket with "
+                                  "-v /var/run/docker.sock:/var/run/docker.sock") from exc
         return self.client
 
     # -- listing --
@@ -251,4 +252,4 @@ def _read(path: str) -> str:
 
 def from_settings(settings: Settings) -> DockerClient:
     """The platform entry point (see watcher.platforms)."""
-    return DockerClient()
+    return DockerClient(base_url=settings.docker_host)

@@ -3,6 +3,12 @@
 docker-py's `events()` generator ends silently when the daemon goes away and has no read
 timeout, so a half-open socket would hang it: a pinger closes the stream when the daemon
 stops answering, and every (re)connect is followed by a full relist (level-triggered).
+
+Outages: reconnects back off to at most RECONNECT_CAP seconds, so an engine that comes back
+is followed within seconds. A restarted engine makes a new socket file; a bind mount of the
+old file never sees it, so an engine that stays unreachable for `outage_limit` seconds ends
+the watcher with a SourceError: the proxy exits non-zero and its restart policy mounts anew.
+sshd serves the last good keys all the while.
 """
 
 from __future__ import annotations
@@ -10,7 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import docker.errors
 import requests
@@ -37,43 +44,101 @@ def event_action(event: dict[str, Any]) -> str:
     return (event.get("Action") or event.get("status") or "").split(":", 1)[0].strip()
 
 
+RECONNECT_CAP = 3.0  # seconds: the longest wait between two reconnect attempts
+
+
+@dataclass
+class Outage:
+    """Failed (re)connect attempts since the engine last answered. Pure: the caller gives
+    the time, so a fake clock can drive it."""
+
+    limit: float  # seconds of failing before giving up
+    started: float | None = None  # clock value of the first failure, None while connected
+    attempts: int = 0
+    error: str = ""
+
+    def failed(self, error: str, now: float) -> None:
+        if self.started is None:
+            self.started = now
+        self.attempts += 1
+        self.error = error
+
+    def over(self, now: float) -> bool:
+        """The engine has failed every attempt for `limit` seconds: time to give up."""
+        return self.started is not None and now - self.started >= self.limit
+
+    def ended(self) -> None:
+        self.started, self.attempts, self.error = None, 0, ""
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {"state": "reconnecting", "attempt": self.attempts, "error": self.error,
+                "outage_seconds": round(now - (self.started or now), 1),
+                "gives_up_after": self.limit}
+
+
 class DockerWatcher:
     """Feeds a sink (the reconciler) from a Docker engine until `stop` is set."""
 
-    def __init__(self, client: DockerClient, sink: TargetSink, ping_interval: float = 10.0) -> None:
+    def __init__(self, client: DockerClient, sink: TargetSink, ping_interval: float = 10.0,
+                 outage_limit: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], object] | None = None) -> None:
         self.client = client
         self.sink = sink
         self.ping_interval = ping_interval
+        self.outage = Outage(outage_limit)
+        self.clock = clock
+        self._sleep = sleep
         self._stream: Any = None
         self.connected = False
         self.reconnects = 0
 
     def run(self, stop: threading.Event) -> None:
-        """Forever: connect, resync, follow events; on any break reconnect with backoff."""
+        """Connect, resync, follow events; on any break reconnect with backoff, until
+        `stop` is set or the engine has been unreachable for the outage limit (SourceError)."""
         retrying = tenacity.Retrying(
-            wait=tenacity.wait_exponential(multiplier=0.5, max=30),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=RECONNECT_CAP),
             retry=tenacity.retry_if_exception_type((docker.errors.DockerException,
                                                     requests.RequestException, SourceError,
                                                     OSError, _StreamEnded)),
-            stop=lambda state: stop.is_set(),
+            after=self._after_failure,
+            stop=lambda state: stop.is_set() or self.outage.over(self.clock()),
             before_sleep=self._before_sleep,
-            sleep=lambda seconds: stop.wait(seconds))
+            sleep=self._sleep or (lambda seconds: stop.wait(seconds)))
         try:
             retrying(self._follow_once, stop)
-        except Exception as exc:  # only reached when stopping
+        except tenacity.RetryError as exc:
+            if stop.is_set():
+                log.debug("docker source stopped: %s", exc.last_attempt.exception())
+                return
+            raise SourceError(
+                f"the Docker engine at {self.client.base_url} has not answered for "
+                f"{self.outage.limit:.0f} s ({self.outage.attempts} attempts; last error: "
+                f"{self.outage.error}): exiting so the restart policy starts the proxy again "
+                "with a fresh mount of the socket (a restarted engine makes a new socket file "
+                "that an old bind mount never sees); run it with --restart unless-stopped, "
+                "and check that the engine is up and the socket is mounted") from None
+        except Exception as exc:  # reached when stopping (the stream was closed under us)
             if not stop.is_set():
                 raise
             log.debug("docker source stopped: %s", exc)
+
+    def _after_failure(self, state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        self.outage.failed(str(exc) or type(exc).__name__, self.clock())
 
     def _before_sleep(self, state: tenacity.RetryCallState) -> None:
         self.connected = False
         self.reconnects += 1
         self.client.reset()
         exc = state.outcome.exception() if state.outcome else None
-        log.warning("docker events stream lost (%s); reconnecting in %.1fs",
-                    exc or "ended", state.upcoming_sleep)
+        # Quiet: the first failure is worth a warning; the status has the attempt count.
+        log.log(logging.WARNING if self.outage.attempts == 1 else logging.DEBUG,
+                "docker engine at %s: %s; reconnect attempt %d in %.1fs",
+                self.client.base_url, exc or "events stream ended",
+                self.outage.attempts + 1, state.upcoming_sleep)
         self.sink.set_source_status({"kind": "docker", "connected": False,
-                                     "error": str(exc), "reconnects": self.reconnects})
+                                     "reconnects": self.reconnects,
+                                     **self.outage.status(self.clock())})
 
     def _follow_once(self, stop: threading.Event) -> None:
         self.client.ping()
@@ -87,7 +152,12 @@ class DockerWatcher:
             self.sink.set_proxy_identity(self.client.discover_identity())
             self.sink.replace_all(self.client.list_targets())
             self.connected = True
+            if self.outage.attempts > 1:
+                log.info("docker engine at %s answers again after %d failed attempts",
+                         self.client.base_url, self.outage.attempts)
+            self.outage.ended()
             self.sink.set_source_status({"kind": "docker", "connected": True, "error": "",
+                                         "state": "connected",
                                          "reconnects": self.reconnects,
                                          "since": time.time()})
             pinger.start()
@@ -147,4 +217,4 @@ def _close_quietly(stream: Any) -> None:
 
 def from_settings(client: DockerClient, sink: TargetSink, settings: Settings) -> DockerWatcher:
     """The platform entry point (see watcher.platforms)."""
-    return DockerWatcher(client, sink)
+    return DockerWatcher(client, sink, outage_limit=settings.source_outage_seconds)

@@ -1,0 +1,136 @@
+"""Full disks and access-log rotation (issue 13 item 3): the previous index and cache stay
+whole and served, the error is logged once and shown, writing resumes by itself; access.log
+rotates by size and survives ENOSPC without a flood."""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from watcher import cache
+from watcher.app import OutputWriter, Paths, RotatingFile
+from watcher.config import RunMode
+from watcher.sshd import SshdPaths
+
+
+class DiskFull:
+    """Makes fsync in watcher.cache fail with ENOSPC while `full` (where a full disk shows
+    for a file whose data did not fit)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.full = False
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            real(fd)
+        monkeypatch.setattr(cache.os, "fsync", fsync)
+
+
+def _render(index: str, cache_text: str) -> Any:
+    """What OutputWriter reads of a Rendered."""
+    return SimpleNamespace(index=index, cache=cache_text, hosts_block="")
+
+
+@pytest.fixture
+def writer(tmp_path: Path) -> OutputWriter:
+    paths = Paths(cache=tmp_path / "authorized_keys_cache", hosts=tmp_path / "hosts",
+                  sshd=SshdPaths(index=tmp_path / "authorized_keys.index"))
+    return OutputWriter(paths, RunMode.DOCKER, pin_names=False)
+
+
+def test_disk_full_keeps_the_previous_files_logs_once_and_resumes(writer, monkeypatch, caplog) -> None:
+    disk = DiskFull(monkeypatch)
+    index, cache_path = writer.paths.sshd.index, writer.paths.cache
+    assert writer(_render("old index\n", "old cache\n"))
+    disk.full = True
+    caplog.set_level(logging.INFO, logger="watcher.app")
+    assert not writer(_render("new index\n", "new cache\n"))
+    assert not writer(_render("newer index\n", "newer cache\n"))
+    writer.retry()
+    writer.retry()
+    assert index.read_text() == "old index\n" and cache_path.read_text() == "old cache\n"
+    assert [p.name for p in index.parent.iterdir() if p.name.startswith(".")] == []  # no temp left
+    assert "No space left" in writer.error
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "sshd keeps serving the previous" in errors[0].getMessage()
+
+    disk.full = False
+    writer.retry()  # the newest render, not the first that failed
+    assert index.read_text() == "newer index\n" and cache_path.read_text() == "newer cache\n"
+    assert writer.error == ""
+    assert any("written again" in r.getMessage() for r in caplog.records)
+    # Nothing pending any more: a later retry writes nothing.
+    index.write_text("changed by hand\n")
+    writer.retry()
+    assert index.read_text() == "changed by hand\n"
+
+
+class _FullHandle(io.RawIOBase):
+    """A file handle on a full disk: every write fails with ENOSPC."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def write(self, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        self.real.close()
+
+
+def test_access_log_rotates_by_size_and_keeps_n_backups(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = RotatingFile(path, max_bytes=100, backups=2)
+    for n in range(12):
+        log.write(f"event=line{n:02d} " + "x" * 20)  # 33 bytes a line: 3 fit in 100
+    log.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["access.log", "access.log.1", "access.log.2"]
+    assert all(p.stat().st_size <= 100 for p in tmp_path.iterdir())
+    newest = path.read_text().splitlines()
+    assert newest[-1].startswith("event=line11")
+    all_lines = [line for name in ("access.log.2", "access.log.1", "access.log")
+                 for line in (tmp_path / name).read_text().splitlines()]
+    assert all_lines == [f"event=line{n:02d} " + "x" * 20 for n in range(12 - len(all_lines), 12)]
+    assert oct(path.stat().st_mode & 0o777) == "0o644"
+
+
+def test_access_log_without_backups_starts_over(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = RotatingFile(path, max_bytes=50, backups=0)
+    for n in range(5):
+        log.write(f"line {n} " + "y" * 30)
+    log.close()
+    assert [p.name for p in tmp_path.iterdir()] == ["access.log"]
+    assert path.read_text() == "line 4 " + "y" * 30 + "\n"
+
+
+def test_access_log_disk_full_logs_once_and_resumes(tmp_path: Path, caplog) -> None:
+    path = tmp_path / "access.log"
+    log = RotatingFile(path, max_bytes=10_000, backups=1)
+    log.write("before")
+    real = log._handle
+    log._handle = _FullHandle(real)
+    caplog.set_level(logging.INFO, logger="watcher.app")
+    for n in range(20):
+        log.write(f"lost {n}")
+    assert "No space left" in log.error
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+    log._handle = real  # space is back
+    log.write("after")
+    log.close()
+    assert path.read_text() == "before\nafter\n"
+    assert log.error == ""
+    assert any("again" in r.getMessage() for r in caplog.records)
