@@ -16,7 +16,7 @@ from typing import Any, Callable, TextIO
 
 from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse_datagram,
                         revoked_event)
-from .cache import read_unmanaged_hosts, update_hosts_block, write_if_changed
+from .cache import read_unmanaged_hosts, shrink_in_place, update_hosts_block, write_if_changed
 from .config import RunMode, Settings
 from .errors import WatcherError
 from .fetch import KeyFetcher
@@ -82,15 +82,31 @@ class OutputWriter:
         except OSError as exc:
             if not self.error:
                 log.error("cannot write the rendered keys (%s): sshd keeps serving the previous "
-                          "%s; free space in %s, writing is retried every 2 s",
-                          exc, self.paths.sshd.index, self.paths.sshd.index.parent)
+                          "%s, less any grant withdrawn since; free space in %s, writing is "
+                          "retried every 2 s", exc, self.paths.sshd.index,
+                          self.paths.sshd.index.parent)
             self.error = str(exc)
+            self._withdraw_in_place(self._pending)
             return False
         if self.error:
             log.info("rendered keys written again (the earlier error was: %s)", self.error)
             self.error = ""
         self._pending = None
         return changed
+
+    def _withdraw_in_place(self, rendered: Rendered) -> None:
+        """A revocation must not wait for disk space: drop from the index on disk every line
+        the newest render no longer has (in place: no new blocks needed)."""
+        try:
+            if shrink_in_place(self.paths.sshd.index, rendered.index.encode()):
+                log.warning("withdrew revoked grants from %s in place while the disk is full",
+                            self.paths.sshd.index)
+        except OSError as exc:
+            log.error("cannot withdraw revoked grants from %s (%s): emptying it", self.paths.sshd.index, exc)
+            try:
+                os.truncate(self.paths.sshd.index, 0)  # fail closed: no login beats a stale grant
+            except OSError:
+                log.exception("cannot empty %s", self.paths.sshd.index)
 
     def _write(self, rendered: Rendered) -> bool:
         changed = False

@@ -85,3 +85,33 @@ def read_unmanaged_hosts(path: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
     if data is None:
         return ()
     return unmanaged_hosts_entries(data.decode("utf-8", errors="surrogateescape"))
+
+
+def shrink_in_place(path: Path, allowed: bytes) -> bool:
+    """Drop, in place, every line of `path` that `allowed` does not also have; True if any.
+
+    For a full disk: a new file cannot be written, but the old one can be overwritten with
+    fewer bytes (no new blocks needed). Keeping only the lines the old and the new render
+    agree on serves no grant the new render withdrew (fail closed); what it adds waits for
+    space. The kept lines keep their order (the index stays sorted for `look`).
+    """
+    current = read_bytes(path)
+    if current is None:
+        return False
+    wanted = set(allowed.splitlines(keepends=True))
+    kept = b"".join(line for line in current.splitlines(keepends=True) if line in wanted)
+    if kept == current:
+        return False
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        # Overwrite, then cut: a reader in between sees the kept lines and a tail of old
+        # bytes that starts mid-line, which `look` cannot take for a fingerprint's line.
+        os.write(fd, kept)
+        os.ftruncate(fd, len(kept))
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # readers see the page cache already; durability waits for the next write
+    finally:
+        os.close(fd)
+    return True

@@ -243,6 +243,10 @@ def test_disk_full_keeps_serving_the_previous_keys_and_resumes(start_target, sta
     wait_for_login(SshClient(proxy, key), first.name)  # the previous keys are served
     assert proxy.read_file(INDEX) == before, "the index changed on a full disk"
     assert SshClient(proxy, new_key).ssh(new.name, "true", timeout=30).returncode != 0
+    # A revocation does not wait for space: the withdrawn line goes from the index in place.
+    first.remove()
+    assert wait_until(lambda: key.fingerprint not in proxy.read_file(INDEX), 30), proxy.logs()
+    assert SshClient(proxy, key).ssh(first.name, "true", timeout=30).returncode != 0
     logs = proxy.logs()
     assert logs.count("cannot write the rendered keys") == 1, logs
     assert logs.count("cannot write /etc/ssh/access.log") <= 1, logs

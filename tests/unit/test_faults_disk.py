@@ -50,14 +50,15 @@ def writer(tmp_path: Path) -> OutputWriter:
 def test_disk_full_keeps_the_previous_files_logs_once_and_resumes(writer, monkeypatch, caplog) -> None:
     disk = DiskFull(monkeypatch)
     index, cache_path = writer.paths.sshd.index, writer.paths.cache
-    assert writer(_render("old index\n", "old cache\n"))
+    assert writer(_render("SHA256:a line-a\nSHA256:b line-b\n", "old cache\n"))
     disk.full = True
     caplog.set_level(logging.INFO, logger="watcher.app")
-    assert not writer(_render("new index\n", "new cache\n"))
-    assert not writer(_render("newer index\n", "newer cache\n"))
+    # b is revoked and c added: c waits for space, b goes at once (fail closed).
+    assert not writer(_render("SHA256:a line-a\nSHA256:c line-c\n", "new cache\n"))
+    assert not writer(_render("SHA256:a line-a\nSHA256:c line-c\nSHA256:d line-d\n", "newer cache\n"))
     writer.retry()
     writer.retry()
-    assert index.read_text() == "old index\n" and cache_path.read_text() == "old cache\n"
+    assert index.read_text() == "SHA256:a line-a\n" and cache_path.read_text() == "old cache\n"
     assert [p.name for p in index.parent.iterdir() if p.name.startswith(".")] == []  # no temp left
     assert "No space left" in writer.error
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -65,13 +66,24 @@ def test_disk_full_keeps_the_previous_files_logs_once_and_resumes(writer, monkey
 
     disk.full = False
     writer.retry()  # the newest render, not the first that failed
-    assert index.read_text() == "newer index\n" and cache_path.read_text() == "newer cache\n"
+    assert index.read_text() == "SHA256:a line-a\nSHA256:c line-c\nSHA256:d line-d\n"
+    assert cache_path.read_text() == "newer cache\n"
     assert writer.error == ""
     assert any("written again" in r.getMessage() for r in caplog.records)
     # Nothing pending any more: a later retry writes nothing.
     index.write_text("changed by hand\n")
     writer.retry()
     assert index.read_text() == "changed by hand\n"
+
+
+def test_shrink_in_place_keeps_only_lines_both_renders_have(tmp_path: Path) -> None:
+    path = tmp_path / "index"
+    path.write_bytes(b"SHA256:a 1\nSHA256:b 2\nSHA256:c 3\n")
+    inode = path.stat().st_ino
+    assert cache.shrink_in_place(path, b"SHA256:a 1\nSHA256:c 3 changed\nSHA256:d 4\n")
+    assert path.read_bytes() == b"SHA256:a 1\n" and path.stat().st_ino == inode  # in place
+    assert not cache.shrink_in_place(path, b"SHA256:a 1\n")  # nothing to withdraw
+    assert not cache.shrink_in_place(tmp_path / "absent", b"")
 
 
 class _FullHandle(io.RawIOBase):
