@@ -149,11 +149,12 @@ def timed(argv: Sequence[str], timeout: float = 60, input: bytes | None = None
 
 
 def interleave(variants: Mapping[str, Callable[[], float | None]], rounds: int,
-               warmup: int = 1) -> dict[str, list[float]]:
+               warmup: int = 1) -> dict[str, list[float | None]]:
     """Runs every variant once per round, A B C A B C ..., rotating the order each round so
-    none always runs first; a variant returning None failed (counted apart, not timed)."""
+    none always runs first. Sample i of every variant is from round i; a variant returning
+    None failed that round (kept as None, so pairs stay aligned; never timed)."""
     names = list(variants)
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    samples: dict[str, list[float | None]] = {n: [] for n in names}
     failures: dict[str, int] = {n: 0 for n in names}
     for r in range(warmup + rounds):
         shift = r % len(names)
@@ -163,31 +164,38 @@ def interleave(variants: Mapping[str, Callable[[], float | None]], rounds: int,
                 continue
             if value is None:
                 failures[name] += 1
-            else:
-                samples[name].append(value)
+            samples[name].append(value)
     for name, count in failures.items():
         if count:
             print(f"  warning: {name}: {count} of {rounds} runs failed", file=sys.stderr)
     return samples
 
 
-def pct(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty sample."""
-    ordered = sorted(values)
+def valid(values: Iterable[float | None]) -> list[float]:
+    return [v for v in values if v is not None]
+
+
+def pct(values: Sequence[float | None], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of the sample's valid values (nan if none)."""
+    ordered = sorted(valid(values))
+    if not ordered:
+        return float("nan")
     rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
     return ordered[rank - 1]
 
 
-def dist(values: Sequence[float]) -> dict[str, float]:
+def dist(values: Sequence[float | None]) -> dict[str, float]:
+    values = valid(values)
     if not values:
         return {"n": 0}
     return {"n": len(values), "p50": pct(values, 50), "p90": pct(values, 90),
             "p99": pct(values, 99), "max": max(values)}
 
 
-def paired_ratios(a: Sequence[float], b: Sequence[float]) -> list[float]:
-    """a[i]/b[i] per round: both ran back to back, so drift of the machine cancels."""
-    return [x / y for x, y in zip(a, b) if y > 0]
+def paired_ratios(a: Sequence[float | None], b: Sequence[float | None]) -> list[float]:
+    """a[i]/b[i] per round (both ran back to back, so drift of the machine cancels); rounds
+    where either failed are left out."""
+    return [x / y for x, y in zip(a, b) if x is not None and y is not None and y > 0]
 
 
 # --------------------------------------------------------------------------- reporting

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (BenchError, BenchRun, SshClient, dist, interleave, paired_ratios, pct,  # noqa: E402
-                    save, table, timed)
+                    save, table, timed, valid)
 
 import helpers  # noqa: E402
 
@@ -68,13 +68,13 @@ def main() -> int:
 
     login_ratio = paired_ratios(login["proxy"], login["direct"])
     throughput_ratio = paired_ratios(scp["direct"], scp["proxy"])  # time B / time A = rate A / rate B
-    mib_s = {k: [args.mib / s for s in v] for k, v in scp.items()}
+    mib_s = {k: [args.mib / s for s in valid(v)] for k, v in scp.items()}
     rows = [
         ["login, proxy / direct (time)", f"{pct(login_ratio, 50):.2f}x", f"{pct(login_ratio, 90):.2f}x",
-         f"{max(login_ratio):.2f}x", "<= 2.2x", "met" if pct(login_ratio, 50) <= 2.2 else "MISSED",
+         f"{max(login_ratio, default=float('nan')):.2f}x", "<= 2.2x", "met" if pct(login_ratio, 50) <= 2.2 else "MISSED",
          len(login_ratio)],
         [f"scp {args.mib} MiB, proxy / direct (throughput)", f"{pct(throughput_ratio, 50):.2f}x",
-         f"{pct(throughput_ratio, 10):.2f}x (p10)", f"{min(throughput_ratio):.2f}x (min)", ">= 0.9x",
+         f"{pct(throughput_ratio, 10):.2f}x (p10)", f"{min(throughput_ratio, default=float('nan')):.2f}x (min)", ">= 0.9x",
          "met" if pct(throughput_ratio, 50) >= 0.9 else "MISSED", len(throughput_ratio)],
     ]
     d_login = {k: dist(v) for k, v in login.items()}
