@@ -12,25 +12,40 @@ One target, one proxy (Docker discovery, as deployed); interleaved, paired per r
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (BenchError, BenchRun, SshClient, dist, interleave, paired_ratios, pct,  # noqa: E402
+from common import (BenchError, BenchRun, SshClient, dist, docker, interleave, paired_ratios, pct,  # noqa: E402
                     save, table, timed, valid)
 
 import helpers  # noqa: E402
 
 BLOB = "/root/bench-blob"
+AES = "aes128-gcm@openssh.com"
 
 
 def direct_argv(client: SshClient, ip: str, *args: str, scp: bool = False) -> list[str]:
-    """The same client options without the ProxyCommand: straight to the target's address."""
+    """The same client options without the ProxyCommand: straight to the target's address
+    (with scp=True, `args` are scp options)."""
     opts = ["-i", client.key_path, *helpers.NO_PROMPT_OPTS, "-o", f"ConnectTimeout={client.connect_timeout}"]
     if scp:
-        return ["scp", *opts, f"root@{ip}:{BLOB}", "/dev/null"]
+        return ["scp", *opts, *args, f"root@{ip}:{BLOB}", "/dev/null"]
     return ["ssh", *opts, f"root@{ip}", *args]
+
+
+@dataclass
+class TunedClient(SshClient):
+    """SshClient whose outer hop (the ProxyCommand ssh) gets extra options too."""
+
+    outer_opts: Sequence[str] = ()
+
+    def proxy_command(self) -> str:
+        return super().proxy_command().replace("ssh -W", f"ssh {shlex.join(self.outer_opts)} -W", 1)
 
 
 def ok(argv: list[str], timeout: float = 300):
@@ -61,8 +76,20 @@ def main() -> int:
             raise BenchError(f"could not write {args.mib} MiB in the target: {made.stderr.strip()}")
         login = interleave({"proxy": ok(client.ssh_argv(name, "true"), 60),
                             "direct": ok(direct_argv(client, target.ip, "true"), 60)}, args.rounds)
+        # Diagnostics beside the goal pair: without Docker's userland port forwarder (the
+        # proxy's own address on the network), and with AES-GCM (AES-NI) instead of the
+        # default chacha20-poly1305 on every hop.
+        proxy_ip = docker("inspect", "-f", f'{{{{with index .NetworkSettings.Networks "{run.network}"}}}}'
+                          "{{.IPAddress}}{{end}}", proxy.id).stdout.strip()
+        by_ip = SshClient(22, key, proxy_host=proxy_ip)
+        aes = ["-c", AES]
+        tuned = TunedClient(proxy, key, extra_opts=aes, outer_opts=aes)
         scp = interleave({"proxy": ok(client.scp_argv(client.remote(name, BLOB), "/dev/null")),
-                          "direct": ok(direct_argv(client, target.ip, scp=True))}, args.scp_rounds)
+                          "direct": ok(direct_argv(client, target.ip, scp=True)),
+                          "proxy-by-ip": ok(by_ip.scp_argv(by_ip.remote(name, BLOB), "/dev/null")),
+                          "proxy-aes": ok(tuned.scp_argv(tuned.remote(name, BLOB), "/dev/null")),
+                          "direct-aes": ok(direct_argv(client, target.ip, *aes, scp=True))},
+                         args.scp_rounds)
     finally:
         run.cleanup()
 
@@ -77,6 +104,12 @@ def main() -> int:
          f"{pct(throughput_ratio, 10):.2f}x (p10)", f"{min(throughput_ratio, default=float('nan')):.2f}x (min)", ">= 0.9x",
          "met" if pct(throughput_ratio, 50) >= 0.9 else "MISSED", len(throughput_ratio)],
     ]
+    for variant, base, label in (("proxy-by-ip", "direct", "proxy by its container address (no docker-proxy)"),
+                                 ("proxy-aes", "direct-aes", f"proxy, {AES} on both hops, vs direct with it"),
+                                 ("proxy-aes", "direct", f"proxy, {AES} on both hops, vs direct default")):
+        r = paired_ratios(scp[base], scp[variant])
+        rows.append([f"diagnostic: scp, {label} (throughput)", f"{pct(r, 50):.2f}x", f"{pct(r, 10):.2f}x (p10)",
+                     f"{min(r, default=float('nan')):.2f}x (min)", "", "", len(r)])
     d_login = {k: dist(v) for k, v in login.items()}
     md = ("### B3 overhead\n\nOne target, one proxy (Docker discovery); every pair ran back to back, "
           f"{args.rounds} login rounds, {args.scp_rounds} scp rounds. Direct = the same ssh options "
