@@ -99,7 +99,7 @@ def main() -> int:
         clients = []
         for i in range(args.sources):
             cid = docker("run", "-d", "--name", helpers.unique_name(f"ssh-proxy-bench-client{i}"),
-                         "--network", run.network, *run.label_args(),
+                         "--network", run.network, *run.label_args(), "--no-healthcheck",
                          "-v", f"{key.private.parent}:/keys:ro", "--entrypoint", "sleep",
                          proxy_image, "infinity").stdout.strip()
             clients.append(cid)
