@@ -30,20 +30,17 @@ import helpers  # noqa: E402
 # Runs inside a client container (system python3): waits for the common start instant,
 # starts N ssh at once, reports per login: seconds, exit code, a classification.
 CLIENT = r"""
-import json, subprocess, sys, time
+import json, subprocess, sys, threading, time
 start_at, count, host = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 opts = ["-F", "/dev/null", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
         "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
         "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=60", "-i", "/keys/login"]
-time.sleep(max(0.0, start_at - time.time()))
-procs = []
-for _ in range(count):
-    procs.append((time.monotonic(), subprocess.Popen(["ssh", *opts, "limited-user@" + host, "true"],
-                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
-out = []
-for started, p in procs:
+out = [None] * count
+
+def login(n, started, p):
+    # one thread per client: each exit is timed when it happens, not when reaped in order
     try:
-        _, err = p.communicate(timeout=max(1.0, 150 - (time.monotonic() - started)))
+        _, err = p.communicate(timeout=150)
     except subprocess.TimeoutExpired:
         p.kill(); _, err = p.communicate()
     ended = time.monotonic()
@@ -57,7 +54,19 @@ for started, p in procs:
         kind = "timeout"
     else:
         kind = "other: " + text.strip().splitlines()[-1][:120] if text.strip() else "other"
-    out.append([ended - started, p.returncode, kind])
+    out[n] = [ended - started, p.returncode, kind]
+
+time.sleep(max(0.0, start_at - time.time()))
+threads = []
+for n in range(count):
+    started = time.monotonic()
+    p = subprocess.Popen(["ssh", *opts, "limited-user@" + host, "true"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t = threading.Thread(target=login, args=(n, started, p))
+    t.start()
+    threads.append(t)
+for t in threads:
+    t.join()
 print(json.dumps(out))
 """
 
