@@ -126,6 +126,9 @@ def main() -> int:
         parts.append(md.read_text())
         if js.exists() and plot(name, json.loads(js.read_text())):
             parts.append(f"![{name}]({name}.png)\n")
+    analysis = BENCH_DIR / "ANALYSIS.md"  # the reading of a run, written by a person
+    if analysis.exists():
+        parts.append(analysis.read_text())
     (BENCH_DIR / "RESULTS.md").write_text("\n".join(parts))
     print(f"wrote {BENCH_DIR / 'RESULTS.md'}")
     return 0
