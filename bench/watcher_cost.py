@@ -1,0 +1,210 @@
+"""B6 watcher cost (no Docker): the real Reconciler and OutputWriter fed by a synthetic source.
+
+For each size (10k and 100k targets), in a process of its own so that peak RSS is that
+size's: all targets arrive at once (replace_all, as a resync does) and are fetched by a
+fake key fetch that answers at once; then render+write (Reconciler.flush, the real writer
+into a temporary directory: index, cache, /etc/hosts block) is timed alone; then a churn of
+R events/s for D seconds, each event a target restarted with a new key (an upsert whose new
+start time makes the reconciler fetch again): process CPU per event, and latency from the
+event to the index written with the new key (seen by a wrapper around the real writer).
+
+    .venv/bin/python bench/watcher_cost.py [--sizes 10000,100000] [--rate 1000] [--seconds 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import json
+import resource
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO_ROOT, dist, save, table  # noqa: E402,F401
+
+from watcher.app import OutputWriter, Paths  # noqa: E402
+from watcher.config import RunMode, load_settings  # noqa: E402
+from watcher.model import KeyState, PublicKey, Target  # noqa: E402
+from watcher.reconcile import Reconciler  # noqa: E402
+from watcher.render import Rendered  # noqa: E402
+from watcher.sshd import SshdPaths  # noqa: E402
+from watcher.targets import ProxyIdentity  # noqa: E402
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+def make_key(seed: str) -> PublicKey:
+    """A distinct ed25519 key per seed, as the unit tests make them (no crypto needed)."""
+    blob = _string(b"ssh-ed25519") + _string(hashlib.sha256(seed.encode()).digest())
+    fp = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return PublicKey("ssh-ed25519", base64.b64encode(blob).decode(), "", fp, 256)
+
+
+def make_target(i: int, started_at: str) -> Target:
+    # Addresses are only text in the rendered files here: nothing is ever contacted.
+    return Target(id=f"{i:064x}", name=f"t{i}", address=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
+                  started_at=started_at)
+
+
+def fetch(target: Target) -> KeyState:
+    return KeyState(keys=(make_key(f"{target.id}/{target.started_at}"),), status="ok", via="http")
+
+
+class Observed:
+    """The real writer, plus when each awaited key was first written."""
+
+    def __init__(self, writer: OutputWriter) -> None:
+        self.writer = writer
+        self.lock = threading.Lock()
+        self.awaited: dict[str, float] = {}  # fingerprint -> when its event was posted
+        self.latencies: list[float] = []
+        self.write_seconds: list[float] = []
+
+    def await_key(self, fingerprint: str, posted: float) -> None:
+        with self.lock:
+            self.awaited[fingerprint] = posted
+
+    def __call__(self, rendered: Rendered) -> bool:
+        started = time.perf_counter()
+        changed = self.writer(rendered)
+        done = time.perf_counter()
+        self.write_seconds.append(done - started)
+        with self.lock:
+            seen = [fp for fp in self.awaited if fp in rendered.owners]
+            for fp in seen:
+                self.latencies.append(done - self.awaited.pop(fp))
+        return changed
+
+
+def one_size(size: int, rate: int, seconds: float) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="ssh-proxy-bench-watcher."))
+    hosts = tmp / "hosts"
+    hosts.write_text("127.0.0.1\tlocalhost\n")
+    paths = Paths(cache=tmp / "cache", hosts=hosts, access_log=tmp / "access.log", status=tmp / "status.json",
+                  keys_dir=tmp / "keys.d", sshd=SshdPaths(index=tmp / "index"))
+    writer = Observed(OutputWriter(paths, RunMode.DOCKER, pin_names=True))
+    settings = load_settings({})
+    rec = Reconciler(settings, ProxyIdentity(names=frozenset({"ssh-proxy"})), fetch, writer, pin_names=True)
+    stop = threading.Event()
+    loop = threading.Thread(target=rec.run, args=(stop,), daemon=True)
+
+    # 1. all targets at once, until the index has every key
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    rec.replace_all(make_target(i, "2024-01-01T00:00:00Z") for i in range(size))
+    loop.start()
+    while _served(paths) < size:
+        time.sleep(0.2)
+    initial = {"wall": time.perf_counter() - wall0, "cpu": time.process_time() - cpu0}
+    stop.set()
+    loop.join()
+
+    # 2. render+write alone (loop stopped; a changed key each time so every file is written)
+    flushes = []
+    for r in range(5):
+        entry = rec.entries[f"{r:064x}"]
+        entry.keys = fetch(make_target(r, f"flush-{r}"))
+        started = time.perf_counter()
+        rec.flush()
+        flushes.append(time.perf_counter() - started)
+
+    # 3. churn: `rate` restarts per second for `seconds`, the loop running again
+    rec.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="keyfetch")  # run() shut the last
+    stop = threading.Event()
+    loop = threading.Thread(target=rec.run, args=(stop,), daemon=True)
+    loop.start()
+    events = int(rate * seconds)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for n in range(events):
+        due = wall0 + n / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        i = (n * 7919) % size
+        target = make_target(i, f"churn-{n}")
+        writer.await_key(fetch(target).keys[0].fingerprint, time.perf_counter())
+        rec.upsert(target)
+    posting = time.perf_counter() - wall0
+    deadline = time.perf_counter() + 120
+    while writer.awaited and time.perf_counter() < deadline:
+        time.sleep(0.1)
+    churn_wall = time.perf_counter() - wall0
+    churn_cpu = time.process_time() - cpu0
+    stop.set()
+    loop.join()
+    index_bytes = _served_bytes(paths)
+    subprocess.run(["rm", "-rf", str(tmp)], check=False)
+    return {"size": size, "initial": initial, "flush_seconds": flushes,
+            "index_bytes": index_bytes,
+            "events": events, "posting_seconds": posting, "churn_wall": churn_wall,
+            "churn_cpu": churn_cpu, "cpu_per_event": churn_cpu / events,
+            "latencies": writer.latencies, "never_written": len(writer.awaited),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _served(paths: Paths) -> int:
+    try:
+        return paths.sshd.index.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def _served_bytes(paths: Paths) -> int:
+    return paths.sshd.index.stat().st_size
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_size(args.one, args.rate, args.seconds)))
+        return 0
+    results = {}
+    for size in (int(s) for s in args.sizes.split(",")):
+        print(f"watcher_cost: {size} targets", file=sys.stderr)
+        proc = subprocess.run([sys.executable, __file__, "--one", str(size), "--rate", str(args.rate),
+                               "--seconds", str(args.seconds)], capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            print(f"watcher_cost: the {size}-target run failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        results[size] = json.loads(proc.stdout.strip().splitlines()[-1])
+    sizes = list(results)
+    base = results[sizes[0]]
+    rows = []
+    for size, r in results.items():
+        lat = dist(r["latencies"])
+        fl = sorted(r["flush_seconds"])[len(r["flush_seconds"]) // 2]
+        rows.append([f"{size:,}", f"{r['initial']['wall']:.1f}", f"{fl:.2f}",
+                     f"{fl / (sorted(base['flush_seconds'])[len(base['flush_seconds']) // 2]):.1f}x",
+                     f"{r['cpu_per_event'] * 1e3:.2f}", f"{r['cpu_per_event'] / base['cpu_per_event']:.1f}x",
+                     f"{r['events'] / r['posting_seconds']:.0f}",
+                     f"{lat.get('p50', float('nan')):.2f} / {lat.get('p99', float('nan')):.2f} / "
+                     f"{lat.get('max', float('nan')):.2f}", r["never_written"],
+                     f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] / base['peak_rss_mib']:.1f}x"])
+    md = ("### B6 watcher cost\n\nThe real Reconciler and OutputWriter (files in a temporary directory), "
+          "a synthetic source, a key fetch that answers at once; one process per size. "
+          "Churn: each event restarts one target with a new key; latency = event posted -> index "
+          "written with its key. Ratios are to the first size.\n\n"
+          + table(["targets", "initial load s", "render+write s (p50 of 5)", "vs first", "CPU ms/event (churn)",
+                   "vs first", "events/s offered", "event->index s p50 / p99 / max", "never written (120 s)",
+                   "peak RSS MiB", "vs first"], rows))
+    save("watcher_cost", md, {str(k): v for k, v in results.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
