@@ -5,7 +5,10 @@ as a restarting engine would (refused, then a new socket file: a new inode)."""
 
 from __future__ import annotations
 
+import os
+
 import secrets
+import signal
 import subprocess
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,15 +32,21 @@ class SocketRelay:
     def start(self) -> None:
         """Listens on a new socket file (a new inode, as a restarted engine makes)."""
         self.path.unlink(missing_ok=True)
+        # Its own process group: socat forks a child per connection, and an engine that
+        # goes away drops every connection, the open ones included.
         self.process = subprocess.Popen(
             ["socat", f"UNIX-LISTEN:{self.path},fork,mode=600", f"UNIX-CONNECT:{DOCKER_SOCKET}"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
         assert wait_until(self.path.is_socket, 10), f"socat did not create {self.path}"
 
     def kill(self) -> None:
         """The engine stops answering: the socket file stays, connections are refused."""
         if self.process is not None:
-            self.process.kill()
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)  # the listener and every relay child
+            except ProcessLookupError:
+                pass
             self.process.wait(timeout=10)
             self.process = None
 
