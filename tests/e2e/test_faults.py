@@ -6,7 +6,6 @@ as a restarting engine would (refused, then a new socket file: a new inode)."""
 from __future__ import annotations
 
 import os
-
 import secrets
 import signal
 import subprocess
