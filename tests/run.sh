@@ -14,7 +14,7 @@ TEST_LABEL="ssh-proxy-test=1"
 DOCKERD_LOG=/var/log/ssh-proxy-dockerd.log
 STAMP="$REPO_ROOT/.venv/.ssh-proxy-requirements.sha256"
 PACKAGES=(docker.io openssh-server openssh-client debootstrap rsync sshfs xvfb xauth
-          x11-utils bsdextrautils iproute2 curl python3-venv kubectl socat)
+          x11-utils bsdextrautils iproute2 curl python3-venv kubectl socat docker-compose)
 
 RUN_STARTED=$SECONDS
 step_started=$SECONDS
