@@ -18,7 +18,8 @@ from watcher.accesslog import (
     parse_datagram,
     parse_line,
 )
-from watcher.errors import KeyRejected
+from watcher.config import load_settings, parse_labels
+from watcher.errors import ConfigError, KeyRejected
 from watcher.keys import parse_authorized_keys_line, parse_key_body, parse_public_key
 from watcher.model import Target
 from watcher.render import HOSTS_BEGIN, HOSTS_END, ServedTarget, render
@@ -177,3 +178,33 @@ def test_tracker_feed_never_crashes_and_events_format(messages: list[tuple[int, 
         for event in tracker.feed(pid, message, float(step)):
             line = format_event(event, "t")
             assert "\n" not in line and line.isprintable()
+
+
+ENV_NAMES = ["ACCESS_LOG_BACKUPS", "ACCESS_LOG_MAX_BYTES", "DOCKER_HOST", "KUBERNETES_CLUSTER_DOMAIN",
+             "SSH_PERMIT_TARGET_HOST", "SSH_PERMIT_TARGET_PORT", "SSH_PROXY_DRAIN_SECONDS",
+             "SSH_PROXY_SOURCE_OUTAGE_SECONDS", "SSH_TARGET_KEY_PATH", "SSH_TARGET_KEY_SOURCE",
+             "SSH_TARGET_LABELS", "SSH_TARGET_PUBLICKEY_API_PORT"]
+
+
+@FAST
+@given(st.dictionaries(st.sampled_from(ENV_NAMES), HOSTILE, max_size=3))
+def test_env_gives_settings_or_configerror(env: dict[str, str]) -> None:
+    try:
+        result = load_settings(env)
+    except ConfigError as exc:
+        assert str(exc)
+        return
+    # Ports go into permitopen="alias:port": nothing but '*' or digits.
+    assert all(p == "*" or p.isdigit() for p in result.permit_ports)
+
+
+@FAST
+@given(HOSTILE)
+def test_label_selector_parts_cannot_carry_separators(value: str) -> None:
+    try:
+        labels = parse_labels(value)
+    except ConfigError:
+        return
+    for key, val in labels:
+        assert not any(c in key for c in ",= \t\n\r")
+        assert val is None or not any(c in val for c in ",= \t\n\r")
