@@ -60,11 +60,13 @@ def served_fingerprints(proxy: Proxy, name: str, deadline: float = 40) -> dict:
 
 
 def exec_actions(container_id: str, since: float) -> list[str]:
-    """The exec events Docker recorded for the container since `since` (a Unix time)."""
+    """The key-file reads (`cat -- …`) Docker recorded as execs in the container since `since`
+    (a Unix time): the proxy's fetches, not the test's own set-up execs just before."""
     until = f"{time.time():.3f}"
     proc = docker("events", "--since", f"{since:.3f}", "--until", until,
                   "--filter", f"container={container_id}", "--format", "{{.Action}}", timeout=60)
-    return [line for line in proc.stdout.splitlines() if line.startswith("exec_")]
+    return [line for line in proc.stdout.splitlines()
+            if line.startswith(("exec_create", "exec_start")) and "cat -- " in line]
 
 
 def test_api_only_serves_the_http_key_and_never_execs(start_target, start_proxy, keypair, tmp_path):
