@@ -21,8 +21,10 @@ from test_docker_source import DB_ID, DB_USER_NET, WEB_BRIDGE, WEB_ID, FakeSink
 
 
 class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+    """A monotonic clock the code sleeps on: sleeping only moves it (and is recorded)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
         self.sleeps: list[float] = []
 
     def __call__(self) -> float:

@@ -9,22 +9,11 @@ from pathlib import Path
 from watcher.sessions import ProcFS
 from watcher.sshd import DrainResult, drain, open_connections
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 50.0
-        self.sleeps: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+from test_faults_docker_outage import FakeClock
 
 
 def test_no_open_connection_returns_at_once() -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=50.0)
     cut: list[list[int]] = []
     result = drain(lambda: [], 8, cut.append, clock=clock, sleep=clock.sleep)
     assert result == DrainResult(open_at_start=0, cut=0)
@@ -32,7 +21,7 @@ def test_no_open_connection_returns_at_once() -> None:
 
 
 def test_connections_that_end_during_the_drain_are_not_cut() -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=50.0)
     open_now = {101, 202}
 
     def connections() -> list[int]:
@@ -50,7 +39,7 @@ def test_connections_that_end_during_the_drain_are_not_cut() -> None:
 
 
 def test_connections_still_open_at_the_limit_are_cut() -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=50.0)
     cut: list[list[int]] = []
     result = drain(lambda: [7, 9], 8, cut.append, clock=clock, sleep=clock.sleep)
     assert result == DrainResult(open_at_start=2, cut=2)
@@ -59,7 +48,7 @@ def test_connections_still_open_at_the_limit_are_cut() -> None:
 
 
 def test_zero_seconds_cuts_at_once() -> None:
-    clock = FakeClock()
+    clock = FakeClock(start=50.0)
     cut: list[list[int]] = []
     assert drain(lambda: [3], 0, cut.append, clock=clock, sleep=clock.sleep).cut == 1
     assert clock.sleeps == [] and cut == [[3]]
