@@ -16,9 +16,10 @@ from typing import Any, Callable, TextIO
 
 from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse_datagram,
                         revoked_event)
-from .cache import read_unmanaged_hosts, shrink_in_place, update_hosts_block, write_if_changed
+from .cache import (atomic_write, read_unmanaged_hosts, shrink_in_place, update_hosts_block,
+                    write_if_changed)
 from .config import RunMode, Settings
-from .errors import WatcherError
+from .errors import WatcherError, explain_os_error
 from .fetch import KeyFetcher
 from .model import KeyState
 from .platforms import platform_for
@@ -328,6 +329,14 @@ class Supervisor:
         self.threads.append(thread)
 
     def run(self) -> int:
+        """Start everything, serve until stopped; exit code 1 when a component failed.
+        A file-system error at start-up is one line naming the path (WatcherError)."""
+        try:
+            return self._run()
+        except OSError as exc:
+            raise WatcherError(explain_os_error(exc)) from None
+
+    def _run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
         mode = self.settings.mode
@@ -377,9 +386,11 @@ class Supervisor:
             source = platform.make_watcher(client, reconciler, self.settings)
             self._thread(source.run, self.stop, name=f"{mode.value}-source")
         self._thread(self.sshd.supervise, self.stop, name="sshd")
-        log.info("ready: mode=%s", mode.value)
-        self._write_status(mode.value)  # health can answer from the first second
         try:
+            # Health can answer from the first second; a status that cannot be written at
+            # all (a wrong mount) stops the start, after sshd is stopped again.
+            self._write_status(mode.value, strict=True)
+            log.info("ready: mode=%s", mode.value)
             while not self.stop.wait(2.0):
                 writer.retry()
                 self._write_status(mode.value)
@@ -419,7 +430,9 @@ class Supervisor:
         paths = self.paths.sshd
         host_keys = ensure_host_keys(paths.host_key_dir)
         template = paths.template.read_text()
-        paths.config.write_text(render_sshd_config(template, self.settings, paths, host_keys))
+        # Atomic like every file sshd reads: a restarting sshd never sees half a config.
+        atomic_write(paths.config, render_sshd_config(template, self.settings, paths,
+                                                      host_keys).encode())
         check_config(paths)
         self.sshd.start()
 
@@ -431,7 +444,7 @@ class Supervisor:
         return WriteErrors(rendered=self.writer.error if self.writer else "",
                            access_log=self.access.file.error if self.access else "")
 
-    def _write_status(self, mode: str) -> None:
+    def _write_status(self, mode: str, strict: bool = False) -> None:
         try:
             write_status(self.paths.status, StatusDocument(
                 heartbeat=time.time(), mode=mode, sshd_pid=self.sshd.pid,
@@ -443,6 +456,8 @@ class Supervisor:
                                  for k, v in self.settings.labels)),
                 state=self.snapshot or WatcherState(), write_errors=self._write_errors()))
         except OSError as exc:
+            if strict:
+                raise
             log.warning("cannot write %s: %s", self.paths.status, exc)
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from . import __version__
 from .commands import logs as logs_command
 from .commands import status as status_command
-from .config import load_settings
+from .config import load_settings, parse_log_level
 from .errors import ConfigError, WatcherError
 from .logsetup import setup_logging
 from .snapshot import STATUS_PATH
@@ -60,6 +60,17 @@ def cmd_health(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _log_level() -> str:
+    """WATCHER_LOG_LEVEL, validated. A bad value falls back to `info` here: `run` and
+    `check-config` then stop on it with exit 2 (load_settings validates it with the other
+    variables); the read-only commands (health, status, logs) go on at `info`, so they
+    still show what they are asked for."""
+    try:
+        return parse_log_level(os.environ.get("WATCHER_LOG_LEVEL", "info"))
+    except ConfigError:
+        return "info"
+
+
 def _console() -> Console:
     """A terminal's own width; piped or in `docker exec` without -t, wide enough for a row
     per target (COLUMNS overrides). Colour only on a terminal, never with NO_COLOR."""
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     status_command.add_parser(sub)
     logs_command.add_parser(sub)
     args = parser.parse_args(argv)
-    setup_logging(os.environ.get("WATCHER_LOG_LEVEL", "info"))
+    setup_logging(_log_level())
     try:
         if getattr(args, "needs_console", False):
             return args.func(args, console or _console())

@@ -101,6 +101,8 @@ class Settings:
     """ACCESS_LOG_MAX_BYTES: access.log is rotated when a line would take it past this size."""
     access_log_backups: int = 5
     """ACCESS_LOG_BACKUPS: rotated access logs kept (access.log.1 ... .N)."""
+    log_level: str = "info"
+    """WATCHER_LOG_LEVEL: the watcher's own log, one of LOG_LEVELS (lower case)."""
 
     @property
     def any_host(self) -> bool:
@@ -113,6 +115,18 @@ class Settings:
     @property
     def any_port(self) -> bool:
         return "*" in self.permit_ports
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_log_level(value: str) -> str:
+    """WATCHER_LOG_LEVEL, any case; only the levels the watcher logs at (not every name
+    the logging module happens to have)."""
+    level = value.lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"WATCHER_LOG_LEVEL={value!r}: expected one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 def _split(value: str) -> list[str]:
@@ -311,4 +325,5 @@ def _read_settings(env: Mapping[str, str], facts: PlatformFacts) -> Settings:
                                        4096, 2**40, "bytes"),
         access_log_backups=parse_int("ACCESS_LOG_BACKUPS", env.get("ACCESS_LOG_BACKUPS", "5"),
                                      0, 100, "rotated files kept"),
+        log_level=parse_log_level(env.get("WATCHER_LOG_LEVEL", "info")),
     )

@@ -89,6 +89,9 @@ def ensure_host_keys(directory: Path) -> list[Path]:
     A read-only directory (a Kubernetes Secret, a `:ro` volume) is used exactly as it is:
     every replica then presents the same host key, and nothing is regenerated.
     """
+    if directory.exists() and not directory.is_dir():
+        raise WatcherError(f"the host key directory {directory} is not a directory: remove the "
+                           "file in its place, or mount a directory (or a Secret) there")
     directory.mkdir(parents=True, exist_ok=True)
     writable = os.access(directory, os.W_OK)
     keys = []
@@ -98,8 +101,7 @@ def ensure_host_keys(directory: Path) -> list[Path]:
             if not writable:
                 continue
             log.info("generating %s host key in %s", kind, directory)
-            subprocess.run(["ssh-keygen", "-q", "-t", kind, *extra, "-N", "", "-C", "ssh-proxy",
-                            "-f", str(path)], check=True, capture_output=True)
+            _keygen(kind, extra, path)
         if path.stat().st_mode & 0o077 and writable:
             path.chmod(0o600)  # sshd refuses a private key others can read
         keys.append(path)
@@ -108,6 +110,18 @@ def ensure_host_keys(directory: Path) -> list[Path]:
                            + ", ".join(f"ssh_host_{kind}_key" for kind, _ in HOST_KEY_TYPES)
                            + " there (e.g. a Secret made with ssh-keygen), or mount it writable")
     return keys
+
+
+def _keygen(kind: str, extra: list[str], path: Path) -> None:
+    result = subprocess.run(["ssh-keygen", "-q", "-t", kind, *extra, "-N", "", "-C", "ssh-proxy",
+                             "-f", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        for made in (path, path.with_name(path.name + ".pub")):  # never a half-made key
+            made.unlink(missing_ok=True)
+        said = " ".join(result.stderr.split()) or f"exit status {result.returncode}"
+        raise WatcherError(f"ssh-keygen could not generate the {kind} host key {path}: {said}; "
+                           f"check that {path.parent} is writable with free space, or mount "
+                           "host keys made beforehand with ssh-keygen there")
 
 
 def check_config(paths: SshdPaths) -> None:

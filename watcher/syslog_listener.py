@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Protocol
 
 from .accesslog import parse_datagram
+from .errors import WatcherError, explain_os_error
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +256,9 @@ class DropReport:
 class SyslogListener:
     """Binds an AF_UNIX SOCK_DGRAM socket at `path` (mode 0666) and hands on what `admit`s.
 
-    A stale socket file at `path` is removed first; any other kind of file there is left
-    alone and `FileExistsError` is raised. `close()` closes the socket and removes the
+    A stale socket file at `path` (nobody receives on it) is replaced; a socket another
+    process receives on (another syslog daemon), or any other kind of file, is left alone
+    and `LogSocketError` is raised, as for any other failure to bind. `close()` closes the socket and removes the
     file, if it is still the one this listener made.
     """
 
@@ -277,8 +279,12 @@ class SyslogListener:
         self._max_datagram = max_datagram
         self._inode: tuple[int, int] | None = None
         self._closed = False
-        _remove_stale_socket(self._path)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            _remove_stale_socket(self._path)
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise LogSocketError(f"cannot listen on {self._path} for sshd's log lines: "
+                                 f"{explain_os_error(exc)}") from None
         try:
             # Before bind: every datagram that can arrive carries its sender's credentials.
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -288,9 +294,12 @@ class SyslogListener:
             os.chmod(self._path, 0o666)
             info = os.stat(self._path)
             self._inode = (info.st_dev, info.st_ino)
-        except BaseException:
+        except BaseException as exc:
             self._sock.close()
             self._closed = True
+            if isinstance(exc, OSError):
+                raise LogSocketError(f"cannot listen on {self._path} for sshd's log lines: "
+                                     f"{explain_os_error(exc)}") from None
             raise
 
     @property
@@ -397,14 +406,38 @@ class SyslogListener:
         self.close()
 
 
+class LogSocketError(WatcherError):
+    """The log socket's path cannot be had; the message says why and what to do."""
+
+
 def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file left by a process that is gone; refuse to take a live one."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(info.st_mode):
-        raise FileExistsError(f"{path} exists and is not a socket; not replacing it")
+        raise LogSocketError(f"{path} exists and is not a socket: not replacing it; remove it "
+                             "(or do not mount a file there), the watcher makes its own")
+    if _someone_receives_on(path):
+        raise LogSocketError(f"{path} is taken: another process (a syslog daemon?) receives on "
+                             "it; sshd's log lines must reach the watcher: do not run another "
+                             "syslog daemon in the container, nor mount the host's /dev/log")
     os.unlink(path)
+
+
+def _someone_receives_on(path: str) -> bool:
+    """connect(2) to a datagram socket file succeeds only while a process has it bound."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return False  # stale: its process is gone
+    except OSError:
+        return False  # not a datagram socket, or not ours to reach: replaced as before
+    finally:
+        probe.close()
+    return True
 
 
 def _set_receive_buffer(sock: socket.socket, size: int) -> None:

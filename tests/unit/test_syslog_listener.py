@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import pytest
 
 from watcher.accesslog import parse_datagram
-from watcher.syslog_listener import RECEIVE_BUFFER, SyslogListener, any_sender
+from watcher.syslog_listener import RECEIVE_BUFFER, LogSocketError, SyslogListener, any_sender
 
 SSHD_LINE = b"<38>Nov 25 15:31:49 sshd[9823]: Connection from 127.0.0.1 port 56828 on 127.0.0.1 port 2299"
 
@@ -183,7 +183,7 @@ def test_a_stale_socket_file_is_replaced(sock_path: Path) -> None:
 
 def test_any_other_file_at_the_path_is_left_alone(sock_path: Path) -> None:
     sock_path.write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a socket"):
+    with pytest.raises(LogSocketError, match="not a socket"):
         SyslogListener(sock_path)
     assert sock_path.read_text() == "keep me"
 
@@ -201,7 +201,8 @@ def test_close_removes_the_socket_file_and_is_idempotent(sock_path: Path) -> Non
 
 def test_close_leaves_a_newer_listeners_socket(sock_path: Path) -> None:
     old = SyslogListener(sock_path)
-    new = SyslogListener(sock_path, admit=any_sender)  # replaces old's file, as a restarted watcher would
+    os.unlink(sock_path)  # a live listener's file is never taken over: another one made anew
+    new = SyslogListener(sock_path, admit=any_sender)
     try:
         old.close()
         assert stat.S_ISSOCK(os.stat(sock_path).st_mode)
