@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import docker.errors
@@ -27,6 +26,7 @@ from ..config import Settings
 from ..errors import SourceError
 from .base import TargetSink
 from .docker_client import DockerClient
+from .outage import Outage
 
 log = logging.getLogger(__name__)
 
@@ -45,35 +45,6 @@ def event_action(event: dict[str, Any]) -> str:
 
 
 RECONNECT_CAP = 3.0  # seconds: the longest wait between two reconnect attempts
-
-
-@dataclass
-class Outage:
-    """Failed (re)connect attempts since the engine last answered. Pure: the caller gives
-    the time, so a fake clock can drive it."""
-
-    limit: float  # seconds of failing before giving up
-    started: float | None = None  # clock value of the first failure, None while connected
-    attempts: int = 0
-    error: str = ""
-
-    def failed(self, error: str, now: float) -> None:
-        if self.started is None:
-            self.started = now
-        self.attempts += 1
-        self.error = error
-
-    def over(self, now: float) -> bool:
-        """The engine has failed every attempt for `limit` seconds: time to give up."""
-        return self.started is not None and now - self.started >= self.limit
-
-    def ended(self) -> None:
-        self.started, self.attempts, self.error = None, 0, ""
-
-    def status(self, now: float) -> dict[str, Any]:
-        return {"state": "reconnecting", "attempt": self.attempts, "error": self.error,
-                "outage_seconds": round(now - (self.started or now), 1),
-                "gives_up_after": self.limit}
 
 
 class DockerWatcher:

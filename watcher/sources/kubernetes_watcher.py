@@ -28,6 +28,7 @@ from ..errors import SourceError
 from ..model import Target
 from ..targets import ProxyIdentity
 from .base import TargetSink
+from .outage import Outage
 from .kubernetes_client import (
     DEFAULT_DOMAIN,
     KubernetesClient,
@@ -54,7 +55,9 @@ class KubernetesWatcher:
                  domain: str = DEFAULT_DOMAIN, proxy_pod: str | None = None,
                  permit_service: Callable[[str], bool] = lambda name: True,
                  watch_timeout: int = 300, healthy_after: float = 10.0,
-                 ping_interval: float = 10.0) -> None:
+                 ping_interval: float = 10.0, outage_limit: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], object] | None = None) -> None:
         self.sink = sink
         self.kube = kube
         self.selector = label_selector
@@ -75,15 +78,18 @@ class KubernetesWatcher:
         self.connected = False
         self.reconnects = 0
         self._last_error = ""
+        self.outage = Outage(outage_limit)  # ended by every list the API server answers
+        self.clock = clock
+        self._sleep = sleep
 
     # -- the loop: forever > one round (list + watches) > one event --
     def run(self, stop: threading.Event) -> None:
         attempt = expired = 0
         while not stop.is_set():
-            started = time.monotonic()
+            started = self.clock()
             try:
                 self._round(stop)
-                healthy = time.monotonic() - started >= self.healthy_after
+                healthy = self.clock() - started >= self.healthy_after
                 if healthy:  # the server's timeoutSeconds: a routine relist, not an outage
                     attempt = expired = 0
                     self._last_error = ""
@@ -102,16 +108,30 @@ class KubernetesWatcher:
             delay = backoff.delay(self.wait, attempt)
             if error:
                 self._lost(error, delay)
-            stop.wait(delay)
+            if self.outage.over(self.clock()):
+                raise self._gave_up()
+            if self._sleep is not None:
+                self._sleep(delay)
+            else:
+                stop.wait(delay)
+
+    def _gave_up(self) -> SourceError:
+        return SourceError(
+            f"the Kubernetes API at {self.kube.config.configuration.host} has failed every "
+            f"attempt for {self.outage.limit:.0f} s ({self.outage.attempts} attempts; last error: "
+            f"{self.outage.error}): exiting so the pod restarts; check the API server, the "
+            "network policy between the proxy and it, and the service account's token and RBAC")
 
     def _lost(self, error: str, delay: float) -> None:
         self.connected = False
         self.reconnects += 1
+        self.outage.failed(error, self.clock())
         if error != self._last_error:  # one line per distinct problem, not one per retry
             log.warning("kubernetes: %s; relisting in %.1fs", error, delay)
             self._last_error = error
-        self.sink.set_source_status({"kind": "kubernetes", "connected": False, "error": error,
-                                     "reconnects": self.reconnects})
+        self.sink.set_source_status({"kind": "kubernetes", "connected": False,
+                                     "reconnects": self.reconnects,
+                                     **self.outage.status(self.clock())})
 
     def _round(self, stop: threading.Event) -> None:
         self.resync()
@@ -180,12 +200,13 @@ class KubernetesWatcher:
         self.own_pod = next((p for p in pods if meta(p).get("name") == self.proxy_pod), None)
         if self.own_pod is None and self.proxy_pod and self.selector:
             self.own_pod = self._own_pod_outside_selector()
+        self.outage.ended()  # the API server answered both lists
         self._refresh_identity(force=True)
         self.emitted = {uid: t for uid in self.pods if (t := self._target(uid)) is not None}
         self.sink.replace_all(list(self.emitted.values()))
         self.connected = True
         self.sink.set_source_status({"kind": "kubernetes", "connected": True, "error": "",
-                                     "namespace": self.kube.namespace,
+                                     "state": "connected", "namespace": self.kube.namespace,
                                      "reconnects": self.reconnects, "since": time.time()})
 
     # -- events: the work is proportional to what changed --
@@ -293,4 +314,5 @@ def from_settings(client: KubernetesClient, sink: TargetSink, settings: Settings
     """The platform entry point (see watcher.platforms)."""
     return KubernetesWatcher(sink, client, label_selector=label_selector(settings.labels),
                              domain=settings.cluster_domain,
-                             permit_service=settings.host_permitted)
+                             permit_service=settings.host_permitted,
+                             outage_limit=settings.source_outage_seconds)
