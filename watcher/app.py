@@ -320,8 +320,10 @@ class Supervisor:
                 log.error("%s failed; stopping: %s", name, exc)
                 self.failed = True
                 self.stop.set()
-            except Exception:
-                log.exception("%s failed; stopping", name)
+            except Exception as exc:  # a bug: one line; the traceback at debug level
+                log.error("%s crashed (%s: %s): stopping sshd; the proxy exits 1 so its "
+                          "restart policy starts it again", name, type(exc).__name__, exc)
+                log.debug("%s crash", name, exc_info=True)
                 self.failed = True
                 self.stop.set()
         thread = threading.Thread(target=guarded, name=name, daemon=True)

@@ -140,6 +140,10 @@ class KeyFetcher:
                 errors.append(str(exc))
                 timed_out = timed_out or isinstance(exc, FetchTimeout)
                 continue
+            except Exception as exc:  # a bug in an adapter: this source failed, not the pool
+                log.debug("key fetch via %s for %s crashed", via, target.name, exc_info=True)
+                errors.append(f"{via}: internal error ({type(exc).__name__}: {exc})")
+                continue
             try:
                 keys, bad = parse_key_body(body, max_bytes=MAX_BODY, max_keys=MAX_KEYS)
             except KeyRejected as exc:

@@ -334,12 +334,17 @@ class Reconciler:
             self.pool.submit(self._fetch_job, entry.target, entry.generation)
 
     def _fetch_job(self, target: Target, generation: int) -> None:
+        keys = KeyState(status="failed", error="internal error: the key fetch did not finish")
         try:
             keys = self.fetch(target)
-        except Exception as exc:  # a bug in an adapter must not kill the pool thread
-            log.exception("key fetch for %s crashed", target.name)
+        except BaseException as exc:  # a bug in an adapter must not kill the pool thread
+            log.error("key fetch for %s crashed (%s: %s); retried with backoff", target.name,
+                      type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             keys = KeyState(status="failed", error=f"internal error: {exc}")
-        self.inbox.put(_Fetched(target.id, generation, keys))
+            if not isinstance(exc, Exception):
+                raise
+        finally:  # whatever ends the fetch, the loop hears of it: never `fetching` forever
+            self.inbox.put(_Fetched(target.id, generation, keys))
 
     # ---- output -------------------------------------------------------------------------
     def flush(self) -> None:
