@@ -29,10 +29,10 @@ from .revocation import RecentRevocations, Revocation
 from .sessions import ProcFS, SessionKiller
 from .sources.manual import ManualKeySource
 from .sshd import (SshdPaths, SshdProcess, check_config, cut_connections, drain,
-                   ensure_host_keys, open_connections, render_sshd_config)
+                   ensure_host_keys, open_connections, render_sshd_config, split_connections)
 from .snapshot import STATUS_PATH, SettingsView, StatusDocument, WatcherState, WriteErrors
 from .status import write_status
-from .syslog_listener import SyslogListener
+from .syslog_listener import SyslogListener, uids_of
 from .targets import ProxyIdentity
 
 log = logging.getLogger(__name__)
@@ -416,6 +416,12 @@ class Supervisor:
             return open_connections(proc)
 
         seconds = self.settings.drain_seconds
+        # A login still in progress would be let in after the stop and hold the drain: cut
+        # at once (the client sees the connection closed before it got in).
+        _, logins = split_connections(proc, connections(), login_uids())
+        if logins:
+            cut_connections(logins, connections)
+            log.info("cut %d login(s) in progress (not authenticated at stop)", len(logins))
         pids = connections()
         if pids:
             log.info("draining %d open connection(s) for up to %d s", len(pids), seconds)
@@ -461,6 +467,11 @@ class Supervisor:
             if strict:
                 raise
             log.warning("cannot write %s: %s", self.paths.status, exc)
+
+
+def login_uids() -> frozenset[int]:
+    """The uids a logged-in connection's session child runs as (the tunnel user's)."""
+    return uids_of(("limited-user",))
 
 
 def local_names() -> frozenset[str]:

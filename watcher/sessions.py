@@ -64,6 +64,17 @@ class ProcFS:
         age = time.clock_gettime(time.CLOCK_BOOTTIME) - int(fields[19]) / self._ticks
         return ProcInfo(pid, comm, int(fields[1]), time.time() - age)
 
+    def uid(self, pid: int) -> int | None:
+        """The real uid (`Uid:` in /proc/PID/status, readable without ptrace rights)."""
+        try:
+            with open(self.root / str(pid) / "status", encoding="ascii", errors="replace") as status:
+                for line in status:
+                    if line.startswith("Uid:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
     def is_sshd(self, info: ProcInfo) -> bool:
         try:
             return os.path.realpath(os.readlink(self.root / str(info.pid) / "exe")) == self.sshd

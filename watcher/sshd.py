@@ -207,6 +207,23 @@ def open_connections(proc: ProcFS) -> list[int]:
     return sorted(found)
 
 
+def split_connections(proc: ProcFS, pids: list[int],
+                      login_uids: frozenset[int]) -> tuple[list[int], list[int]]:
+    """(tunnels, logins in progress) among the connections' monitor pids. A connection is
+    a tunnel once its monitor has a child running as a login user (the post-auth child);
+    before that (no child yet, or the pre-auth child as sshd's privsep user) it is a login
+    in progress, which must not be let in after the stop. Gone pids are in neither."""
+    tunnels, logins = [], []
+    for pid in pids:
+        if proc.info(pid) is None:
+            continue
+        if any(proc.uid(child) in login_uids for child in proc.children(pid)):
+            tunnels.append(pid)
+        else:
+            logins.append(pid)
+    return tunnels, logins
+
+
 def _zombie(entry: Path) -> bool:
     try:
         stat = (entry / "stat").read_text()
