@@ -420,7 +420,9 @@ class Supervisor:
         # at once (the client sees the connection closed before it got in).
         _, logins = split_connections(proc, connections(), login_uids())
         if logins:
-            cut_connections(logins, connections)
+            # Their pre-auth children too: orphaned, they would hold the drain themselves.
+            children = [c for pid in logins for c in proc.children(pid)]
+            cut_connections(sorted({*logins, *children}), connections)
             log.info("cut %d login(s) in progress (not authenticated at stop)", len(logins))
         pids = connections()
         if pids:

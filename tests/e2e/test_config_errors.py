@@ -96,3 +96,27 @@ def test_unusable_kube_config_is_one_line_naming_it(run_proxy_expect_exit, tmp_p
     lines = [line for line in logs.splitlines() if line.startswith("ssh-proxy:")]
     assert len(lines) == 1 and "kube" in lines[0].lower(), logs
     assert "Traceback" not in logs and "sshd started" not in logs, logs
+
+
+def _one_error_line(logs: str) -> str:
+    assert "Traceback" not in logs and "sshd started" not in logs, logs
+    lines = [line for line in logs.splitlines() if line.startswith("ssh-proxy:")]
+    assert len(lines) == 1, logs
+    return lines[0]
+
+
+def test_bad_log_level_is_a_configuration_error(run_proxy_expect_exit):
+    code, logs = run_proxy_expect_exit(env={"WATCHER_LOG_LEVEL": "loud"}, timeout=20)
+    assert code == 2, logs
+    line = _one_error_line(logs)
+    assert "WATCHER_LOG_LEVEL='loud'" in line and "debug, info, warning, error" in line
+
+
+def test_read_only_etc_ssh_is_one_line_naming_it(run_proxy_expect_exit, tmp_path):
+    empty = tmp_path / "etc-ssh"
+    (empty / "host_keys").mkdir(parents=True)  # the image's VOLUME mounts over it
+    code, logs = run_proxy_expect_exit(volumes=[f"{empty}:/etc/ssh:ro"], timeout=30)
+    assert code == 1, logs
+    line = _one_error_line(logs)
+    assert "/etc/ssh" in line and "read-only" in line.lower() and "tmpfs" in line, line
+

@@ -288,3 +288,31 @@ def test_access_log_rotates_by_size(start_target, start_proxy, keypair):
     listing = proxy.exec("ls /etc/ssh").stdout.split()
     assert "access.log.2" not in listing, listing
     assert int(proxy.exec("wc -c < /etc/ssh/access.log.1").stdout) <= 4096
+
+
+def test_stop_cuts_a_login_in_progress_and_exits_0(start_proxy):
+    """A TCP connection that sent only its SSH banner (a login in progress) at `docker stop`:
+    cut at once, not drained for SSH_PROXY_DRAIN_SECONDS as an open tunnel."""
+    import socket as socket_module
+
+    proxy = start_proxy(env={"SSH_PROXY_DRAIN_SECONDS": "300", "MANUAL_AUTH_FILE": "true",
+                             "SSH_PERMIT_TARGET_HOST": "nowhere", "SSH_PERMIT_TARGET_PORT": "22"})
+    login = socket_module.create_connection((proxy.host, proxy.port), timeout=30)
+    try:
+        login.settimeout(30)
+        assert login.recv(256).startswith(b"SSH-2.0-"), "the proxy sent no banner"
+        login.sendall(b"SSH-2.0-test_login_in_progress\r\n")
+        stopping = subprocess.Popen(["docker", "stop", "-t", "400", proxy.id], stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            stopping.wait(timeout=200)  # far under the 300 s drain: the login did not hold it
+        finally:
+            if stopping.poll() is None:
+                stopping.kill()
+        assert stopping.returncode == 0, stopping.stderr.read()
+    finally:
+        login.close()
+    logs = proxy.logs()
+    assert exit_code(proxy) == ("exited", 0), logs
+    assert "cut 1 login(s) in progress" in logs, logs
+    assert "draining" not in logs, logs
