@@ -22,7 +22,7 @@ from helpers import (SESSION_LABEL, TEST_LABEL, KeyPair, Proxy, SshClient, make_
 SLOTS = 50
 EVENTS = 1000
 WORKERS = 4  # bounded: the engine on 2 shared cores keeps up
-SETTLE_DEADLINE = 180.0
+SETTLE_DEADLINE = 120.0
 INDEX = "/etc/ssh/authorized_keys.index"
 CACHE = "/etc/ssh/authorized_keys_cache"
 HOSTS_BEGIN = "# BEGIN ssh-proxy targets"
@@ -90,7 +90,7 @@ class Churn:
             op = rng.choice(["stop", "start", "rename", "rename", "net", "net", "recreate"])
             if op in ("stop", "start"):
                 if running:
-                    c.stop(timeout=1)
+                    c.stop(timeout=0)  # docker stop -t 0: the target needs no grace
                 else:
                     c.start()
             elif op == "rename":
@@ -229,6 +229,7 @@ def mismatches(truth: dict[str, dict], index: str, cache: str, hosts: str, sfx: 
     return problems
 
 
+@pytest.mark.timeout(900)  # on a loaded machine the engine alone may take minutes for the churn
 def test_churn_settles_to_ground_truth(start_proxy, test_network, session_id, target_image,
                                        tmp_path_factory):
     sfx = secrets.token_hex(3)
