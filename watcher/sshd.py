@@ -35,6 +35,9 @@ class SshdPaths:
     keys_command: Path = Path("/usr/local/libexec/ssh-proxy/authorized-keys-command")
     keys_command_user: str = "nobody"
     index: Path = Path("/etc/ssh/authorized_keys.index")
+    # sshd's privilege separation dir: made at start, since a tmpfs /run (read-only root
+    # filesystem) starts empty and even `sshd -t` refuses to run without it.
+    privsep_dir: Path = Path("/run/sshd")
     sshd: str = "/usr/sbin/sshd"
 
 
@@ -126,6 +129,7 @@ def _keygen(kind: str, extra: list[str], path: Path) -> None:
 
 def check_config(paths: SshdPaths) -> None:
     """`sshd -t`: refuse to start on a config sshd would reject, with its own words."""
+    paths.privsep_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     result = subprocess.run([paths.sshd, "-t", "-f", str(paths.config)],
                             capture_output=True, text=True)
     if result.returncode != 0:
@@ -148,7 +152,7 @@ class SshdProcess:
         return self.process.pid if self.process and self.process.poll() is None else None
 
     def start(self) -> None:
-        Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation dir
+        self.paths.privsep_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         with self._lock:
             self.process = subprocess.Popen([self.paths.sshd, "-D", "-f", str(self.paths.config)],
                                             stdin=subprocess.DEVNULL)

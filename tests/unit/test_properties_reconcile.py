@@ -1,9 +1,12 @@
 """Property test (hypothesis) of the reconciler: random event sequences, checked once settled.
 
-Keys belong to a container (by id): a rename keeps them, a restart may change them.
+Keys belong to a container (by id): a rename keeps them, a restart may change them; a
+network disconnect leaves a container without an address on the proxy's network (not
+served), a connect gives it one again, maybe another.
 Ground truth is computed here, independently of watcher.render: the index serves exactly the
-keys of the live targets (each has its short id and address as aliases, so all are granted)
-plus the admin keys, and every name in the hosts block leads to its own target.
+keys of the live targets that have an address (each has its short id and address as aliases,
+so all are granted) plus the admin keys, each target's lines open its current address, and
+every name in the hosts block leads to its own target under its current name.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ OPS = st.one_of(
     st.tuples(st.just("replace_all"), st.dictionaries(st.integers(0, 4), st.sampled_from(NAMES), max_size=4)),
     st.tuples(st.just("keys"), st.integers(0, 4), st.sets(st.integers(0, 3), max_size=2)),
     st.tuples(st.just("manual"), st.sets(st.integers(0, 3), max_size=2)),
+    st.tuples(st.just("rename"), st.integers(0, 4), st.sampled_from(NAMES)),
+    st.tuples(st.just("disconnect"), st.integers(0, 4)),
+    st.tuples(st.just("connect"), st.integers(0, 4), st.integers(1, 3)),
 )
 
 
@@ -52,6 +58,18 @@ def _apply(h: Harness, live: dict[int, Target], keys_of: dict[int, frozenset[int
             restarts[0] += 1
             live[n] = replace(live[n], started_at=f"2025-01-01T00:{restarts[0]:05d}Z")
             h.rec.upsert(live[n])
+    elif kind in ("rename", "disconnect", "connect"):
+        # The same container (same id, same start), seen again by the source.
+        n = op[1]
+        if n not in live:
+            return
+        if kind == "rename":
+            live[n] = replace(live[n], name=op[2])
+        elif kind == "disconnect":
+            live[n] = replace(live[n], address="")
+        else:  # its address on a network it joins: unique per container
+            live[n] = replace(live[n], address=f"172.18.{op[2]}.{n + 10}")
+        h.rec.upsert(live[n])
     else:
         h.rec.set_manual([ManualLine(f"/keys/admin:{k}", (), KEYS[k]) for k in sorted(op[1])])
 
@@ -74,14 +92,20 @@ def test_settled_index_and_hosts_match_ground_truth(ops: list[tuple]) -> None:
                 manual = set(op[1])
             h.rec.run_once_pending()
         h.settle()
-        expected = {KEYS[k].fingerprint for n in live for k in keys_of.get(n, ())}
+        reachable = {n: t for n, t in live.items() if t.address}
+        expected = {KEYS[k].fingerprint for n in reachable for k in keys_of.get(n, ())}
         expected |= {KEYS[k].fingerprint for k in manual}
         served = {line.split(" ", 1)[0] for line in h.last.index.splitlines()}
         assert served == expected
+        for n, t in reachable.items():
+            for k in keys_of.get(n, ()):
+                lines = [line for line in h.last.index.splitlines()
+                         if line.startswith(KEYS[k].fingerprint + " ")]
+                assert any(f'permitopen="{t.address}:' in line for line in lines), (t, lines)
 
         lines = h.last.hosts_block.splitlines()
         assert lines[0] == HOSTS_BEGIN and lines[-1] == HOSTS_END
-        by_address = {t.address: t for t in live.values()}
+        by_address = {t.address: t for t in reachable.values()}
         for row in lines[1:-1]:
             address, names = row.split("\t")
             owner = by_address[address]  # only live targets are pinned
@@ -89,6 +113,6 @@ def test_settled_index_and_hosts_match_ground_truth(ops: list[tuple]) -> None:
                 assert name in (owner.name, owner.id[:12])
                 # No other live target may claim the name (case-insensitively).
                 assert not any(t is not owner and name.lower() in (t.name.lower(), t.id[:12])
-                               for t in live.values())
+                               for t in reachable.values())
     finally:
         h.rec.pool.shutdown(wait=True, cancel_futures=True)
