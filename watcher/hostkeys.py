@@ -170,7 +170,10 @@ class ScanPolicy:
 
 def keyscan(subject: ScanSubject, timeout: int = 5) -> str:
     """ssh-keyscan of one target: its stdout (key lines), or HostKeyError saying why not."""
-    argv = ["ssh-keyscan", "-T", str(timeout), "-p", str(subject.port), "--", subject.address]
+    # The usual host key types only: each type is a connection of its own, and security-key
+    # types would only fill the target's log with failed negotiations.
+    argv = ["ssh-keyscan", "-T", str(timeout), "-t", "ed25519,ecdsa,rsa", "-p", str(subject.port),
+            "--", subject.address]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, errors="replace",
                               timeout=timeout * 4, check=False)
@@ -248,9 +251,10 @@ class HostKeyLearner:
                    if s not in self._learned and s not in self._scanning
                    and now - self._gave_up.get(s, -self.policy.again_after) >= self.policy.again_after]
             self._scanning.update(due)
-            text = render(self._wanted, self._learned)
         for subject in sorted(due, key=lambda s: s.target_id):
             submit(self._learn, subject)
+        with self._lock:
+            text = render(self._wanted, self._learned)
         self._write(text)
 
     def _wanted_now(self, subject: ScanSubject) -> bool:
