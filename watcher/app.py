@@ -21,6 +21,7 @@ from .cache import (atomic_write, read_unmanaged_hosts, shrink_in_place, update_
 from .config import RunMode, Settings
 from .errors import WatcherError, explain_os_error
 from .fetch import KeyFetcher
+from .hostkeys import HOST_KEYS_PATH, HostKeyLearner, ssh_port
 from .model import KeyState
 from .platforms import platform_for
 from .reconcile import Reconciler, Snapshot
@@ -46,6 +47,7 @@ class Paths:
     status: Path = STATUS_PATH
     syslog_socket: Path = Path("/dev/log")
     keys_dir: Path = Path("/etc/ssh/authorized_keys.d")
+    known_hosts: Path = HOST_KEYS_PATH  # the targets' host keys
     sshd: SshdPaths = field(default_factory=SshdPaths)
 
 
@@ -311,6 +313,7 @@ class Supervisor:
         self.failed = False  # a component crashed: exit non-zero so a restart policy acts
         self.writer: OutputWriter | None = None  # set by run; their write errors go in the status
         self.access: AccessLog | None = None
+        self.hostkeys: HostKeyLearner | None = None  # fed every published snapshot
 
     def _thread(self, target: Callable[..., Any], *args: Any, name: str) -> None:
         def guarded() -> None:
@@ -364,6 +367,8 @@ class Supervisor:
                            max_bytes=self.settings.access_log_max_bytes,
                            backups=self.settings.access_log_backups)
         writer = OutputWriter(self.paths, mode, pin_names)
+        self.hostkeys = HostKeyLearner(self.paths.known_hosts,
+                                       ssh_port(self.settings.permit_ports))
         self.writer, self.access = writer, access
         # The proxy's own names and addresses come from the platform's watcher on every
         # (re)connect, ahead of the first targets it lists.
@@ -384,6 +389,7 @@ class Supervisor:
         self._start_sshd()
         self._thread(reconciler.run, self.stop, name="reconcile")
         self._thread(keys.run, self.stop, name="manual-keys")
+        self._thread(self.hostkeys.run, self.stop, name="hostkeys")
         if platform is not None and client is not None:
             source = platform.make_watcher(client, reconciler, self.settings)
             self._thread(source.run, self.stop, name=f"{mode.value}-source")
@@ -448,6 +454,8 @@ class Supervisor:
 
     def _publish(self, snapshot: Snapshot) -> None:
         self.snapshot = snapshot
+        if self.hostkeys is not None:
+            self.hostkeys.update(snapshot)
 
     def _write_errors(self) -> WriteErrors:
         """Why the rendered keys or access.log could not be written lately ("" = fine)."""

@@ -1,5 +1,5 @@
-"""`watcher run | health | check-config | status | logs`: the one place a user-facing error
-is printed."""
+"""`watcher run | health | check-config | status | logs | known-hosts | ssh-config`: the one
+place a user-facing error is printed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pathlib import Path
 from rich.console import Console
 
 from . import __version__
+from .commands import known_hosts as known_hosts_command
 from .commands import logs as logs_command
+from .commands import ssh_config as ssh_config_command
 from .commands import status as status_command
 from .config import load_settings, parse_log_level
 from .errors import ConfigError, WatcherError
@@ -102,6 +104,8 @@ def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     health.set_defaults(func=cmd_health)
     status_command.add_parser(sub)
     logs_command.add_parser(sub)
+    known_hosts_command.add_parser(sub)
+    ssh_config_command.add_parser(sub)
     args = parser.parse_args(argv)
     setup_logging(_log_level())
     try:
