@@ -101,6 +101,9 @@ class Settings:
     """ACCESS_LOG_MAX_BYTES: access.log is rotated when a line would take it past this size."""
     access_log_backups: int = 5
     """ACCESS_LOG_BACKUPS: rotated access logs kept (access.log.1 ... .N)."""
+    metrics_port: int | None = None
+    """WATCHER_METRICS_PORT: the TCP port of the Prometheus metrics endpoint, on all of the
+    container's addresses; None (unset or empty) = no endpoint."""
 
     @property
     def any_host(self) -> bool:
@@ -175,6 +178,11 @@ def parse_port(name: str, value: str) -> int:
     if not _PORT.fullmatch(text) or not 1 <= int(text) <= 65535:
         raise ConfigError(f"{name}={value!r}: expected a TCP port 1-65535")
     return int(text)
+
+
+def parse_optional_port(name: str, value: str) -> int | None:
+    """A port 1-65535, or None for an empty value (the feature is off)."""
+    return parse_port(name, value) if value.strip() else None
 
 
 def parse_key_path(value: str) -> str:
@@ -311,4 +319,6 @@ def _read_settings(env: Mapping[str, str], facts: PlatformFacts) -> Settings:
                                        4096, 2**40, "bytes"),
         access_log_backups=parse_int("ACCESS_LOG_BACKUPS", env.get("ACCESS_LOG_BACKUPS", "5"),
                                      0, 100, "rotated files kept"),
+        metrics_port=parse_optional_port("WATCHER_METRICS_PORT",
+                                         env.get("WATCHER_METRICS_PORT", "")),
     )
