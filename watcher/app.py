@@ -22,6 +22,7 @@ from .config import RunMode, Settings
 from .errors import WatcherError, explain_os_error
 from .fetch import KeyFetcher
 from .hostkeys import HOST_KEYS_PATH, HostKeyLearner, ssh_port
+from .metrics import CountingSink, Metrics, Observed
 from .model import KeyState
 from .platforms import platform_for
 from .reconcile import Reconciler, Snapshot
@@ -59,8 +60,11 @@ class OutputWriter:
     render is written again by `retry` (the supervisor's heartbeat) until it goes through.
     """
 
-    def __init__(self, paths: Paths, mode: RunMode, pin_names: bool) -> None:
+    def __init__(self, paths: Paths, mode: RunMode, pin_names: bool,
+                 on_result: Callable[[str, bool], None] = lambda result, fresh: None) -> None:
         self.paths = paths
+        # (ok | unchanged | failed, fresh = a new render rather than a retry): for metrics
+        self.on_result = on_result
         self.pin_names = pin_names
         self.write_cache = mode.discovers  # without discovery the cache is the admin's input
         self.error = ""  # why the newest render is not on disk yet ("" = it is)
@@ -70,19 +74,20 @@ class OutputWriter:
     def __call__(self, rendered: Rendered) -> bool:
         with self._lock:
             self._pending = rendered
-            return self._write_pending()
+            return self._write_pending(fresh=True)
 
     def retry(self) -> None:
         """Write the newest render if an earlier attempt failed."""
         with self._lock:
             if self._pending is not None:
-                self._write_pending()
+                self._write_pending(fresh=False)
 
-    def _write_pending(self) -> bool:
+    def _write_pending(self, fresh: bool) -> bool:
         assert self._pending is not None
         try:
             changed = self._write(self._pending)
         except OSError as exc:
+            self.on_result("failed", fresh)
             if not self.error:
                 log.error("cannot write the rendered keys (%s): sshd keeps serving the previous "
                           "%s, less any grant withdrawn since; free space in %s, writing is "
@@ -91,6 +96,7 @@ class OutputWriter:
             self.error = str(exc)
             self._withdraw_in_place(self._pending)
             return False
+        self.on_result("ok" if changed else "unchanged", fresh)
         if self.error:
             log.info("rendered keys written again (the earlier error was: %s)", self.error)
             self.error = ""
@@ -201,8 +207,10 @@ class AccessLog:
     def __init__(self, path: Path, owners: Callable[[str], tuple[str, ...]],
                  alias_owner: Callable[[str], str], stdout: TextIO = sys.stdout,
                  killer: SessionKiller | None = None, max_bytes: int = 10 * 1024 * 1024,
-                 backups: int = 5) -> None:
+                 backups: int = 5,
+                 observe: Callable[[AccessEvent], None] = lambda event: None) -> None:
         self.path = path
+        self.observe = observe  # each event as it is logged (metrics)
         self.owners = owners
         self.alias_owner = alias_owner
         self.stdout = stdout
@@ -231,6 +239,7 @@ class AccessLog:
             # connection's start is then exact for the login race (see revocation.py).
             now = sent_at if sent_at is not None else time.time()
             for event in self.tracker.feed(pid, message, now):
+                self.observe(event)
                 self._write(format_event(event, self.target_of(event)))
             if self.recent:
                 self._close_late_login(pid, now)
@@ -273,11 +282,13 @@ class AccessLog:
             return
         if not killed:
             return
-        events = self.tracker.end_session(session.monitor, now)
+        events = [revoked_event(session, now, revocation.reason),
+                  *self.tracker.end_session(session.monitor, now)]
         try:
-            self._write(format_event(revoked_event(session, now, revocation.reason),
-                                     ",".join(revocation.targets) or "-"))
             for event in events:
+                self.observe(event)
+            self._write(format_event(events[0], ",".join(revocation.targets) or "-"))
+            for event in events[1:]:
                 self._write(format_event(event, self.target_of(event)))
         except Exception:  # closed all the same; the next session must be closed too
             log.exception("access log: cannot write the revocation of %s's session", session.client)
@@ -314,6 +325,8 @@ class Supervisor:
         self.writer: OutputWriter | None = None  # set by run; their write errors go in the status
         self.access: AccessLog | None = None
         self.hostkeys: HostKeyLearner | None = None  # fed every published snapshot
+        self.metrics = Metrics(lambda: Observed(self.snapshot or WatcherState(),
+                                                self.sshd.restarts))
 
     def _thread(self, target: Callable[..., Any], *args: Any, name: str) -> None:
         def guarded() -> None:
@@ -358,15 +371,17 @@ class Supervisor:
             if not pin_names:
                 log.warning("%s is not writable: only target names, ids and IPs are granted",
                             self.paths.hosts)
-            fetch = KeyFetcher(self.settings.publickey_api_port, self.settings.key_path,
-                               client.exec_read, sources=self.settings.key_sources).fetch
+            fetch = self.metrics.counting_fetch(KeyFetcher(
+                self.settings.publickey_api_port, self.settings.key_path, client.exec_read,
+                sources=self.settings.key_sources).fetch)
         # The reconciler tells the access log of revoked keys; the access log asks it who
         # owns a key (looked up when a line arrives, after both exist).
         access = AccessLog(self.paths.access_log, lambda fp: reconciler.owners_of(fp),
                            lambda alias: reconciler.alias_owner(alias),
                            max_bytes=self.settings.access_log_max_bytes,
-                           backups=self.settings.access_log_backups)
-        writer = OutputWriter(self.paths, mode, pin_names)
+                           backups=self.settings.access_log_backups,
+                           observe=self.metrics.access_event)
+        writer = OutputWriter(self.paths, mode, pin_names, on_result=self.metrics.write_result)
         self.hostkeys = HostKeyLearner(self.paths.known_hosts,
                                        ssh_port(self.settings.permit_ports))
         self.writer, self.access = writer, access
@@ -376,12 +391,16 @@ class Supervisor:
                                 writer,
                                 self._publish, access.revoke, pin_names=pin_names,
                                 unmanaged_hosts=lambda: read_unmanaged_hosts(self.paths.hosts),
-                                local_names=local_names() if mode.discovers else frozenset())
+                                local_names=local_names() if mode.discovers else frozenset(),
+                                observe=self.metrics.applied)
         keys = ManualKeySource(reconciler, self.paths.keys_dir,
                                seed_file=None if mode.discovers else self.paths.cache)
         keys.load()
         reconciler.run_once_pending()  # the index exists before sshd starts
 
+        if self.settings.metrics_port is not None:
+            self.metrics.serve(self.settings.metrics_port)
+            log.info("metrics on port %d (/metrics)", self.settings.metrics_port)
         listener = SyslogListener(str(self.paths.syslog_socket))
         # Its own stop: sshd's lines about tunnels that end during the drain still count.
         syslog_stop = threading.Event()
@@ -391,7 +410,8 @@ class Supervisor:
         self._thread(keys.run, self.stop, name="manual-keys")
         self._thread(self.hostkeys.run, self.stop, name="hostkeys")
         if platform is not None and client is not None:
-            source = platform.make_watcher(client, reconciler, self.settings)
+            source = platform.make_watcher(client, CountingSink(reconciler, self.metrics),
+                                           self.settings)
             self._thread(source.run, self.stop, name=f"{mode.value}-source")
         self._thread(self.sshd.supervise, self.stop, name="sshd")
         try:

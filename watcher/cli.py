@@ -23,6 +23,52 @@ from .snapshot import STATUS_PATH
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 PIPE_WIDTH = 200
+HELP_FORMAT = argparse.RawDescriptionHelpFormatter  # descriptions and epilogs keep their lines
+
+MAIN_EPILOG = """\
+examples (in the proxy's container, e.g. `docker exec ssh-proxy ...`):
+  watcher status                       what the proxy serves, and its health
+  watcher logs --event denied --since 10m
+  watcher health --liveness            for a liveness probe
+  docker run --rm -e SSH_PERMIT_TARGET_PORT=22 ssh-proxy watcher check-config
+
+The proxy is configured by environment variables only (README, "Configuration");
+`watcher run --help` lists them. Every command has --help."""
+
+RUN_EPILOG = """\
+environment variables (README, "Configuration", says more):
+  SSH_PERMIT_TARGET_HOST          globs on target names, comma list (default *)
+  SSH_PERMIT_TARGET_PORT          ports a tunnel may open: *, 22 or 22,8000 (default *)
+  SSH_TARGET_LABELS               k1=v1,k2: only targets with all these labels
+  SSH_TARGET_PUBLICKEY_API_PORT   port of the target's GET /publickey (default 8080)
+  SSH_TARGET_KEY_PATH             key file read by exec (default ~/.ssh/id_ed25519.pub)
+  SSH_TARGET_KEY_SOURCE           api,exec | api | exec (default api,exec)
+  MANUAL_AUTH_FILE                true: no discovery, only the keys you maintain
+  SSH_PROXY_MODE                  docker | kubernetes | manual (default: detected)
+  KUBERNETES_CLUSTER_DOMAIN       the cluster's DNS domain (default cluster.local)
+  DOCKER_HOST                     the engine's API (default unix:///var/run/docker.sock)
+  SSH_PROXY_SOURCE_OUTAGE_SECONDS exit 1 after this long without the platform (default 60)
+  SSH_PROXY_DRAIN_SECONDS         on stop, open tunnels may go on this long (default 8)
+  ACCESS_LOG_MAX_BYTES            rotate access.log past this size (default 10485760)
+  ACCESS_LOG_BACKUPS              rotated access logs kept (default 5)
+  WATCHER_METRICS_PORT            serve Prometheus metrics on this port (default: off)
+  WATCHER_LOG_LEVEL               debug for more of the watcher's own log (default info)
+
+exit status: 0 after a stop (SIGTERM, open tunnels drained), 1 when a component
+failed (e.g. the platform unreachable for SSH_PROXY_SOURCE_OUTAGE_SECONDS), 2 when
+a variable is invalid (one line names it, before sshd listens)."""
+
+CHECK_CONFIG_EPILOG = """\
+example:
+  docker run --rm -e SSH_PERMIT_TARGET_HOST='ws-*' ssh-proxy watcher check-config
+
+exit status: 0 and `configuration OK`, or 2 and one line naming the variable."""
+
+HEALTH_EPILOG = """\
+examples:
+  HEALTHCHECK CMD watcher health                 (the image's own)
+  readinessProbe: exec: command: [watcher, health]
+  livenessProbe:  exec: command: [watcher, health, --liveness]"""
 
 
 def cmd_run(_: argparse.Namespace) -> int:
@@ -82,18 +128,31 @@ def _console() -> Console:
 
 def main(argv: list[str] | None = None, console: Console | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="watcher", description="ssh-proxy watcher: keeps sshd's keys in step with the "
-        "targets (run), and shows what it knows (status, logs, health).")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+        prog="watcher", formatter_class=HELP_FORMAT, epilog=MAIN_EPILOG,
+        description="ssh-proxy watcher: keeps sshd's keys in step with the targets (run),\n"
+                    "and shows what it knows (status, logs, health).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", help="supervise sshd and keep its keys in step with the targets"
+    sub.add_parser("run", help="supervise sshd and keep its keys in step with the targets",
+                   formatter_class=HELP_FORMAT, epilog=RUN_EPILOG,
+                   description="Run the proxy (the image's PID 1): start sshd, discover the "
+                               "targets (Docker,\nKubernetes, or only your key files), fetch "
+                               "their keys and keep sshd's index,\nthe cache and the /etc/hosts "
+                               "block in step; write the access log and the\nstatus snapshot. "
+                               "Configured by environment variables only."
                    ).set_defaults(func=cmd_run)
-    sub.add_parser("check-config", help="validate the environment variables and exit"
+    sub.add_parser("check-config", help="validate the environment variables and exit",
+                   formatter_class=HELP_FORMAT, epilog=CHECK_CONFIG_EPILOG,
+                   description="Validate every environment variable `watcher run` reads, "
+                               "without starting\nanything (no Docker socket or kube config "
+                               "needed)."
                    ).set_defaults(func=cmd_check_config)
     health = sub.add_parser("health", help="exit 0 when sshd answers and the watcher is live",
+                            formatter_class=HELP_FORMAT, epilog=HEALTH_EPILOG,
                             description="Exit 0 and print `healthy` when the watcher's snapshot "
-                                        "is fresh, sshd runs and listens, and (unless "
-                                        "--liveness) the platform source is connected; else "
+                                        "is fresh, sshd runs\nand listens, and (unless "
+                                        "--liveness) the platform source is connected;\nelse "
                                         "exit 1 and print one line saying why.")
     health.add_argument("--status", default=str(STATUS_PATH), metavar="PATH",
                         help=f"the status snapshot (default {STATUS_PATH})")

@@ -103,6 +103,9 @@ class Settings:
     """ACCESS_LOG_BACKUPS: rotated access logs kept (access.log.1 ... .N)."""
     log_level: str = "info"
     """WATCHER_LOG_LEVEL: the watcher's own log, one of LOG_LEVELS (lower case)."""
+    metrics_port: int | None = None
+    """WATCHER_METRICS_PORT: the TCP port of the Prometheus metrics endpoint, on all of the
+    container's addresses; None (unset or empty) = no endpoint."""
 
     @property
     def any_host(self) -> bool:
@@ -189,6 +192,11 @@ def parse_port(name: str, value: str) -> int:
     if not _PORT.fullmatch(text) or not 1 <= int(text) <= 65535:
         raise ConfigError(f"{name}={value!r}: expected a TCP port 1-65535")
     return int(text)
+
+
+def parse_optional_port(name: str, value: str) -> int | None:
+    """A port 1-65535, or None for an empty value (the feature is off)."""
+    return parse_port(name, value) if value.strip() else None
 
 
 def parse_key_path(value: str) -> str:
@@ -326,4 +334,6 @@ def _read_settings(env: Mapping[str, str], facts: PlatformFacts) -> Settings:
         access_log_backups=parse_int("ACCESS_LOG_BACKUPS", env.get("ACCESS_LOG_BACKUPS", "5"),
                                      0, 100, "rotated files kept"),
         log_level=parse_log_level(env.get("WATCHER_LOG_LEVEL", "info")),
+        metrics_port=parse_optional_port("WATCHER_METRICS_PORT",
+                                         env.get("WATCHER_METRICS_PORT", "")),
     )

@@ -108,8 +108,10 @@ class Reconciler:
                  min_wait: float = 0.1, max_wait: float = 1.0,
                  clock: Callable[[], float] = time.monotonic,
                  unmanaged_hosts: Callable[[], HostsEntries] = lambda: (),
-                 local_names: frozenset[str] = frozenset()) -> None:
+                 local_names: frozenset[str] = frozenset(),
+                 observe: Callable[[str], None] = lambda event: None) -> None:
         self.settings = settings
+        self.observe = observe  # told "applied" per source event applied (metrics)
         self.proxy = proxy
         self.fetch = fetch
         self.write = write
@@ -234,6 +236,7 @@ class Reconciler:
     def _apply(self, message: object) -> None:
         if isinstance(message, (_Upsert, _Remove, _ReplaceAll)):
             self.last_event = time.time()
+            self.observe("applied")
         if isinstance(message, _Upsert):
             self._upsert(message.target)
         elif isinstance(message, _Remove):

@@ -116,13 +116,19 @@ def _printer(json_lines: bool, console: Console) -> Callable[[LoggedEvent], None
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "logs", help="show the access log, readable and filtered",
-        description="Show the access log (who logged in, opened which tunnel, was refused), "
-                    "one event a line, coloured on a terminal. The file itself stays logfmt "
-                    "for tail -f and grep.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Show the access log (who logged in, opened which tunnel, was refused),\n"
+                    "one event a line, coloured on a terminal. An event is shown when it\n"
+                    "passes every filter given. The file itself stays logfmt for tail -f and grep.",
+        epilog="examples:\n"
+               "  docker exec ssh-proxy watcher logs --event denied --since 10m\n"
+               "  docker exec ssh-proxy watcher logs -f --target workspace-a\n"
+               "  docker exec ssh-proxy watcher logs --json --since 1h")
     parser.add_argument("-f", "--follow", action="store_true",
                         help="keep printing new events until Ctrl-C")
     parser.add_argument("--target", metavar="NAME",
-                        help="only events of this target (its name as the log gives it)")
+                        help="only events of this target (its name as the log gives it; "
+                             "'-' for keys the proxy does not know)")
     parser.add_argument("--event", action="append", choices=EVENTS, metavar="EVENT",
                         help=f"only these events (repeatable): {', '.join(EVENTS)}")
     parser.add_argument("--since", type=parse_duration, metavar="DURATION",

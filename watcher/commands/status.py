@@ -253,9 +253,17 @@ def watch(args: argparse.Namespace, console: Console, listening: Callable[[], bo
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "status", help="show what the watcher knows: source, targets, keys, recent access",
-        description="Show the watcher's state from its status snapshot and the last access "
-                    "events. Exit 0 when healthy, 1 when unhealthy (one line says why), "
-                    "3 when the watcher is not running (no, stale or unreadable snapshot).")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Show the watcher's state from its status snapshot and the last access\n"
+                    "events: the source, each target's names, ports, keys and state, names\n"
+                    "refused and why. Exit 0 when healthy, 1 when unhealthy (the last line\n"
+                    "says why), 3 when the watcher is not running (no, stale or unreadable\n"
+                    "snapshot). Colour on a terminal only; NO_COLOR=1 turns it off; piped\n"
+                    "output is 200 columns wide (COLUMNS overrides).",
+        epilog="examples:\n"
+               "  docker exec ssh-proxy watcher status\n"
+               "  docker exec -it ssh-proxy watcher status --watch\n"
+               "  docker exec ssh-proxy watcher status --json | jq '.targets[].name'")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true",
                         help="print the status document (JSON, schema 1; see README) instead")
