@@ -524,9 +524,10 @@ class Reconciler:
         full = rendered.changed is None
         dirty = set(self.entries) | set(self._rows) if full else self._status_dirty | redo
         self._status_dirty = set()
+        bulk = len(dirty) > 256  # re-sort once instead of inserting each
         for tid in dirty:
             name = self._row_names.pop(tid, None)
-            if name is not None:
+            if name is not None and not bulk:
                 self._row_order.pop(bisect.bisect_left(self._row_order, (name, tid)))
             self._rows.pop(tid, None)
             self._refused_rows.pop(tid, None)
@@ -536,7 +537,10 @@ class Reconciler:
             self._rows[tid] = _target_status(entry, self._book.aliases.get(tid, ()))
             self._refused_rows[tid] = tuple(RefusedName(*r) for r in self._book.refused.get(tid, ()))
             self._row_names[tid] = entry.target.name
-            bisect.insort(self._row_order, (entry.target.name, tid))
+            if not bulk:
+                bisect.insort(self._row_order, (entry.target.name, tid))
+        if bulk:
+            self._row_order = sorted((name, tid) for tid, name in self._row_names.items())
         order = [tid for _, tid in self._row_order]
         ignored = tuple(IgnoredTarget(t.id[:12], t.name, r)
                         for t, r in sorted(self.ignored.values(), key=lambda v: v[0].name))

@@ -293,17 +293,20 @@ class IncrementalRender:
         self._rows: dict[str, str] = {}  # target id -> hosts row
         self._hosts = hosts_block(())
         self._pending_fps: set[str] = set(self._manual)
+        self._bulk = False
 
     def update(self, changed: dict[str, ServedTarget | None]) -> Rendered:
         """Apply changed targets (None, or no keys: not served) and render."""
         fps = self._pending_fps
         self._pending_fps = set()
         rows_changed = False
+        # Many changes (a full render, a resync): re-sort once instead of inserting each.
+        self._bulk = len(changed) > _BULK
         for tid, item in changed.items():
             old = self._served.pop(tid, None)
             if item is not None and not item.keys:
                 item = None
-            if old is not None:
+            if old is not None and not self._bulk:
                 self._order.pop(bisect.bisect_left(self._order, (old.target.name, tid)))
                 for key in old.keys:
                     fps.add(key.fingerprint)
@@ -313,7 +316,8 @@ class IncrementalRender:
                         del self._by_fp[key.fingerprint]
             if item is not None:
                 self._served[tid] = item
-                bisect.insort(self._order, (item.target.name, tid))
+                if not self._bulk:
+                    bisect.insort(self._order, (item.target.name, tid))
                 for key in item.keys:
                     fps.add(key.fingerprint)
                     self._by_fp.setdefault(key.fingerprint, set()).add(tid)
@@ -324,6 +328,8 @@ class IncrementalRender:
                     self._rows[tid] = row
                 else:
                     del self._rows[tid]
+        if self._bulk:
+            self._order = sorted((s.target.name, tid) for tid, s in self._served.items())
         if self._scope is not None and self._scoped and changed:
             scope = permitopen_options(dict.fromkeys(
                 a for _, tid in self._order for a in self._served[tid].aliases), self.ports)
@@ -332,6 +338,8 @@ class IncrementalRender:
                 fps |= self._scoped
         for fp in fps:
             self._render_fp(fp)
+        if self._bulk:
+            self._fps = sorted(self._index_part)
         if rows_changed:
             self._hosts = hosts_block(self._rows[tid] for _, tid in self._order if tid in self._rows)
         return Rendered(cache=CACHE_HEADER + "".join(map(self._cache_part.__getitem__, self._fps)),
@@ -348,13 +356,14 @@ class IncrementalRender:
         grants += manual_grants(manual, self._scope)
         if not grants:
             if fp in self._index_part:
-                self._fps.pop(bisect.bisect_left(self._fps, fp))
+                if not self._bulk:
+                    self._fps.pop(bisect.bisect_left(self._fps, fp))
                 for table in (self._index_part, self._cache_part, self._grants, self._owners):
                     table.pop(fp, None)
             return
         merged = merge_grants(grants)
         lines = [line for _, line in sorted((not _conditions(g), g.line()) for g in merged)]
-        if fp not in self._index_part:
+        if fp not in self._index_part and not self._bulk:
             bisect.insort(self._fps, fp)
         self._index_part[fp] = "".join(f"{fp} {line}\n" for line in lines)
         self._cache_part[fp] = "".join(line + "\n" for line in lines)
@@ -365,6 +374,9 @@ class IncrementalRender:
             self._owners[fp] = tuple(sorted(names))
         else:
             self._owners.pop(fp, None)
+
+
+_BULK = 256  # changes above which the sorted lists are rebuilt instead of updated
 
 
 def _has_permitopen(options: Iterable[str]) -> bool:

@@ -265,8 +265,13 @@ class AliasBook:
     def update(self, changed: Mapping[str, Target | None]) -> set[str]:
         """Apply changed targets (None: gone); returns the ids whose outcome was re-decided."""
         touched: set[str] = set()
+        redo: set[str] = set()
         for tid, target in changed.items():
-            old = self.targets.pop(tid, None)
+            old = self.targets.get(tid)
+            if old is not None and target is not None and _claim_view(old) == _claim_view(target):
+                self.targets[tid] = target  # e.g. restarted: its claims are what they were
+                continue
+            self.targets.pop(tid, None)
             if old is not None:
                 touched |= self._claim(old, add=False)
                 self.aliases.pop(tid, None)
@@ -274,8 +279,10 @@ class AliasBook:
             if target is not None:
                 self.targets[tid] = target
                 touched |= self._claim(target, add=True)
-        redo = {tid for tid in changed if tid in self.targets}
+        redo |= {tid for tid in changed if tid in self.targets}
         for key in touched:
+            if alias_problem(key, self.proxy):
+                continue  # refused to every claimant whoever else claims it (case-blind test)
             redo |= self._claims.get(key, set())
             redo |= self._name_owners.get(key, set())
         for tid in redo:
@@ -351,6 +358,11 @@ class AliasBook:
                 seen.add(fold(alias))
         self.aliases[t.id] = tuple(granted)
         self.refused[t.id] = tuple(refused)
+
+
+def _claim_view(t: Target) -> tuple:
+    """Everything about a target that its aliases' outcome depends on."""
+    return (t.name, t.id, t.address, t.addresses, t.aliases, t.hostname)
 
 
 def _bad_target_name(target: Target) -> str:

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
+from watcher import render
 from watcher.config import RunMode, Settings
 from watcher.model import ManualLine, Target
 
@@ -108,3 +109,15 @@ def test_incremental_equals_full_render_with_discovery(ops: list[tuple]) -> None
 @given(st.lists(OPS, min_size=1, max_size=15))
 def test_incremental_equals_full_render_in_manual_mode(ops: list[tuple]) -> None:
     _run(ops, RunMode.MANUAL)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(OPS, min_size=1, max_size=15))
+def test_incremental_equals_full_render_when_re_sorting_in_bulk(ops: list[tuple]) -> None:
+    bulk = render._BULK
+    render._BULK = 1  # the path a resync of many targets takes
+    try:
+        _run(ops, RunMode.DOCKER)
+    finally:
+        render._BULK = bulk
