@@ -8,6 +8,7 @@ or loopback, and must be well-formed enough to be written into an option and a h
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import re
 import socket
@@ -188,6 +189,7 @@ def _inet_aton_form(text: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure, and asked for every candidate of every target
 def alias_problem(alias: str, proxy: ProxyIdentity) -> str:
     """Why an alias may not be granted, or "" when it may."""
     ip = _ip(alias)
@@ -281,10 +283,10 @@ class AliasBook:
                 touched |= self._claim(target, add=True)
         redo |= {tid for tid in changed if tid in self.targets}
         for key in touched:
-            if alias_problem(key, self.proxy):
-                continue  # refused to every claimant whoever else claims it (case-blind test)
-            redo |= self._claims.get(key, set())
-            redo |= self._name_owners.get(key, set())
+            others = self._claims.get(key, set()) | self._name_owners.get(key, set())
+            if others <= redo or alias_problem(key, self.proxy):
+                continue  # all re-decided anyway, or refused to every claimant (case-blind)
+            redo |= others
         for tid in redo:
             self._decide(self.targets[tid])
         return redo
