@@ -524,7 +524,7 @@ class Reconciler:
         full = rendered.changed is None
         dirty = set(self.entries) | set(self._rows) if full else self._status_dirty | redo
         self._status_dirty = set()
-        bulk = len(dirty) > 256  # re-sort once instead of inserting each
+        bulk = len(dirty) > max(256, len(self._rows) // 8)  # re-sort once, not insert each
         for tid in dirty:
             name = self._row_names.pop(tid, None)
             if name is not None and not bulk:

@@ -301,7 +301,7 @@ class IncrementalRender:
         self._pending_fps = set()
         rows_changed = False
         # Many changes (a full render, a resync): re-sort once instead of inserting each.
-        self._bulk = len(changed) > _BULK
+        self._bulk = len(changed) > max(_BULK, len(self._served) // 8)
         for tid, item in changed.items():
             old = self._served.pop(tid, None)
             if item is not None and not item.keys:
@@ -376,7 +376,7 @@ class IncrementalRender:
             self._owners.pop(fp, None)
 
 
-_BULK = 256  # changes above which the sorted lists are rebuilt instead of updated
+_BULK = 256  # changes (and an eighth of the state) above which the sorted lists are re-sorted
 
 
 def _has_permitopen(options: Iterable[str]) -> bool:
