@@ -2,8 +2,10 @@
 
 Sources and key fetches only post messages; one thread applies them to the state and,
 debounced (quiet for `min_wait`, or `max_wait` after the first change at the latest),
-renders everything from the whole state and writes what changed. Level-triggered: a lost or
-duplicated event cannot leave a stale key, and a resync is just "replace the state".
+renders and writes what changed. Level-triggered: a lost or duplicated event cannot leave a
+stale key, and a resync is just "replace the state". The render is incremental (only the
+targets and keys changed since the last flush are re-decided and re-rendered) and equal,
+byte for byte, to a render of the whole state (`full_render`; tests/unit/test_incremental.py).
 """
 
 from __future__ import annotations
@@ -122,7 +124,6 @@ class Reconciler:
         self.clock = clock
         self.unmanaged_hosts = unmanaged_hosts  # hosts-file lines outside the managed block
         self.local_names = local_names  # the proxy's own names from its resolver (FQDN)
-        self._refused_logged: frozenset[tuple[str, str, str]] = frozenset()
         # permitopen hosts of the manual lines, kept until the lines change (100k lines
         # take a third of a second to scan: not on every render).
         self._manual_reserved: tuple[tuple[ManualLine, ...], ReservedNames] = ((), ReservedNames())
