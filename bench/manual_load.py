@@ -85,12 +85,14 @@ def main() -> int:
                 firsts[size].append(first)
                 reloads[size].append(reload)
     base = statistics.median(firsts[sizes[0]]) / sizes[0]
+    base_reload = statistics.median(reloads[sizes[0]])
     print(f"{'lines':>8} {'load s':>8} {'us/line':>8} {'per-line vs ' + str(sizes[0]):>18} "
-          f"{'reload after 1-line edit s':>27}")
+          f"{'reload after 1-line edit s':>27} {'reload vs ' + str(sizes[0]):>16}")
     for size in sizes:
         first = statistics.median(firsts[size])
+        reload = statistics.median(reloads[size])
         print(f"{size:>8} {first:>8.3f} {first / size * 1e6:>8.1f} {first / size / base:>18.2f} "
-              f"{statistics.median(reloads[size]):>27.3f}")
+              f"{reload:>27.3f} {reload / base_reload:>15.1f}x")
     return 0
 
 

@@ -16,7 +16,8 @@ from typing import Any, Callable, TextIO
 
 from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse_datagram,
                         revoked_event)
-from .cache import (atomic_write, read_unmanaged_hosts, shrink_in_place, update_hosts_block,
+from .cache import (atomic_write, file_stamp, read_unmanaged_hosts, shrink_in_place,
+                    update_hosts_block,
                     write_if_changed)
 from .config import RunMode, Settings
 from .errors import WatcherError, explain_os_error
@@ -70,6 +71,9 @@ class OutputWriter:
         self.error = ""  # why the newest render is not on disk yet ("" = it is)
         self._pending: Rendered | None = None
         self._lock = threading.Lock()  # the reconciler and `retry` never write at once
+        # What this writer last put in each file, with the file's stamp right after: an
+        # unchanged render is not compared against the disk again (100k keys are ~20 MB).
+        self._written: dict[Path, tuple[tuple[int, ...] | None, object]] = {}
 
     def __call__(self, rendered: Rendered) -> bool:
         with self._lock:
@@ -121,10 +125,25 @@ class OutputWriter:
         changed = False
         if self.pin_names:
             # Names first, so a newly granted name resolves by the time sshd allows it.
-            changed |= update_hosts_block(self.paths.hosts, rendered.hosts_block)
-        changed |= write_if_changed(self.paths.sshd.index, rendered.index.encode())
+            changed |= self._once(self.paths.hosts, rendered.hosts_block,
+                                  lambda: update_hosts_block(self.paths.hosts, rendered.hosts_block))
+        changed |= self._once(self.paths.sshd.index, rendered.index,
+                              lambda: write_if_changed(self.paths.sshd.index, rendered.index.encode()))
         if self.write_cache:
-            changed |= write_if_changed(self.paths.cache, rendered.cache.encode())
+            changed |= self._once(self.paths.cache, rendered.cache,
+                                  lambda: write_if_changed(self.paths.cache, rendered.cache.encode()))
+        return changed
+
+    def _once(self, path: Path, content: str, write: Callable[[], bool]) -> bool:
+        """`write()` unless this writer already wrote `content` to `path` and the file has
+        not changed since (anyone else's write to it is seen, and overwritten)."""
+        stamp = file_stamp(path)
+        done = self._written.get(path)
+        if done is not None and stamp is not None and done[0] == stamp and done[1] == content:
+            return False
+        self._written.pop(path, None)
+        changed = write()
+        self._written[path] = (file_stamp(path), content)
         return changed
 
 

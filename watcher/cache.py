@@ -78,13 +78,34 @@ def update_hosts_block(path: Path, block: str) -> bool:
     return True
 
 
+def file_stamp(path: Path) -> tuple[int, ...] | None:
+    """What changes when a file is replaced or written (None: it does not exist)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+_unmanaged_memo: dict[Path, tuple[tuple[int, ...], tuple[tuple[str, tuple[str, ...]], ...]]] = {}
+
+
 def read_unmanaged_hosts(path: Path) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """`(address, names)` of the hosts file's lines outside the managed block (none when
-    the file does not exist)."""
+    the file does not exist). Parsed again only when the file changed (it is read before
+    every render; with 100k names pinned it is large)."""
+    stamp = file_stamp(path)
+    memo = _unmanaged_memo.get(path)
+    if memo is not None and stamp is not None and memo[0] == stamp:
+        return memo[1]
     data = read_bytes(path)
     if data is None:
+        _unmanaged_memo.pop(path, None)
         return ()
-    return unmanaged_hosts_entries(data.decode("utf-8", errors="surrogateescape"))
+    entries = unmanaged_hosts_entries(data.decode("utf-8", errors="surrogateescape"))
+    if stamp is not None:
+        _unmanaged_memo[path] = (stamp, entries)
+    return entries
 
 
 def shrink_in_place(path: Path, allowed: bytes) -> bool:

@@ -2,12 +2,15 @@
 
 Sources and key fetches only post messages; one thread applies them to the state and,
 debounced (quiet for `min_wait`, or `max_wait` after the first change at the latest),
-renders everything from the whole state and writes what changed. Level-triggered: a lost or
-duplicated event cannot leave a stale key, and a resync is just "replace the state".
+renders and writes what changed. Level-triggered: a lost or duplicated event cannot leave a
+stale key, and a resync is just "replace the state". The render is incremental (only the
+targets and keys changed since the last flush are re-decided and re-rendered) and equal,
+byte for byte, to a render of the whole state (`full_render`; tests/unit/test_incremental.py).
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import queue
@@ -22,12 +25,12 @@ import tenacity
 from . import backoff
 from .config import Settings
 from .model import KeyState, ManualLine, Target
-from .render import GrantElement, Rendered, ServedTarget, render
+from .render import GrantElement, IncrementalRender, Rendered, ServedTarget, render
 from .revocation import Revocation, TargetRef, World, revocations
 from .revocation import TARGET_DISCONNECTED, TARGET_NOT_PERMITTED
 from .snapshot import (MANUAL_KEYS_LISTED, IgnoredTarget, KeyInfo, KeyStatus, ManualKey,
                        ManualStatus, RefusedName, SourceStatus, TargetStatus, WatcherState)
-from .targets import (ProxyIdentity, ReservedNames, container_reservations, fold,
+from .targets import (AliasBook, ProxyIdentity, ReservedNames, container_reservations, fold,
                       hosts_file_reservations, is_permitted, permitopen_reservations,
                       proxy_reservations, resolve_aliases)
 
@@ -123,7 +126,6 @@ class Reconciler:
         self.clock = clock
         self.unmanaged_hosts = unmanaged_hosts  # hosts-file lines outside the managed block
         self.local_names = local_names  # the proxy's own names from its resolver (FQDN)
-        self._refused_logged: frozenset[tuple[str, str, str]] = frozenset()
         # permitopen hosts of the manual lines, kept until the lines change (100k lines
         # take a third of a second to scan: not on every render).
         self._manual_reserved: tuple[tuple[ManualLine, ...], ReservedNames] = ((), ReservedNames())
@@ -144,6 +146,27 @@ class Reconciler:
         self._lock = threading.Lock()  # guards `owners` for readers on other threads
         self._world = World()  # what the last render was made from, and what it granted
         self._grants: dict[str, frozenset[GrantElement]] = {}
+        # The fast path: what changed since the last flush, and the state kept up to date
+        # from it (aliases, rendered lines, revocation world, status rows). Anything that
+        # may change every target's outcome (manual lines, reserved names, the proxy's
+        # identity) sets `_full`: then everything is rebuilt, as on the first flush.
+        self._full = True
+        self._changed_targets: set[str] = set()  # target (name, address ...) changed or gone
+        self._changed_keys: set[str] = set()  # key state changed
+        self._status_dirty: set[str] = set()  # status row to redo
+        self._waiting: set[str] = set()  # ids whose entry may have a retry_at
+        self._context: tuple = ()  # inputs of the reserved names of the last flush
+        self._ignored_version = 0
+        self._book = AliasBook(proxy, pin_names)
+        self._engine = IncrementalRender(settings.permit_ports, settings.mode.discovers)
+        self._granted: dict[str, tuple[str, ...]] = {}  # target id -> aliases as last written
+        self._refs: dict[str, TargetRef] = {}
+        self._hosts_map: dict[str, str] = {}  # granted alias -> target id
+        self._manual_options: tuple[tuple[ManualLine, ...], dict] = ((), {})
+        self._rows: dict[str, TargetStatus] = {}
+        self._row_order: list[tuple[str, str]] = []  # (name, id), sorted
+        self._row_names: dict[str, str] = {}
+        self._refused_rows: dict[str, tuple[RefusedName, ...]] = {}
 
     # ---- inputs: safe from any thread -------------------------------------------------
     def upsert(self, target: Target) -> None:
@@ -216,7 +239,8 @@ class Reconciler:
         if self._first_dirty is not None:
             due = min(self._last_dirty + self.min_wait, self._first_dirty + self.max_wait)
             wake = min(wake, max(0.0, due - now))
-        retries = [e.retry_at for e in self.entries.values() if e.retry_at is not None]
+        retries = [e.retry_at for e in map(self.entries.get, self._waiting)
+                   if e is not None and e.retry_at is not None]
         if retries:
             wake = min(wake, max(0.0, min(retries) - now))
         return wake
@@ -247,9 +271,12 @@ class Reconciler:
             self._fetched(message)
         elif isinstance(message, _Manual):
             self.manual = message.lines
+            self._full = True
         elif isinstance(message, _Status):
             self.status[message.part] = message.status
         elif isinstance(message, _Identity):
+            if message.proxy != self.proxy:
+                self._full = True
             self.proxy = message.proxy
         self._dirty()
 
@@ -263,39 +290,55 @@ class Reconciler:
             if target.id in self.entries:
                 log.info("target no longer permitted: %s (%s)", target.name, reason)
             self._remove(target.id, quiet=True)
+            if self.ignored.get(target.id) != (target, reason):
+                self._ignored_version += 1
             self.ignored[target.id] = (target, reason)
             return
-        self.ignored.pop(target.id, None)
+        if self.ignored.pop(target.id, None) is not None:
+            self._ignored_version += 1
         entry = self.entries.get(target.id)
+        self._status_dirty.add(target.id)
         if entry is None:
             log.info("target added: %s address=%s", target.name, target.address or "-")
             self.entries[target.id] = TargetEntry(target=target, retry_at=self.clock(),
                                                   generation=next(self._generations))
+            self._waiting.add(target.id)
+            self._changed_targets.add(target.id)
             return
         refetch = (entry.target.started_at != target.started_at
                    or entry.target.address != target.address)
         if entry.target.name != target.name:
             log.info("target renamed: %s -> %s", entry.target.name, target.name)
+        if entry.target != target:
+            self._changed_targets.add(target.id)
         entry.target = target
         if refetch:
             entry.generation = next(self._generations)
             entry.fetching = False
             entry.failures = 0
+            if entry.keys.keys:
+                self._changed_keys.add(target.id)
             entry.keys = KeyState()
             entry.retry_at = self.clock()
+            self._waiting.add(target.id)
             entry.since = time.time()
 
     def _remove(self, target_id: str, quiet: bool = False) -> None:
-        self.ignored.pop(target_id, None)
+        if self.ignored.pop(target_id, None) is not None:
+            self._ignored_version += 1
         entry = self.entries.pop(target_id, None)
-        if entry is not None and not quiet:
-            log.info("target removed: %s", entry.target.name)
+        if entry is not None:
+            self._changed_targets.add(target_id)
+            self._status_dirty.add(target_id)
+            if not quiet:
+                log.info("target removed: %s", entry.target.name)
 
     def _replace_all(self, targets: tuple[Target, ...]) -> None:
         wanted = {t.id for t in targets}
         for target_id in [i for i in self.entries if i not in wanted]:
             self._remove(target_id)
-        self.ignored = {i: v for i, v in self.ignored.items() if i in wanted}
+        for target_id in [i for i in self.ignored if i not in wanted]:
+            self._remove(target_id)
         for target in targets:
             self._upsert(target)
 
@@ -304,6 +347,7 @@ class Reconciler:
         if entry is None or entry.generation != message.generation:
             return  # the target went away or restarted meanwhile: a newer fetch decides
         entry.fetching = False
+        self._status_dirty.add(message.target_id)
         keys = message.keys
         before = (entry.keys.status, entry.keys.keys, entry.keys.error)
         for reason in keys.rejected:
@@ -318,6 +362,7 @@ class Reconciler:
             entry.failures += 1
             delay = retry_delay(entry.failures)
             entry.retry_at = self.clock() + delay
+            self._waiting.add(message.target_id)
             # Keys already served stay served until the target stops: a flaky key API
             # must not lock users out of a running target.
             entry.keys = replace(entry.keys, status="failed" if not entry.keys.keys else "ok",
@@ -326,14 +371,22 @@ class Reconciler:
                         entry.target.name, keys.error, delay)
         if (entry.keys.status, entry.keys.keys, entry.keys.error) != before:
             entry.since = time.time()
+        if entry.keys.keys != before[1]:
+            self._changed_keys.add(message.target_id)
 
     def _start_due_fetches(self) -> None:
         now = self.clock()
-        for entry in self.entries.values():
-            if entry.fetching or entry.retry_at is None or entry.retry_at > now:
+        for tid in list(self._waiting):
+            entry = self.entries.get(tid)
+            if entry is None or entry.retry_at is None:
+                self._waiting.discard(tid)
+                continue
+            if entry.fetching or entry.retry_at > now:
                 continue
             entry.fetching = True
             entry.retry_at = None
+            self._waiting.discard(tid)
+            self._status_dirty.add(tid)
             self.pool.submit(self._fetch_job, entry.target, entry.generation)
 
     def _fetch_job(self, target: Target, generation: int) -> None:
@@ -352,34 +405,70 @@ class Reconciler:
     # ---- output -------------------------------------------------------------------------
     def flush(self) -> None:
         self._first_dirty = None
-        targets = [e.target for e in self.entries.values()]
-        hosts = self.unmanaged_hosts() if targets else ()
-        plan = resolve_aliases(targets, self.proxy, pin_names=self.pin_names,
-                               reserved=self._reserved_names(hosts))
-        self._log_refused(plan.refused)
-        served = [ServedTarget(e.target, plan.aliases.get(e.target.id, ()), e.keys.keys)
-                  for e in self.entries.values() if e.keys.keys]
-        # With discovery, an admin line without permitopen reaches the discovered targets only.
-        rendered = render(served, self.settings.permit_ports, self.manual,
-                          scope_manual=self.settings.mode.discovers,
-                          pinned_elsewhere=frozenset(fold(n) for _, names in hosts for n in names))
+        hosts = self.unmanaged_hosts() if self.entries else ()
+        pinned = frozenset(fold(n) for _, names in hosts for n in names)
+        context = (self.proxy, self.manual, self._ignored_version, pinned, hosts)
+        if self._full or not _same(context, self._context):
+            redo, rendered = self._render_all(hosts, pinned)
+        else:
+            redo, rendered = self._render_changes()
+        self._full = False
+        self._context = context
+        self._changed_targets.clear()
+        self._changed_keys.clear()
+        self._log_refused(redo)
         if self.write(rendered):
             self.writes += 1
             self.last_write = time.time()
         # Only now: a login from here on reads the new index, so closing the sessions
         # that lost grants cannot race a login that still sees them.
         written_at = time.time()
-        world = self._world_of(plan.aliases, rendered)
-        revoked = revocations(self._world, world, self._grants, rendered.grants, written_at)
+        world = self._world_now(redo, rendered)
+        revoked = revocations(self._world, world, self._grants, rendered.grants, written_at,
+                              fingerprints=rendered.changed)
         self._world, self._grants = world, rendered.grants
         if revoked:
             self.revoke(revoked)
-        names = {e.target.id: e.target.name for e in self.entries.values()}
         with self._lock:
             self.owners = rendered.owners
-            self.alias_owners = {fold(alias): names[tid] for tid, aliases in plan.aliases.items()
-                                 for alias in aliases}
-        self.publish(self._snapshot(plan.aliases, plan.refused, rendered))
+        self.publish(self._snapshot(redo, rendered))
+
+    def full_render(self) -> Rendered:
+        """The current state rendered from scratch (what the fast path must equal)."""
+        targets = [e.target for e in self.entries.values()]
+        hosts = self.unmanaged_hosts() if targets else ()
+        plan = resolve_aliases(targets, self.proxy, pin_names=self.pin_names,
+                               reserved=self._reserved_names(hosts))
+        served = [ServedTarget(e.target, plan.aliases.get(e.target.id, ()), e.keys.keys)
+                  for e in self.entries.values() if e.keys.keys]
+        return render(served, self.settings.permit_ports, self.manual,
+                      scope_manual=self.settings.mode.discovers,
+                      pinned_elsewhere=frozenset(fold(n) for _, names in hosts for n in names))
+
+    def _render_all(self, hosts: HostsEntries, pinned: frozenset[str]) -> tuple[set[str], Rendered]:
+        """Rebuild the aliases and every rendered line from the whole state."""
+        self._book = AliasBook(self.proxy, self.pin_names, self._reserved_names(hosts))
+        redo = self._book.update({tid: e.target for tid, e in self.entries.items()})
+        # With discovery, an admin line without permitopen reaches the discovered targets only.
+        self._engine.reset(self.manual, pinned)
+        rendered = self._engine.update({tid: self._served(tid) for tid in self.entries})
+        gone = set(self._granted) - set(self.entries)
+        return redo | gone, replace(rendered, changed=None)
+
+    def _render_changes(self) -> tuple[set[str], Rendered]:
+        """Only what the changed targets touch: their claims' co-claimants, their keys."""
+        redo = self._book.update({tid: self.entries[tid].target if tid in self.entries else None
+                                  for tid in self._changed_targets})
+        redo |= self._changed_targets
+        rendered = self._engine.update({tid: self._served(tid)
+                                        for tid in redo | self._changed_keys})
+        return redo, rendered
+
+    def _served(self, tid: str) -> ServedTarget | None:
+        entry = self.entries.get(tid)
+        if entry is None or not entry.keys.keys:
+            return None
+        return ServedTarget(entry.target, self._book.aliases.get(tid, ()), entry.keys.keys)
 
     def _reserved_names(self, hosts: HostsEntries) -> ReservedNames:
         """Names a target's soft alias would take from someone else: other containers the
@@ -395,41 +484,90 @@ class Reconciler:
             hosts_file_reservations(hosts),
             proxy_reservations(self.local_names)))
 
-    def _log_refused(self, refused: tuple[tuple[str, str, str], ...]) -> None:
+    def _log_refused(self, redo: set[str]) -> None:
         """Each refusal once, when it first appears (the same state renders many times)."""
-        current = frozenset(refused)
-        for name, alias, reason in refused:
-            if (name, alias, reason) not in self._refused_logged:
-                log.warning("target %r: alias %r refused: %s", name, alias, reason)
-        self._refused_logged = current
+        for tid in redo:
+            refused = self._book.refused.get(tid, ())
+            was = {(r.target, r.alias, r.reason) for r in self._refused_rows.get(tid, ())}
+            for name, alias, reason in refused:
+                if (name, alias, reason) not in was:
+                    log.warning("target %r: alias %r refused: %s", name, alias, reason)
 
-    def _world_of(self, aliases: dict[str, tuple[str, ...]], rendered: Rendered) -> World:
-        targets = {tid: TargetRef(tid, e.target.name, e.target.address, e.target.started_at)
-                   for tid, e in self.entries.items()}
+    def _world_now(self, redo: set[str], rendered: Rendered) -> World:
+        """The revocation world after this flush: the maps of the targets re-decided now
+        are updated in place, then copied (the last world is compared against)."""
+        if rendered.changed is None:
+            self._refs, self._hosts_map, self._granted = {}, {}, {}
+            redo = set(self.entries)
+        with self._lock:
+            for tid in redo:
+                for alias in self._granted.pop(tid, ()):
+                    if self._hosts_map.get(alias) == tid:
+                        del self._hosts_map[alias]
+                    self.alias_owners.pop(fold(alias), None)
+                self._refs.pop(tid, None)
+            if rendered.changed is None:
+                self.alias_owners = {}
+            for tid in redo:
+                entry = self.entries.get(tid)
+                if entry is None:
+                    continue
+                t = entry.target
+                self._refs[tid] = TargetRef(tid, t.name, t.address, t.started_at)
+                aliases = self._book.aliases.get(tid, ())
+                self._granted[tid] = aliases
+                for alias in aliases:
+                    self._hosts_map[alias] = tid
+                    self.alias_owners[fold(alias)] = t.name
         excluded = {tid: TARGET_NOT_PERMITTED if is_permitted(t, self.settings) else TARGET_DISCONNECTED
                     for tid, (t, _) in self.ignored.items()}
-        manual: dict[str, set[tuple[str, ...]]] = {}
-        for line in self.manual:
-            manual.setdefault(line.key.fingerprint, set()).add(line.options)
-        return World(targets=targets,
-                     hosts={alias: tid for tid, names in aliases.items() for alias in names},
-                     excluded=excluded, manual={fp: frozenset(o) for fp, o in manual.items()},
-                     owners=rendered.owners)
+        if self._manual_options[0] is not self.manual:
+            manual: dict[str, set[tuple[str, ...]]] = {}
+            for line in self.manual:
+                manual.setdefault(line.key.fingerprint, set()).add(line.options)
+            self._manual_options = (self.manual, {fp: frozenset(o) for fp, o in manual.items()})
+        return World(targets=dict(self._refs), hosts=dict(self._hosts_map), excluded=excluded,
+                     manual=self._manual_options[1], owners=rendered.owners)
 
-    def _snapshot(self, aliases: dict, refused: tuple, rendered: Rendered) -> Snapshot:
-        rows = tuple(_target_status(entry, aliases.get(entry.target.id, ()))
-                     for entry in sorted(self.entries.values(), key=lambda e: e.target.name))
+    def _snapshot(self, redo: set[str], rendered: Rendered) -> Snapshot:
+        full = rendered.changed is None
+        dirty = set(self.entries) | set(self._rows) if full else self._status_dirty | redo
+        self._status_dirty = set()
+        bulk = len(dirty) > max(256, len(self._rows) // 8)  # re-sort once, not insert each
+        for tid in dirty:
+            name = self._row_names.pop(tid, None)
+            if name is not None and not bulk:
+                self._row_order.pop(bisect.bisect_left(self._row_order, (name, tid)))
+            self._rows.pop(tid, None)
+            self._refused_rows.pop(tid, None)
+            entry = self.entries.get(tid)
+            if entry is None:
+                continue
+            self._rows[tid] = _target_status(entry, self._book.aliases.get(tid, ()))
+            self._refused_rows[tid] = tuple(RefusedName(*r) for r in self._book.refused.get(tid, ()))
+            self._row_names[tid] = entry.target.name
+            if not bulk:
+                bisect.insort(self._row_order, (entry.target.name, tid))
+        if bulk:
+            self._row_order = sorted((name, tid) for tid, name in self._row_names.items())
+        order = [tid for _, tid in self._row_order]
         ignored = tuple(IgnoredTarget(t.id[:12], t.name, r)
                         for t, r in sorted(self.ignored.values(), key=lambda v: v[0].name))
         manual_keys = tuple(ManualKey(m.origin, m.key.key_type, m.key.fingerprint, m.options)
                             for m in self.manual[:MANUAL_KEYS_LISTED])
-        return Snapshot(targets=rows, ignored=ignored,
-                        refused_aliases=tuple(RefusedName(*r) for r in refused),
+        return Snapshot(targets=tuple(map(self._rows.__getitem__, order)), ignored=ignored,
+                        refused_aliases=tuple(itertools.chain.from_iterable(
+                            map(self._refused_rows.__getitem__, order))),
                         manual_keys=manual_keys, keys_served=rendered.index.count("\n"),
                         writes=self.writes, last_write=self.last_write,
                         last_event=self.last_event,
                         source=source_status(self.status["source"]),
                         manual=manual_status(self.status["manual"]))
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Equal contexts, comparing the manual lines by identity (100k lines: not by value)."""
+    return len(a) == len(b) == 5 and a[1] is b[1] and a[0] == b[0] and a[2:] == b[2:]
 
 
 def _target_status(entry: TargetEntry, aliases: tuple[str, ...]) -> TargetStatus:

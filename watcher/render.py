@@ -9,6 +9,7 @@ Three outputs, always rendered together from the same state:
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -19,6 +20,7 @@ from .targets import fold
 BASE_OPTIONS = "restrict,port-forwarding"
 HOSTS_BEGIN = "# BEGIN ssh-proxy targets (managed by the watcher; edits are overwritten)"
 HOSTS_END = "# END ssh-proxy targets"
+CACHE_HEADER = "# ssh-proxy authorized keys: rendered by the watcher, do not edit\n"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class Rendered:
     owners: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # fingerprint -> what sshd gives the key (see grant_set): revocation compares these.
     grants: dict[str, frozenset[GrantElement]] = field(default_factory=dict)
+    # Fingerprints whose lines may differ from the previous render (None: any of them):
+    # what the revocation diff needs to look at.
+    changed: frozenset[str] | None = None
 
 
 def permitopen_options(aliases: Iterable[str], ports: Iterable[str]) -> list[str]:
@@ -185,16 +190,27 @@ def render_hosts_block(served: Iterable[ServedTarget],
     rows = []
     written = set(pinned_elsewhere)
     for item in sorted(served, key=lambda s: (s.target.name, s.target.id)):
-        if not (_ipv4(item.target.address) and item.keys):
-            continue  # no address, or one that is not plainly an IPv4 address: no row
-        names = []
-        for alias in item.aliases:
-            if not _looks_like_ip(alias) and fold(alias) not in written:
-                written.add(fold(alias))
-                names.append(alias)
-        if names:
-            rows.append(f"{item.target.address}\t{' '.join(names)}")
+        row = hosts_row(item, written)
+        if row:
+            rows.append(row)
+    return hosts_block(rows)
+
+
+def hosts_block(rows: Iterable[str]) -> str:
     return "\n".join([HOSTS_BEGIN, *rows, HOSTS_END]) + "\n"
+
+
+def hosts_row(item: ServedTarget, written: set[str]) -> str:
+    """One target's hosts line ("" for none), leaving out names in `written` (folded), to
+    which the names it writes are added."""
+    if not (_ipv4(item.target.address) and item.keys):
+        return ""  # no address, or one that is not plainly an IPv4 address: no row
+    names = []
+    for alias in item.aliases:
+        if not _looks_like_ip(alias) and fold(alias) not in written:
+            written.add(fold(alias))
+            names.append(alias)
+    return f"{item.target.address}\t{' '.join(names)}" if names else ""
 
 
 def _ipv4(text: str) -> bool:
@@ -215,15 +231,14 @@ def render(served: Iterable[ServedTarget], ports: tuple[str, ...],
     manual = list(manual)
     scope = None
     if scope_manual:
-        aliases = [a for item in sorted(served, key=lambda s: s.target.name)
+        aliases = [a for item in sorted(served, key=lambda s: (s.target.name, s.target.id))
                    if item.keys for a in item.aliases]
         scope = permitopen_options(dict.fromkeys(aliases), ports)
     merged = merge_grants(discovered_grants(served, ports) + manual_grants(manual, scope))
     # (fingerprint, conditional first, line): `look` needs the index sorted by fingerprint
     # only; within one fingerprint the order is the order sshd tries the lines in.
     lines = sorted((g.key.fingerprint, not _conditions(g), g.line()) for g in merged)
-    header = "# ssh-proxy authorized keys: rendered by the watcher, do not edit\n"
-    cache = header + "".join(line + "\n" for _, _, line in lines)
+    cache = CACHE_HEADER + "".join(line + "\n" for _, _, line in lines)
     index = "".join(f"{fp} {line}\n" for fp, _, line in lines)
     grants: dict[str, frozenset[GrantElement]] = {}
     for grant in merged:
@@ -239,6 +254,133 @@ def render(served: Iterable[ServedTarget], ports: tuple[str, ...],
     return Rendered(cache=cache, index=index, hosts_block=render_hosts_block(served, pinned_elsewhere),
                     owners={fp: tuple(sorted(set(v))) for fp, v in owners.items()},
                     grants=grants)
+
+
+class IncrementalRender:
+    """render(), kept up to date target by target: a change re-renders only the key lines
+    of the keys it touches and the hosts row of the targets it touches.
+
+    The outputs are byte for byte what render() gives for the same state (the property
+    tests hold it to that); the index is kept as one text per fingerprint in fingerprint
+    order, so the sorted file is a join, never a sort. Granted aliases are unique across
+    targets (resolve_aliases refuses contested names), so a target's hosts row depends on
+    that target and `pinned_elsewhere` only.
+    """
+
+    def __init__(self, ports: tuple[str, ...], scope_manual: bool = False) -> None:
+        self.ports = ports
+        self.scope_manual = scope_manual
+        self.reset((), ())
+
+    def reset(self, manual: Iterable[ManualLine], pinned_elsewhere: frozenset[str]) -> None:
+        """Forget every target; serve `manual` (rendered by the next update)."""
+        self.pinned_elsewhere = pinned_elsewhere
+        self._served: dict[str, ServedTarget] = {}
+        self._order: list[tuple[str, str]] = []  # (name, id) of the served targets, sorted
+        self._by_fp: dict[str, set[str]] = {}  # fingerprint -> ids of targets with that key
+        self._manual: dict[str, list[ManualLine]] = {}
+        for line in manual:
+            self._manual.setdefault(line.key.fingerprint, []).append(line)
+        # Fingerprints of admin lines without permitopen: their scope is every served alias.
+        self._scoped = frozenset(fp for fp, lines in self._manual.items()
+                                 if any(not _has_permitopen(m.options) for m in lines))
+        self._scope: list[str] | None = [] if self.scope_manual else None
+        self._fps: list[str] = []  # sorted
+        self._index_part: dict[str, str] = {}
+        self._cache_part: dict[str, str] = {}
+        self._grants: dict[str, frozenset[GrantElement]] = {}
+        self._owners: dict[str, tuple[str, ...]] = {}
+        self._rows: dict[str, str] = {}  # target id -> hosts row
+        self._hosts = hosts_block(())
+        self._pending_fps: set[str] = set(self._manual)
+        self._bulk = False
+
+    def update(self, changed: dict[str, ServedTarget | None]) -> Rendered:
+        """Apply changed targets (None, or no keys: not served) and render."""
+        fps = self._pending_fps
+        self._pending_fps = set()
+        rows_changed = False
+        # Many changes (a full render, a resync): re-sort once instead of inserting each.
+        self._bulk = len(changed) > max(_BULK, len(self._served) // 8)
+        for tid, item in changed.items():
+            old = self._served.pop(tid, None)
+            if item is not None and not item.keys:
+                item = None
+            if old is not None and not self._bulk:
+                self._order.pop(bisect.bisect_left(self._order, (old.target.name, tid)))
+                for key in old.keys:
+                    fps.add(key.fingerprint)
+                    owners = self._by_fp[key.fingerprint]
+                    owners.discard(tid)
+                    if not owners:
+                        del self._by_fp[key.fingerprint]
+            if item is not None:
+                self._served[tid] = item
+                if not self._bulk:
+                    bisect.insort(self._order, (item.target.name, tid))
+                for key in item.keys:
+                    fps.add(key.fingerprint)
+                    self._by_fp.setdefault(key.fingerprint, set()).add(tid)
+            row = hosts_row(item, set(self.pinned_elsewhere)) if item is not None else ""
+            if row != self._rows.get(tid, ""):
+                rows_changed = True
+                if row:
+                    self._rows[tid] = row
+                else:
+                    del self._rows[tid]
+        if self._bulk:
+            self._order = sorted((s.target.name, tid) for tid, s in self._served.items())
+        if self._scope is not None and self._scoped and changed:
+            scope = permitopen_options(dict.fromkeys(
+                a for _, tid in self._order for a in self._served[tid].aliases), self.ports)
+            if scope != self._scope:
+                self._scope = scope
+                fps |= self._scoped
+        for fp in fps:
+            self._render_fp(fp)
+        if self._bulk:
+            self._fps = sorted(self._index_part)
+        if rows_changed:
+            self._hosts = hosts_block(self._rows[tid] for _, tid in self._order if tid in self._rows)
+        return Rendered(cache=CACHE_HEADER + "".join(map(self._cache_part.__getitem__, self._fps)),
+                        index="".join(map(self._index_part.__getitem__, self._fps)),
+                        hosts_block=self._hosts, owners=dict(self._owners),
+                        grants=dict(self._grants), changed=frozenset(fps))
+
+    def _render_fp(self, fp: str) -> None:
+        """Re-render every line of one fingerprint, as render() would."""
+        items = sorted((self._served[tid] for tid in self._by_fp.get(fp, ())),
+                       key=lambda s: (s.target.name, s.target.id))
+        grants = [g for g in discovered_grants(items, self.ports) if g.key.fingerprint == fp]
+        manual = self._manual.get(fp, [])
+        grants += manual_grants(manual, self._scope)
+        if not grants:
+            if fp in self._index_part:
+                if not self._bulk:
+                    self._fps.pop(bisect.bisect_left(self._fps, fp))
+                for table in (self._index_part, self._cache_part, self._grants, self._owners):
+                    table.pop(fp, None)
+            return
+        merged = merge_grants(grants)
+        lines = [line for _, line in sorted((not _conditions(g), g.line()) for g in merged)]
+        if fp not in self._index_part and not self._bulk:
+            bisect.insort(self._fps, fp)
+        self._index_part[fp] = "".join(f"{fp} {line}\n" for line in lines)
+        self._cache_part[fp] = "".join(line + "\n" for line in lines)
+        self._grants[fp] = frozenset().union(*(grant_set(g) for g in merged))
+        names = {item.target.name for item in items if item.aliases}
+        names.update(m.origin for m in manual)
+        if names:
+            self._owners[fp] = tuple(sorted(names))
+        else:
+            self._owners.pop(fp, None)
+
+
+_BULK = 256  # changes (and an eighth of the state) above which the sorted lists are re-sorted
+
+
+def _has_permitopen(options: Iterable[str]) -> bool:
+    return any(o.startswith("permitopen=") for o in options)
 
 
 def splice_hosts_block(hosts: str, block: str) -> str:

@@ -10,7 +10,7 @@ or that keeps the same grants from another source, keeps its sessions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from .render import ANY_DEST, GrantElement
 
@@ -37,7 +37,8 @@ MANUAL_LINE_REMOVED = "manual-line-removed"  # removed or edited in authorized_k
 GRANT_WITHDRAWN = "grant-withdrawn"  # a granted name withdrawn, the key not published, ...
 
 
-def lost_grants(old: GrantSets, new: GrantSets) -> dict[str, frozenset[GrantElement]]:
+def lost_grants(old: GrantSets, new: GrantSets,
+                fingerprints: Iterable[str] | None = None) -> dict[str, frozenset[GrantElement]]:
     """Fingerprint -> the grant elements it had in `old` and has not in `new`.
 
     The rule: a key loses a grant when the set of (conditions, permitopen destination)
@@ -47,10 +48,13 @@ def lost_grants(old: GrantSets, new: GrantSets) -> dict[str, frozenset[GrantElem
     PermitOpen governs) counts as its own element (ANY_DEST), never as a superset of named
     destinations. A key whose grants only grew, or stayed the same whichever source now
     grants them, has lost nothing; a key no longer in the index lost all it had.
+    `fingerprints`: the only ones that may differ between `old` and `new` (None: any), so
+    that a render that changed one key is not compared key by key over the whole index.
     """
     lost: dict[str, frozenset[GrantElement]] = {}
-    for fp, had in old.items():
-        gone = had - new.get(fp, frozenset())
+    candidates = old.keys() if fingerprints is None else fingerprints
+    for fp in candidates:
+        gone = old.get(fp, frozenset()) - new.get(fp, frozenset())
         if gone:
             lost[fp] = frozenset(gone)
     return lost
@@ -88,10 +92,10 @@ class Revocation:
 
 
 def revocations(before: World, after: World, old: GrantSets, new: GrantSets,
-                at: float = 0.0) -> list[Revocation]:
+                at: float = 0.0, fingerprints: Iterable[str] | None = None) -> list[Revocation]:
     """A Revocation per fingerprint that lost grants (lost_grants), sorted by fingerprint."""
     result = []
-    for fp, gone in sorted(lost_grants(old, new).items()):
+    for fp, gone in sorted(lost_grants(old, new, fingerprints).items()):
         reasons: set[str] = set()
         names: set[str] = set()
         for element in gone:

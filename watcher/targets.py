@@ -8,6 +8,7 @@ or loopback, and must be well-formed enough to be written into an option and a h
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import re
 import socket
@@ -188,6 +189,7 @@ def _inet_aton_form(text: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1 << 16)  # pure, and asked for every candidate of every target
 def alias_problem(alias: str, proxy: ProxyIdentity) -> str:
     """Why an alias may not be granted, or "" when it may."""
     ip = _ip(alias)
@@ -238,61 +240,131 @@ def resolve_aliases(targets: Iterable[Target], proxy: ProxyIdentity,
     block to pin names to addresses), soft aliases are refused: sshd would resolve them
     through DNS, where they may lead somewhere else.
     """
-    targets = sorted(targets, key=lambda t: (t.name, t.id))
-    claims: dict[str, set[str]] = {}
-    auth_claims: dict[str, set[str]] = {}
-    name_owners: dict[str, set[str]] = {}
-    for t in targets:
-        name_owners.setdefault(fold(t.name), set()).add(t.id)
+    book = AliasBook(proxy, pin_names, reserved)
+    book.update({t.id: t for t in targets})
+    return book.plan()
+
+
+class AliasBook:
+    """resolve_aliases kept up to date one target at a time (the reconciler's fast path).
+
+    Holds every target's claims by folded name; `update` re-decides only the targets that
+    claim a name some changed target claims (or claimed): no other target's outcome can
+    depend on the change. The rules are resolve_aliases' (which is this, run once)."""
+
+    def __init__(self, proxy: ProxyIdentity, pin_names: bool = True,
+                 reserved: ReservedNames = ReservedNames()) -> None:
+        self.proxy = proxy
+        self.pin_names = pin_names
+        self.reserved = reserved
+        self.targets: dict[str, Target] = {}
+        self.aliases: dict[str, tuple[str, ...]] = {}  # target id -> granted aliases
+        self.refused: dict[str, tuple[tuple[str, str, str], ...]] = {}  # id -> refusals
+        self._claims: dict[str, set[str]] = {}
+        self._auth_claims: dict[str, set[str]] = {}
+        self._name_owners: dict[str, set[str]] = {}
+
+    def update(self, changed: Mapping[str, Target | None]) -> set[str]:
+        """Apply changed targets (None: gone); returns the ids whose outcome was re-decided."""
+        touched: set[str] = set()
+        redo: set[str] = set()
+        for tid, target in changed.items():
+            old = self.targets.get(tid)
+            if old is not None and target is not None and _claim_view(old) == _claim_view(target):
+                self.targets[tid] = target  # e.g. restarted: its claims are what they were
+                continue
+            self.targets.pop(tid, None)
+            if old is not None:
+                touched |= self._claim(old, add=False)
+                self.aliases.pop(tid, None)
+                self.refused.pop(tid, None)
+            if target is not None:
+                self.targets[tid] = target
+                touched |= self._claim(target, add=True)
+        redo |= {tid for tid in changed if tid in self.targets}
+        for key in touched:
+            others = self._claims.get(key, set()) | self._name_owners.get(key, set())
+            if others <= redo or alias_problem(key, self.proxy):
+                continue  # all re-decided anyway, or refused to every claimant (case-blind)
+            redo |= others
+        for tid in redo:
+            self._decide(self.targets[tid])
+        return redo
+
+    def plan(self) -> AliasPlan:
+        order = sorted(self.targets.values(), key=lambda t: (t.name, t.id))
+        return AliasPlan(aliases={t.id: self.aliases[t.id] for t in order},
+                         refused=tuple(r for t in order for r in self.refused[t.id]))
+
+    def _claim(self, t: Target, add: bool) -> set[str]:
+        keys = {fold(t.name)}
+        self._mark(self._name_owners, fold(t.name), t.id, add)
         for alias, auth in _candidates(t):
-            claims.setdefault(fold(alias), set()).add(t.id)
+            key = fold(alias)
+            keys.add(key)
+            self._mark(self._claims, key, t.id, add)
             if auth:
-                auth_claims.setdefault(fold(alias), set()).add(t.id)
-    names = {t.id: t.name for t in targets}
+                self._mark(self._auth_claims, key, t.id, add)
+        return keys
 
-    def listed(ids: Iterable[str]) -> str:
-        return ", ".join(sorted(names[i] for i in ids))
+    @staticmethod
+    def _mark(table: dict[str, set[str]], key: str, tid: str, add: bool) -> None:
+        if add:
+            table.setdefault(key, set()).add(tid)
+            return
+        ids = table.get(key)
+        if ids is not None:
+            ids.discard(tid)
+            if not ids:
+                del table[key]
 
-    def contest(alias: str, t: Target, auth: bool) -> str:
+    def _listed(self, ids: Iterable[str]) -> str:
+        return ", ".join(sorted(self.targets[i].name for i in ids))
+
+    def _contest(self, alias: str, t: Target, auth: bool) -> str:
         if not auth and _ip(alias) is not None:
             # A hostname or network alias spelled as an address would open that address,
             # which may be any host: only the target's own IPs (from the engine) count.
             return "an address that is not the target's own"
         key = fold(alias)
-        owners = name_owners.get(key, set())
+        owners = self._name_owners.get(key, set())
         if t.id in owners and len(owners) > 1:
-            return f"ambiguous: target {listed(owners - {t.id})} has the same name but for case"
+            return f"ambiguous: target {self._listed(owners - {t.id})} has the same name but for case"
         if owners:
-            return "" if t.id in owners else f"belongs to target {listed(owners)}"
-        others = claims[key] - {t.id}
-        auth_owners = auth_claims.get(key, set())
+            return "" if t.id in owners else f"belongs to target {self._listed(owners)}"
+        others = self._claims[key] - {t.id}
+        auth_owners = self._auth_claims.get(key, set())
         if len(auth_owners) == 1 and t.id not in auth_owners:
-            return f"belongs to target {listed(auth_owners)}"
+            return f"belongs to target {self._listed(auth_owners)}"
         if len(auth_owners) > 1 or (not auth_owners and others):
-            return f"also claimed by {listed(others)}"
-        if not auth and not pin_names:
+            return f"also claimed by {self._listed(others)}"
+        if not auth and not self.pin_names:
             return "hosts file not writable: only names that resolve by themselves"
         if not auth and not t.address:
             return "no address to pin the name to"
         return ""
 
-    result: dict[str, tuple[str, ...]] = {}
-    refused: list[tuple[str, str, str]] = []
-    for t in targets:
+    def _decide(self, t: Target) -> None:
         granted: list[str] = []
+        refused: list[tuple[str, str, str]] = []
         seen: set[str] = set()
         for alias, auth in _candidates(t):
             if fold(alias) in seen:
                 continue  # the same name again (maybe in another case): granted once
-            problem = (_bad_target_name(t) or alias_problem(alias, proxy)
-                       or reserved.conflict(alias, t, auth) or contest(alias, t, auth))
+            problem = (_bad_target_name(t) or alias_problem(alias, self.proxy)
+                       or self.reserved.conflict(alias, t, auth) or self._contest(alias, t, auth))
             if problem:
                 refused.append((t.name, alias, problem))
             else:
                 granted.append(alias)
                 seen.add(fold(alias))
-        result[t.id] = tuple(granted)
-    return AliasPlan(aliases=result, refused=tuple(refused))
+        self.aliases[t.id] = tuple(granted)
+        self.refused[t.id] = tuple(refused)
+
+
+def _claim_view(t: Target) -> tuple:
+    """Everything about a target that its aliases' outcome depends on."""
+    return (t.name, t.id, t.address, t.addresses, t.aliases, t.hostname)
 
 
 def _bad_target_name(target: Target) -> str:

@@ -578,3 +578,20 @@ def test_100k_line_file(tmp_path: Path) -> None:
     assert source.errors() == []
     source.load()
     assert sink.statuses[-1] == {"files": 1, "keys": 100_000, "errors": []}
+
+
+def test_only_the_edited_file_is_read_again(tmp_path: Path, monkeypatch) -> None:
+    keys_dir = tmp_path / "authorized_keys.d"
+    keys_dir.mkdir()
+    (keys_dir / "a.pub").write_text(key_line("a") + "\n")
+    (keys_dir / "b.pub").write_text(key_line("b") + "\n")
+    sink = FakeSink()
+    source = ManualKeySource(sink, keys_dir)
+    source.load()
+    read: list[str] = []
+    real = manual_mod._read_capped
+    monkeypatch.setattr(manual_mod, "_read_capped", lambda p: read.append(p.name) or real(p))
+    (keys_dir / "b.pub").write_text(key_line("b") + "\n" + key_line("b2") + "\n")
+    source.load()
+    assert read == ["b.pub"]
+    assert sorted(l.key.comment for l in sink.latest()) == ["a", "b", "b2"]

@@ -8,7 +8,8 @@ keeps working. A file that cannot be read keeps serving its last good content; a
 file revokes its keys.
 
 Level-triggered like the rest: any relevant event (create, modify, move, delete, the
-ConfigMap `..data` symlink swap) just triggers a full rescan. The poll catches what inotify
+ConfigMap `..data` symlink swap) just triggers a rescan (a file whose inode, size and times are
+unchanged is not read again: a one-line edit parses one file). The poll catches what inotify
 cannot see, e.g. a host-side write to a single bind-mounted file.
 """
 
@@ -79,6 +80,8 @@ def is_key_file_name(name: str) -> bool:
 class _FileState:
     lines: list[ManualLine] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    stamp: tuple | None = None  # the file as parsed (None: not read, try again)
+    known: dict[str, Any] = field(default_factory=dict)  # line text -> parse result
 
 
 class _Trigger(FileSystemEventHandler):
@@ -106,7 +109,6 @@ class ManualKeySource:
         self.settle = settle
         self._files: dict[Path, _FileState] = {}
         self._reported: set[str] = set()
-        self._known: dict[str, Any] = {}
         self._fired = threading.Event()
         self._signature: tuple = ()
 
@@ -138,20 +140,27 @@ class ManualKeySource:
     def scan(self) -> list[ManualLine]:
         """Re-read every input; returns all valid lines (and logs new errors once)."""
         current: dict[Path, _FileState] = {}
-        seen: dict[str, Any] = {}
         for path in self.files():
+            previous = self._files.get(path)
+            stamp = _stamp(path)
+            if previous is not None and stamp is not None and previous.stamp == stamp:
+                current[path] = previous  # unchanged since parsed: only edited files are read
+                continue
             try:
                 data = _read_capped(path)
             except OSError as exc:
-                previous = self._files.get(path)
                 state = _FileState(previous.lines if previous else [],
                                    [f"{path}: cannot read ({exc.strerror or exc}); "
                                     "serving its last good content"])
             else:
-                state = _FileState(*parse_key_file(data, str(path), self._known, seen))
+                # Its own earlier lines as the memo: a one-line edit validates one line;
+                # only lines still present are kept, so the memo never outgrows the file.
+                seen: dict[str, Any] = {}
+                lines, errors = parse_key_file(data, str(path), previous.known if previous else {},
+                                               seen)
+                state = _FileState(lines, errors, stamp, seen)
             current[path] = state
         self._files = current
-        self._known = seen  # only lines still present: the memo never outgrows the inputs
         errors = [e for s in current.values() for e in s.errors]
         for error in errors:
             if error not in self._reported:
@@ -206,6 +215,15 @@ class ManualKeySource:
             self._fired.clear()
             if not self._fired.wait(self.settle):
                 return
+
+
+def _stamp(path: Path) -> tuple | None:
+    """What changes when a file's content may have (symlinks followed)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _read_capped(path: Path) -> bytes:
