@@ -35,7 +35,15 @@ from helpers import (KeyPair, Proxy, SshClient, Target, build_image, docker,  # 
                      make_keypair, run_proxy_container, run_target_container)
 
 BENCH_LABEL = "ssh-proxy-bench"
+"""Every container and network a benchmark starts carries `ssh-proxy-bench=1`; bench/run.sh
+removes whatever carries it at start and exit."""
 RUN_LABEL = "ssh-proxy-bench-run"
+
+# The e2e helpers stamp what they start with the tests' labels (read at call time), and
+# tests/run.sh removes whatever carries `ssh-proxy-test=1`: a benchmark's containers carry
+# ours instead, so a test run and a benchmark never remove each other's containers.
+helpers.TEST_LABEL = BENCH_LABEL
+helpers.SESSION_LABEL = RUN_LABEL
 
 
 class BenchError(Exception):
