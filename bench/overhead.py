@@ -262,6 +262,9 @@ def main() -> int:
     parser.add_argument("--shaped-rounds", type=int, default=4)
     parser.add_argument("--shaped-mib", type=int, default=64)
     parser.add_argument("--rate", default="200mbit")
+    parser.add_argument("--variants", nargs="+", default=["direct", "proxy", "proxy-by-ip", "proxy-aes-tunnel"],
+                        choices=["direct", "proxy", "proxy-by-ip", "proxy-aes-tunnel", "proxy-aes", "direct-aes"],
+                        help="scp cases on the unshaped link (direct and proxy always)")
     args = parser.parse_args()
     run = BenchRun("overhead")
     cgroups: list[Cgroup] = []
@@ -287,9 +290,9 @@ def main() -> int:
         cgroups += [session, tunnel]
         meter = Meter(proxy.id, target.id, docker_proxy_pids(proxy.port), session, tunnel)
         meter.calibrate()
+        args.variants = list(dict.fromkeys(["direct", "proxy", *args.variants]))
         scp = measure(meter, scp_cases(proxy, key, name, target.ip, proxy_ip, BLOB, tunnel,
-                                       ["direct", "proxy", "proxy-by-ip", "proxy-aes-tunnel",
-                                        "proxy-aes", "direct-aes"]), args.scp_rounds)
+                                       args.variants), args.scp_rounds)
         shape(target.id, args.rate)
         try:
             shaped = measure(meter, scp_cases(proxy, key, name, target.ip, proxy_ip, small, tunnel,
@@ -298,7 +301,7 @@ def main() -> int:
             shape(target.id, None)
     finally:
         run.cleanup()
-        for cgroup in cgroups:
+        for cgroup in cgroups:  # empty by now
             cgroup.remove()
 
     md = report(args, login, scp, shaped, forwarder=bool(meter.forwarder_pids), idle=meter.idle)
@@ -340,16 +343,18 @@ def report(args, login, scp, shaped, forwarder: bool, idle: Mapping[str, float])
             ("proxy-aes-tunnel", "proxy", f"{AES} on the hop to the proxy, vs the default proxy path"),
             ("proxy-aes", "direct-aes", f"{AES} on both hops, vs direct with it"),
             ("proxy-aes", "direct", f"{AES} on both hops, vs direct default")):
-        rows.append(_ratio_row(f"diagnostic: scp, {label} (throughput)", paired_ratios(t[base], t[variant])))
+        if variant in t and base in t:
+            rows.append(_ratio_row(f"diagnostic: scp, {label} (throughput)", paired_ratios(t[base], t[variant])))
 
     mib_s = {k: [args.mib / x for x in valid(v)] for k, v in t.items()}
     shaped_mib_s = {k: [args.shaped_mib / x for x in valid(v)] for k, v in s.items()}
     cpu_rows = []
-    for label, records, mib in (("direct", scp["direct"], args.mib), ("proxy", scp["proxy"], args.mib),
-                                ("proxy by container address", scp["proxy-by-ip"], args.mib),
-                                (f"proxy, {AES} on the hop to the proxy", scp["proxy-aes-tunnel"], args.mib),
-                                (f"direct, link {args.rate}", shaped["direct"], args.shaped_mib),
-                                (f"proxy, link {args.rate}", shaped["proxy"], args.shaped_mib)):
+    labels = {"direct": "direct", "proxy": "proxy", "proxy-by-ip": "proxy by container address",
+              "proxy-aes-tunnel": f"proxy, {AES} on the hop to the proxy",
+              "proxy-aes": f"proxy, {AES} on both hops", "direct-aes": f"direct, {AES}"}
+    cases = [(labels[k], v, args.mib) for k, v in scp.items()]
+    cases += [(f"{labels[k]}, link {args.rate}", v, args.shaped_mib) for k, v in shaped.items()]
+    for label, records, mib in cases:
         per = cpu_per_gib(records, mib)
         wall = statistics.median(valid(seconds_of(records)) or [float("nan")]) * 1024 / mib
         cpu_rows.append([label, *(f"{per[r]:.2f}" for r in ROLES), f"{sum(per.values()):.2f}",
