@@ -3,7 +3,7 @@
 One target, one proxy (Docker discovery, as deployed); interleaved, paired per round:
 
 - login: `ssh root@TARGET true` through the proxy vs `ssh root@TARGET_IP true` (goal <= 2.2x);
-- scp of 256 MiB of random bytes from the target to /dev/null, through the proxy vs
+- scp of 128 MiB of random bytes from the target to /dev/null, through the proxy vs
   direct, as a throughput ratio (goal >= 0.9x), with diagnostics beside it (the proxy by its
   container address, AES-GCM on the hop to the proxy or on both hops) and, for every scp,
   the CPU seconds per GiB of each process on the path: the client's session ssh (scp's ssh,
@@ -13,8 +13,10 @@ One target, one proxy (Docker discovery, as deployed); interleaved, paired per r
 - link-limited: the same pair with the target's egress shaped to 200 Mbit/s (`tc ... tbf`,
   set from the host in the target's network namespace), the realistic case of a remote user.
 
-    .venv/bin/python bench/overhead.py [--rounds 30] [--scp-rounds 6] [--mib 256]
-                                       [--shaped-rounds 4] [--shaped-mib 64] [--rate 200mbit]
+    .venv/bin/python bench/overhead.py [--rounds 15] [--scp-rounds 4] [--mib 128]
+                                       [--shaped-rounds 3] [--shaped-mib 32] [--rate 200mbit]
+                                       [--variants ...]
+(defaults: ~5 minutes on 2 cores at load average 40-57)
 """
 
 from __future__ import annotations
@@ -256,11 +258,11 @@ def cpu_per_gib(records: Sequence[dict | None], mib: int) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--scp-rounds", type=int, default=6)
-    parser.add_argument("--mib", type=int, default=256)
-    parser.add_argument("--shaped-rounds", type=int, default=4)
-    parser.add_argument("--shaped-mib", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--scp-rounds", type=int, default=4)
+    parser.add_argument("--mib", type=int, default=128)
+    parser.add_argument("--shaped-rounds", type=int, default=3)
+    parser.add_argument("--shaped-mib", type=int, default=32)
     parser.add_argument("--rate", default="200mbit")
     parser.add_argument("--variants", nargs="+", default=["direct", "proxy", "proxy-by-ip", "proxy-aes-tunnel"],
                         choices=["direct", "proxy", "proxy-by-ip", "proxy-aes-tunnel", "proxy-aes", "direct-aes"],

@@ -18,7 +18,7 @@ other without pause; each figure is when the first attempt that saw the change s
 it may overstate by up to one attempt (a login through the proxy, ~0.4 s here; a refusal,
 ~0.2 s). The Kubernetes API server is the fake: a real one adds its own watch latency.
 
-    .venv/bin/python bench/propagation.py [--targets 30] [--mode both|docker|kubernetes]
+    .venv/bin/python bench/propagation.py [--targets 10] [--mode both|docker|kubernetes]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Kube:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", type=int, default=30)
+    parser.add_argument("--targets", type=int, default=10)
     parser.add_argument("--mode", choices=("both", "docker", "kubernetes"), default="both")
     args = parser.parse_args()
     docker_on, kube_on = args.mode in ("both", "docker"), args.mode in ("both", "kubernetes")
