@@ -221,7 +221,13 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 
 def save(name: str, markdown: str, data: dict) -> None:
-    """Prints the section and keeps it (markdown + raw samples) for run.sh's RESULTS.md."""
+    """Prints the section and keeps it (markdown + raw samples) for run.sh's RESULTS.md,
+    stamped with when and at which commit it was measured (report.py keeps the stamp when a
+    later run refreshes other sections only)."""
+    commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "?"
+    heading, _, body = markdown.partition("\n")
+    markdown = f"{heading}\n\n_Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}_\n{body}"
     print(markdown)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{name}.md").write_text(markdown + "\n")
