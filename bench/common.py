@@ -35,7 +35,15 @@ from helpers import (KeyPair, Proxy, SshClient, Target, build_image, docker,  # 
                      make_keypair, run_proxy_container, run_target_container)
 
 BENCH_LABEL = "ssh-proxy-bench"
+"""Every container and network a benchmark starts carries `ssh-proxy-bench=1`; bench/run.sh
+removes whatever carries it at start and exit."""
 RUN_LABEL = "ssh-proxy-bench-run"
+
+# The e2e helpers stamp what they start with the tests' labels (read at call time), and
+# tests/run.sh removes whatever carries `ssh-proxy-test=1`: a benchmark's containers carry
+# ours instead, so a test run and a benchmark never remove each other's containers.
+helpers.TEST_LABEL = BENCH_LABEL
+helpers.SESSION_LABEL = RUN_LABEL
 
 
 class BenchError(Exception):
@@ -213,7 +221,13 @@ def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 
 def save(name: str, markdown: str, data: dict) -> None:
-    """Prints the section and keeps it (markdown + raw samples) for run.sh's RESULTS.md."""
+    """Prints the section and keeps it (markdown + raw samples) for run.sh's RESULTS.md,
+    stamped with when and at which commit it was measured (report.py keeps the stamp when a
+    later run refreshes other sections only)."""
+    commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip() or "?"
+    heading, _, body = markdown.partition("\n")
+    markdown = f"{heading}\n\n_Run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit}_\n{body}"
     print(markdown)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{name}.md").write_text(markdown + "\n")

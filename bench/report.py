@@ -1,6 +1,10 @@
 """Writes bench/RESULTS.md from the sections the benchmarks saved (bench/results/*.md,
 *.json), with the machine, date and versions on top, and a PNG plot per benchmark beside it.
 
+A section this run did not produce keeps its text from the previous RESULTS.md, with the
+date and commit of the run that measured it (its own `Run:` line), so running one benchmark
+again refreshes that section only.
+
     .venv/bin/python bench/report.py [--failed NAME ...]
 """
 
@@ -10,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -27,6 +32,38 @@ from common import BENCH_DIR, REPO_ROOT, RESULTS_DIR, valid  # noqa: E402
 import helpers  # noqa: E402
 
 ORDER = ["keys_scale", "overhead", "burst", "watcher_cost", "propagation", "cold_start"]
+TITLES = {"keys_scale": "B2 keys scale", "overhead": "B3 overhead", "burst": "B4 burst",
+          "watcher_cost": "B6 watcher cost", "propagation": "B1 propagation", "cold_start": "B5 cold start"}
+STAMP = re.compile(r"^_Run: .*_$", re.M)
+
+
+def commit() -> str:
+    return sh("git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD")
+
+
+def stamped(section: str, stamp: str) -> str:
+    """The section with its `Run:` line (after the heading), unless it has one already."""
+    if STAMP.search(section):
+        return section
+    heading, _, body = section.partition("\n")
+    return f"{heading}\n\n{stamp}\n{body}"
+
+
+def previous_sections(path: Path) -> dict[str, str]:
+    """name -> section text (heading to the next heading, plot included) of an earlier
+    RESULTS.md, each stamped with that file's date and commit when it has no stamp yet."""
+    if not path.exists():
+        return {}
+    text = path.read_text().split("\n## Reading these results", 1)[0]
+    head = re.search(r"^- Date: (.*?); commit (\w+)", text, re.M)
+    stamp = f"_Run: {head.group(1)}, commit {head.group(2)}_" if head else "_Run: an earlier run_"
+    by_title = {title: name for name, title in TITLES.items()}
+    out = {}
+    for chunk in re.split(r"^(?=### )", text, flags=re.M)[1:]:
+        title = chunk.splitlines()[0][4:].strip()
+        if title in by_title and "Did not complete in this run" not in chunk:
+            out[by_title[title]] = stamped(chunk.rstrip() + "\n", stamp)
+    return out
 
 
 def sh(*argv: str) -> str:
@@ -44,7 +81,8 @@ def machine() -> str:
     ssh_in_image = sh("docker", "run", "--rm", "--entrypoint", "sshd", helpers.PROXY_IMAGE, "-V")
     ssh_in_image = ssh_in_image or sh("sh", "-c", f"docker run --rm --entrypoint sshd {helpers.PROXY_IMAGE} -V 2>&1")
     return "\n".join([
-        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {sh('git', '-C', str(REPO_ROOT), 'rev-parse', '--short', 'HEAD')}",
+        f"- Report written: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit {commit()} "
+        "(each section says when and at which commit it was measured)",
         f"- Machine: {os.cpu_count()} cores ({cpu}), {int(mem) // 1048576} GiB, {platform.platform()}",
         f"- Load average when the report was written: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
         "(the machine is shared with other developers' builds and tests while the benchmarks run: "
@@ -91,7 +129,9 @@ def plot(name: str, data: dict) -> bool:
         ax.set_xlabel("event -> index written, s")
         ax.set_ylabel("fraction of events")
     elif name == "propagation":
-        cdf(ax, data["added"], "started -> first login")
+        added = data["added"] if isinstance(data["added"], dict) else {"docker": data["added"]}
+        for mode, v in added.items():
+            cdf(ax, v, f"{mode}: started -> first login")
         for how, v in data["removed"].items():
             cdf(ax, v, f"{how} -> refused")
         ax.set_xlabel("seconds")
@@ -118,12 +158,14 @@ def main() -> int:
     parser.add_argument("--failed", nargs="*", default=[])
     args = parser.parse_args()
     parts = ["# Benchmark results\n", "Written by `bench/run.sh`; see README \"Benchmarks\".\n", machine(), ""]
+    earlier = previous_sections(BENCH_DIR / "RESULTS.md")
     for name in ORDER:
         md, js = RESULTS_DIR / f"{name}.md", RESULTS_DIR / f"{name}.json"
         if name in args.failed or not md.exists():
-            parts += [f"### {name}\n\nDid not complete in this run (see the run's output).\n"]
+            parts.append(earlier.get(name) or f"### {TITLES[name]}\n\nDid not complete in this run (see the run's output).\n")
             continue
-        parts.append(md.read_text())
+        measured = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(md.stat().st_mtime))
+        parts.append(stamped(md.read_text(), f"_Run: {measured}, commit {commit()}_"))
         if js.exists() and plot(name, json.loads(js.read_text())):
             parts.append(f"![{name}]({name}.png)\n")
     analysis = BENCH_DIR / "ANALYSIS.md"  # the reading of a run, written by a person
