@@ -30,9 +30,13 @@ def test_the_readme_shows_each_commands_help_verbatim(command: str) -> None:
 def test_every_option_has_a_help_text(command: str) -> None:
     text = help_text(command)
     options = text.split("options:\n", 1)[1].split("\n\n", 1)[0]
-    for line in options.splitlines():
+    lines = options.splitlines()
+    for n, line in enumerate(lines):
         if line.startswith("  -"):
-            assert "  " in line.strip(), f"`{command}`: option without help: {line!r}"
+            # argparse puts the help on the next, deeper-indented line after a long option
+            following = lines[n + 1] if n + 1 < len(lines) else ""
+            helped = "  " in line.strip() or following.startswith(" " * 8)
+            assert helped, f"`{command}`: option without help: {line!r}"
     assert argparse.SUPPRESS not in text
 
 
