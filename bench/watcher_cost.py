@@ -35,7 +35,7 @@ from watcher.app import OutputWriter, Paths  # noqa: E402
 from watcher.config import RunMode, load_settings  # noqa: E402
 from watcher.model import KeyState, PublicKey, Target  # noqa: E402
 from watcher.reconcile import Reconciler, _Fetched  # noqa: E402
-from watcher.render import Rendered  # noqa: E402
+from watcher.render import SHARD_NAMES, Rendered  # noqa: E402
 from watcher.sshd import SshdPaths  # noqa: E402
 from watcher.targets import ProxyIdentity  # noqa: E402
 
@@ -53,8 +53,14 @@ def make_key(seed: str) -> PublicKey:
 
 def make_target(i: int, started_at: str) -> Target:
     # Addresses are only text in the rendered files here: nothing is ever contacted.
-    return Target(id=f"{i:064x}", name=f"t{i}", address=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
+    # Ids as Docker makes them (random hex): a counter's id would give every target the
+    # same all-digit short id, which the alias rules refuse as address-like, 100k times.
+    return Target(id=_target_id(i), name=f"t{i}", address=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}",
                   started_at=started_at)
+
+
+def _target_id(i: int) -> str:
+    return hashlib.sha256(f"target-{i}".encode()).hexdigest()
 
 
 def fetch(target: Target) -> KeyState:
@@ -70,10 +76,23 @@ class Observed:
         self.awaited: dict[str, float] = {}  # fingerprint -> when its event was posted
         self.latencies: list[float] = []
         self.write_seconds: list[float] = []
+        self.superseded = 0  # restarted again before its key was written: not a latency
+        self._of_target: dict[int, str] = {}
 
-    def await_key(self, fingerprint: str, posted: float) -> None:
+    def await_key(self, target: int, fingerprint: str, posted: float) -> None:
         with self.lock:
+            earlier = self._of_target.get(target)
+            if earlier is not None and self.awaited.pop(earlier, None) is not None:
+                self.superseded += 1
+            self._of_target[target] = fingerprint
             self.awaited[fingerprint] = posted
+
+    def reset(self) -> None:
+        with self.lock:
+            self.awaited.clear()
+            self.latencies = []
+            self.superseded = 0
+            self._of_target.clear()
 
     def __call__(self, rendered: Rendered) -> bool:
         started = time.perf_counter()
@@ -87,12 +106,12 @@ class Observed:
         return changed
 
 
-def one_size(size: int, rate: int, seconds: float) -> dict:
+def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: float = 0.15) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="ssh-proxy-bench-watcher."))
     hosts = tmp / "hosts"
     hosts.write_text("127.0.0.1\tlocalhost\n")
     paths = Paths(cache=tmp / "cache", hosts=hosts, access_log=tmp / "access.log", status=tmp / "status.json",
-                  keys_dir=tmp / "keys.d", sshd=SshdPaths(index=tmp / "index"))
+                  keys_dir=tmp / "keys.d", sshd=SshdPaths(index_dir=tmp / "index.d"))
     writer = Observed(OutputWriter(paths, RunMode.DOCKER, pin_names=True))
     settings = load_settings({})
     rec = Reconciler(settings, ProxyIdentity(names=frozenset({"ssh-proxy"})), fetch, writer, pin_names=True)
@@ -112,7 +131,7 @@ def one_size(size: int, rate: int, seconds: float) -> dict:
     # 2. render+write alone (loop stopped; a changed key each time so every file is written)
     flushes = []
     for r in range(5):
-        entry = rec.entries[f"{r:064x}"]
+        entry = rec.entries[_target_id(r)]
         # As a key fetch would report it (the reconciler renders what changed since the last flush).
         rec.inbox.put(_Fetched(entry.target.id, entry.generation, fetch(make_target(r, f"flush-{r}"))))
         while not rec.inbox.empty():
@@ -121,11 +140,26 @@ def one_size(size: int, rate: int, seconds: float) -> dict:
         rec.flush()
         flushes.append(time.perf_counter() - started)
 
-    # 3. churn: `rate` restarts per second for `seconds`, the loop running again
+    # 3. isolated events: one restart at a time, `spacing` apart (the loop is idle between):
+    # event -> index written with the new key, the figure the issue's 1.5x goal is about
     rec.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="keyfetch")  # run() shut the last
     stop = threading.Event()
     loop = threading.Thread(target=rec.run, args=(stop,), daemon=True)
     loop.start()
+    writer.reset()
+    for n in range(isolated):
+        i = (n * 104729) % size
+        target = make_target(i, f"isolated-{n}")
+        writer.await_key(i, fetch(target).keys[0].fingerprint, time.perf_counter())
+        rec.upsert(target)
+        time.sleep(spacing)
+    deadline = time.perf_counter() + 30
+    while writer.awaited and time.perf_counter() < deadline:
+        time.sleep(0.05)
+    isolated_latencies = list(writer.latencies)
+    writer.reset()
+
+    # 4. churn: `rate` restarts per second for `seconds`
     events = int(rate * seconds)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     for n in range(events):
@@ -135,7 +169,7 @@ def one_size(size: int, rate: int, seconds: float) -> dict:
             time.sleep(delay)
         i = (n * 7919) % size
         target = make_target(i, f"churn-{n}")
-        writer.await_key(fetch(target).keys[0].fingerprint, time.perf_counter())
+        writer.await_key(i, fetch(target).keys[0].fingerprint, time.perf_counter())
         rec.upsert(target)
     posting = time.perf_counter() - wall0
     deadline = time.perf_counter() + 120
@@ -145,6 +179,9 @@ def one_size(size: int, rate: int, seconds: float) -> dict:
     churn_cpu = time.process_time() - cpu0
     stop.set()
     loop.join()
+    writer.writer.close()  # the cache follows the index (debounced): what is due is written
+    cache_correct = paths.cache.read_text() == rec.full_render().cache
+    index_correct = _index_text(paths) == rec.full_render().index
     index_bytes = _served_bytes(paths)
     subprocess.run(["rm", "-rf", str(tmp)], check=False)
     return {"size": size, "initial": initial, "flush_seconds": flushes,
@@ -152,18 +189,28 @@ def one_size(size: int, rate: int, seconds: float) -> dict:
             "events": events, "posting_seconds": posting, "churn_wall": churn_wall,
             "churn_cpu": churn_cpu, "cpu_per_event": churn_cpu / events,
             "latencies": writer.latencies, "never_written": len(writer.awaited),
+            "superseded": writer.superseded, "isolated": isolated_latencies,
+            "cache_correct": cache_correct, "index_correct": index_correct,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def _index_text(paths: Paths) -> str:
+    """Every shard, in order: the index as sshd sees it."""
+    parts = []
+    for name in SHARD_NAMES:
+        try:
+            parts.append((paths.sshd.index_dir / name).read_text())
+        except FileNotFoundError:
+            pass
+    return "".join(parts)
+
+
 def _served(paths: Paths) -> int:
-    try:
-        return paths.sshd.index.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
+    return _index_text(paths).count("\n")
 
 
 def _served_bytes(paths: Paths) -> int:
-    return paths.sshd.index.stat().st_size
+    return sum((paths.sshd.index_dir / name).stat().st_size for name in SHARD_NAMES)
 
 
 def main() -> int:
@@ -188,25 +235,36 @@ def main() -> int:
     sizes = list(results)
     base = results[sizes[0]]
     rows = []
+    nan = float("nan")
+    base_iso = dist(base["isolated"])
     for size, r in results.items():
         lat = dist(r["latencies"])
+        iso = dist(r["isolated"])
         fl = sorted(r["flush_seconds"])[len(r["flush_seconds"]) // 2]
-        rows.append([f"{size:,}", f"{r['initial']['wall']:.1f}", f"{fl:.2f}",
+        rows.append([f"{size:,}", f"{r['initial']['wall']:.1f}", f"{fl:.3f}",
                      f"{fl / (sorted(base['flush_seconds'])[len(base['flush_seconds']) // 2]):.1f}x",
+                     f"{iso.get('p50', nan) * 1e3:.0f} / {iso.get('p99', nan) * 1e3:.0f}",
+                     f"{iso.get('p50', nan) / base_iso.get('p50', nan):.2f}x / "
+                     f"{iso.get('p99', nan) / base_iso.get('p99', nan):.2f}x",
                      f"{r['cpu_per_event'] * 1e3:.2f}", f"{r['cpu_per_event'] / base['cpu_per_event']:.1f}x",
                      f"{r['events'] / r['posting_seconds']:.0f}",
-                     f"{lat.get('p50', float('nan')):.2f} / {lat.get('p99', float('nan')):.2f} / "
-                     f"{lat.get('max', float('nan')):.2f}",
-                     f"{lat.get('p99', float('nan')) / dist(base['latencies']).get('p99', float('nan')):.2f}x",
-                     r["never_written"],
+                     f"{lat.get('p50', nan):.2f} / {lat.get('p99', nan):.2f} / {lat.get('max', nan):.2f}",
+                     f"{lat.get('p99', nan) / dist(base['latencies']).get('p99', nan):.2f}x",
+                     f"{r['never_written']} / {r['superseded']}",
+                     "yes" if r["cache_correct"] and r["index_correct"] else "NO",
                      f"{r['peak_rss_mib']:.0f}", f"{r['peak_rss_mib'] / base['peak_rss_mib']:.1f}x"])
     md = ("### B6 watcher cost\n\nThe real Reconciler and OutputWriter (files in a temporary directory), "
           "a synthetic source, a key fetch that answers at once; one process per size. "
-          "Churn: each event restarts one target with a new key; latency = event posted -> index "
-          "written with its key. Ratios are to the first size.\n\n"
-          + table(["targets", "initial load s", "render+write s (p50 of 5)", "vs first", "CPU ms/event (churn)",
-                   "vs first", "events/s offered", "event->index s p50 / p99 / max", "p99 vs first",
-                   "never written (120 s)",
+          "Isolated events: 60 restarts 0.15 s apart (the loop idle between them), each with a new "
+          "key; latency = event posted -> index shard written with its key (this includes the "
+          "reconciler's 0.1 s debounce). Churn: 1,000 restarts/s; a restart of a target whose "
+          "previous restart's key was not written yet supersedes it (counted, not a latency). "
+          "Ratios are to the first size.\n\n"
+          + table(["targets", "initial load s", "render+write s (p50 of 5)", "vs first",
+                   "isolated event->index ms p50 / p99", "vs first p50 / p99",
+                   "CPU ms/event (churn)", "vs first", "events/s offered",
+                   "churn event->index s p50 / p99 / max", "p99 vs first",
+                   "never written (120 s) / superseded", "index and cache correct at the end",
                    "peak RSS MiB", "vs first"], rows))
     save("watcher_cost", md, {str(k): v for k, v in results.items()})
     return 0

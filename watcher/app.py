@@ -27,7 +27,7 @@ from .metrics import CountingSink, Metrics, Observed
 from .model import KeyState
 from .platforms import platform_for
 from .reconcile import Reconciler, Snapshot
-from .render import Rendered
+from .render import EMPTY_SHARD, SHARD_NAMES, Rendered
 from .revocation import RecentRevocations, Revocation
 from .sessions import ProcFS, SessionKiller
 from .sources.manual import ManualKeySource
@@ -54,11 +54,14 @@ class Paths:
 
 
 class OutputWriter:
-    """The reconciler's single write path: hosts block, then index, then the cache.
+    """The reconciler's single write path: hosts block, then the index shards, then the cache.
 
     A write that fails (disk full, read-only) leaves the previous files whole (atomic
     renames) and served; the error is logged once, shown in the status, and the newest
     render is written again by `retry` (the supervisor's heartbeat) until it goes through.
+    The cache (for people; sshd reads the index) follows the index, never ahead of it: at
+    once while writing it is cheap, else at most so often that it takes a tenth of the
+    time (100k keys are ~15 MB); `retry` and `close` write what is still due.
     """
 
     def __init__(self, paths: Paths, mode: RunMode, pin_names: bool,
@@ -70,9 +73,13 @@ class OutputWriter:
         self.write_cache = mode.discovers  # without discovery the cache is the admin's input
         self.error = ""  # why the newest render is not on disk yet ("" = it is)
         self._pending: Rendered | None = None
+        self._cache_due: Rendered | None = None  # written to the index, not yet to the cache
+        self._cache_cost = 0.0
+        self._cache_at = -1e9
+        self._index_ready = False
         self._lock = threading.Lock()  # the reconciler and `retry` never write at once
         # What this writer last put in each file, with the file's stamp right after: an
-        # unchanged render is not compared against the disk again (100k keys are ~20 MB).
+        # unchanged render is not compared against the disk again.
         self._written: dict[Path, tuple[tuple[int, ...] | None, object]] = {}
 
     def __call__(self, rendered: Rendered) -> bool:
@@ -81,10 +88,19 @@ class OutputWriter:
             return self._write_pending(fresh=True)
 
     def retry(self) -> None:
-        """Write the newest render if an earlier attempt failed."""
+        """Write the newest render if an earlier attempt failed, and a cache still due."""
         with self._lock:
             if self._pending is not None:
                 self._write_pending(fresh=False)
+            elif self._cache_due is not None:
+                try:
+                    self._write_cache(force=True)
+                except OSError as exc:  # the index is written: only the copy for people waits
+                    log.warning("cannot write %s (%s): tried again in 2 s", self.paths.cache, exc)
+
+    def close(self) -> None:
+        """At stop: the cache as the index is."""
+        self.retry()
 
     def _write_pending(self, fresh: bool) -> bool:
         assert self._pending is not None
@@ -95,8 +111,8 @@ class OutputWriter:
             if not self.error:
                 log.error("cannot write the rendered keys (%s): sshd keeps serving the previous "
                           "%s, less any grant withdrawn since; free space in %s, writing is "
-                          "retried every 2 s", exc, self.paths.sshd.index,
-                          self.paths.sshd.index.parent)
+                          "retried every 2 s", exc, self.paths.sshd.index_dir,
+                          self.paths.sshd.index_dir.parent)
             self.error = str(exc)
             self._withdraw_in_place(self._pending)
             return False
@@ -108,43 +124,93 @@ class OutputWriter:
         return changed
 
     def _withdraw_in_place(self, rendered: Rendered) -> None:
-        """A revocation must not wait for disk space: drop from the index on disk every line
-        the newest render no longer has (in place: no new blocks needed)."""
-        try:
-            if shrink_in_place(self.paths.sshd.index, rendered.index.encode()):
-                log.warning("withdrew revoked grants from %s in place while the disk is full",
-                            self.paths.sshd.index)
-        except OSError as exc:
-            log.error("cannot withdraw revoked grants from %s (%s): emptying it", self.paths.sshd.index, exc)
+        """A revocation must not wait for disk space: drop from each index shard on disk
+        every line the newest render no longer has (in place: no new blocks needed)."""
+        for name in SHARD_NAMES:
+            path = self.paths.sshd.index_dir / name
+            self._written.pop(path, None)
             try:
-                os.truncate(self.paths.sshd.index, 0)  # fail closed: no login beats a stale grant
-            except OSError:
-                log.exception("cannot empty %s", self.paths.sshd.index)
+                if shrink_in_place(path, rendered.shards.get(name, EMPTY_SHARD).index.encode()):
+                    log.warning("withdrew revoked grants from %s in place while the disk is full", path)
+            except OSError as exc:
+                log.error("cannot withdraw revoked grants from %s (%s): emptying it", path, exc)
+                try:
+                    os.truncate(path, 0)  # fail closed: no login beats a stale grant
+                except OSError:
+                    log.exception("cannot empty %s", path)
 
     def _write(self, rendered: Rendered) -> bool:
         changed = False
         if self.pin_names:
             # Names first, so a newly granted name resolves by the time sshd allows it.
             changed |= self._once(self.paths.hosts, rendered.hosts_block,
-                                  lambda: update_hosts_block(self.paths.hosts, rendered.hosts_block))
-        changed |= self._once(self.paths.sshd.index, rendered.index,
-                              lambda: write_if_changed(self.paths.sshd.index, rendered.index.encode()))
+                                  lambda known: update_hosts_block(self.paths.hosts, rendered.hosts_block))
+        changed |= self._write_index(rendered)
         if self.write_cache:
-            changed |= self._once(self.paths.cache, rendered.cache,
-                                  lambda: write_if_changed(self.paths.cache, rendered.cache.encode()))
+            self._cache_due = rendered
+            changed |= self._write_cache(force=False)
         return changed
 
-    def _once(self, path: Path, content: str, write: Callable[[], bool]) -> bool:
-        """`write()` unless this writer already wrote `content` to `path` and the file has
-        not changed since (anyone else's write to it is seen, and overwritten)."""
+    def _write_index(self, rendered: Rendered) -> bool:
+        directory = self.paths.sshd.index_dir
+        if not self._index_ready:
+            # sshd's AuthorizedKeysCommandUser (nobody) reads it; a file of an earlier run
+            # that is not a shard (a temp file, a stray) is removed once.
+            directory.mkdir(parents=True, exist_ok=True)
+            directory.chmod(0o755)
+            for entry in os.scandir(directory):
+                if entry.name not in SHARD_NAMES:
+                    os.unlink(entry.path)
+            self._index_ready = True
+        changed = False
+        for name in SHARD_NAMES:
+            path = directory / name
+            text = rendered.shards.get(name, EMPTY_SHARD).index
+            changed |= self._once(path, text, lambda known: _write_derived(path, text, known))
+        return changed
+
+    def _write_cache(self, force: bool) -> bool:
+        """The cache of the render last written to the index, when it is due."""
+        rendered = self._cache_due
+        if rendered is None:
+            return False
+        now = time.monotonic()
+        wait = 0.0 if self._cache_cost < 0.005 else 10 * self._cache_cost
+        if not force and now < self._cache_at + wait:
+            return False
+        started = time.perf_counter()
+        text = rendered.cache
+        changed = self._once(self.paths.cache, text,
+                             lambda known: _write_derived(self.paths.cache, text, known))
+        self._cache_cost = time.perf_counter() - started
+        self._cache_at = now
+        self._cache_due = None
+        return changed
+
+    def _once(self, path: Path, content: str, write: Callable[[bool], bool]) -> bool:
+        """`write(known)` unless this writer already wrote `content` to `path` and the file
+        has not changed since (anyone else's write to it is seen, and overwritten).
+        known: the file holds what this writer last wrote (no need to read it first)."""
         stamp = file_stamp(path)
         done = self._written.get(path)
-        if done is not None and stamp is not None and done[0] == stamp and done[1] == content:
+        known = done is not None and stamp is not None and done[0] == stamp
+        if known and done is not None and done[1] == content:
             return False
         self._written.pop(path, None)
-        changed = write()
+        changed = write(known)
         self._written[path] = (file_stamp(path), content)
         return changed
+
+
+def _write_derived(path: Path, text: str, known: bool) -> bool:
+    """A file the watcher derives (index shards, cache): atomic, not fsynced. Both are
+    written again from the state at every start, before sshd starts, so a flush to disk
+    would buy nothing after a crash; readers see a whole file either way (rename)."""
+    data = text.encode()
+    if known:
+        atomic_write(path, data, durable=False)
+        return True
+    return write_if_changed(path, data, durable=False)
 
 
 def hosts_writable(path: Path) -> bool:
@@ -449,6 +515,7 @@ class Supervisor:
             syslog_stop.set()
             listener.close()
             access.close()
+            writer.close()
         return 1 if self.failed else 0
 
     def _drain(self) -> None:

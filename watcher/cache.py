@@ -2,7 +2,8 @@
 
 Readers (sshd, `look`) must never see a partial file: write a temp file in the same
 directory, set its mode (mkstemp makes 0600, which sshd's StrictModes and the unprivileged
-AuthorizedKeysCommandUser could not read), fsync, rename over the old one, fsync the directory.
+AuthorizedKeysCommandUser could not read), fsync, rename over the old one, fsync the directory
+(the derived files, rebuilt at every start, skip the fsyncs).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ def read_bytes(path: Path) -> bytes | None:
         return None
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+    """durable=False: no fsync (files rebuilt at every start; readers still never see a
+    partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -29,7 +32,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             handle.write(data)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -37,6 +41,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         except FileNotFoundError:
             pass
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
@@ -44,11 +50,11 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.close(dir_fd)
 
 
-def write_if_changed(path: Path, data: bytes, mode: int = 0o644) -> bool:
+def write_if_changed(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> bool:
     """Atomically replace `path` unless it already holds exactly `data`. True if written."""
     if read_bytes(path) == data:
         return False
-    atomic_write(path, data, mode)
+    atomic_write(path, data, mode, durable)
     return True
 
 

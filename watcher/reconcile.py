@@ -18,20 +18,21 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import tenacity
 
 from . import backoff
 from .config import Settings
 from .model import KeyState, ManualLine, Target
-from .render import GrantElement, IncrementalRender, Rendered, ServedTarget, render
-from .revocation import Revocation, TargetRef, World, revocations
+from .render import (GrantElement, IncrementalRender, Rendered, ServedTarget, changed_span,
+                     render)
+from .revocation import Before, Revocation, TargetRef, World, remember, revocations
 from .revocation import TARGET_DISCONNECTED, TARGET_NOT_PERMITTED
 from .snapshot import (MANUAL_KEYS_LISTED, IgnoredTarget, KeyInfo, KeyStatus, ManualKey,
                        ManualStatus, RefusedName, SourceStatus, TargetStatus, WatcherState)
-from .targets import (AliasBook, ProxyIdentity, ReservedNames, container_reservations, fold,
-                      hosts_file_reservations, is_permitted, permitopen_reservations,
+from .targets import (AliasBook, ManualReservations, ProxyIdentity, ReservedNames,
+                      container_reservations, fold, hosts_file_reservations, is_permitted, permitopen_reservations,
                       proxy_reservations, resolve_aliases)
 
 log = logging.getLogger(__name__)
@@ -126,9 +127,10 @@ class Reconciler:
         self.clock = clock
         self.unmanaged_hosts = unmanaged_hosts  # hosts-file lines outside the managed block
         self.local_names = local_names  # the proxy's own names from its resolver (FQDN)
-        # permitopen hosts of the manual lines, kept until the lines change (100k lines
+        # permitopen hosts of the manual lines, kept up to date edit by edit (100k lines
         # take a third of a second to scan: not on every render).
-        self._manual_reserved: tuple[tuple[ManualLine, ...], ReservedNames] = ((), ReservedNames())
+        self._manual_reservations = ManualReservations()
+        self._manual_reserved = ReservedNames()
         self.pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="keyfetch")
         self.inbox: queue.Queue = queue.Queue()
         self.entries: dict[str, TargetEntry] = {}
@@ -144,7 +146,6 @@ class Reconciler:
         self._first_dirty: float | None = None
         self._last_dirty = 0.0
         self._lock = threading.Lock()  # guards `owners` for readers on other threads
-        self._world = World()  # what the last render was made from, and what it granted
         self._grants: dict[str, frozenset[GrantElement]] = {}
         # The fast path: what changed since the last flush, and the state kept up to date
         # from it (aliases, rendered lines, revocation world, status rows). Anything that
@@ -162,7 +163,18 @@ class Reconciler:
         self._granted: dict[str, tuple[str, ...]] = {}  # target id -> aliases as last written
         self._refs: dict[str, TargetRef] = {}
         self._hosts_map: dict[str, str] = {}  # granted alias -> target id
-        self._manual_options: tuple[tuple[ManualLine, ...], dict] = ((), {})
+        self._engine_manual: tuple[ManualLine, ...] = ()  # the admin lines the engine has
+        self._manual_fps: set[str] | None = None  # keys whose admin lines this flush changed
+        # The revocation world, kept up to date in place (see _worlds).
+        self._manual_options: dict[str, frozenset[tuple[str, ...]]] = {}
+        self._excluded: dict[str, str] = {}
+        self._owners_seen: Mapping[str, tuple[str, ...]] = {}  # the last render's owners
+        # The status snapshot costs O(targets): with many, it is built at most so often
+        # that it takes a tenth of the loop's time (see _publish_due).
+        self._publish_cost = 0.0
+        self._published_at = -1e9
+        self._unpublished: Rendered | None = None
+        self._status_full = True
         self._rows: dict[str, TargetStatus] = {}
         self._row_order: list[tuple[str, str]] = []  # (name, id), sorted
         self._row_names: dict[str, str] = {}
@@ -220,6 +232,8 @@ class Reconciler:
                 self._start_due_fetches()
                 if self._due():
                     self.flush()
+                elif self._unpublished is not None and self._publish_due():
+                    self._publish()
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -232,6 +246,8 @@ class Reconciler:
                 break
         self._start_due_fetches()
         self.flush()
+        if self._unpublished is not None:
+            self._publish()
 
     def _next_wakeup(self) -> float:
         now = self.clock()
@@ -239,6 +255,8 @@ class Reconciler:
         if self._first_dirty is not None:
             due = min(self._last_dirty + self.min_wait, self._first_dirty + self.max_wait)
             wake = min(wake, max(0.0, due - now))
+        if self._unpublished is not None:
+            wake = min(wake, max(0.0, self._published_at + self._publish_wait() - now))
         retries = [e.retry_at for e in map(self.entries.get, self._waiting)
                    if e is not None and e.retry_at is not None]
         if retries:
@@ -270,8 +288,7 @@ class Reconciler:
         elif isinstance(message, _Fetched):
             self._fetched(message)
         elif isinstance(message, _Manual):
-            self.manual = message.lines
-            self._full = True
+            self.manual = message.lines  # rendered as an edit of the last lines (_render_changes)
         elif isinstance(message, _Status):
             self.status[message.part] = message.status
         elif isinstance(message, _Identity):
@@ -407,11 +424,11 @@ class Reconciler:
         self._first_dirty = None
         hosts = self.unmanaged_hosts() if self.entries else ()
         pinned = frozenset(fold(n) for _, names in hosts for n in names)
-        context = (self.proxy, self.manual, self._ignored_version, pinned, hosts)
-        if self._full or not _same(context, self._context):
+        context = (self.proxy, self._ignored_version, pinned, hosts)
+        if self._full or context != self._context:
             redo, rendered = self._render_all(hosts, pinned)
         else:
-            redo, rendered = self._render_changes()
+            redo, rendered = self._render_changes(hosts)
         self._full = False
         self._context = context
         self._changed_targets.clear()
@@ -423,22 +440,35 @@ class Reconciler:
         # Only now: a login from here on reads the new index, so closing the sessions
         # that lost grants cannot race a login that still sees them.
         written_at = time.time()
-        world = self._world_now(redo, rendered)
-        revoked = revocations(self._world, world, self._grants, rendered.grants, written_at,
+        before, after = self._worlds(redo, rendered)
+        old_grants = self._grants if rendered.changed is None else rendered.grants_before
+        revoked = revocations(before, after, old_grants, rendered.grants, written_at,
                               fingerprints=rendered.changed)
-        self._world, self._grants = world, rendered.grants
+        self._grants, self._owners_seen = rendered.grants, rendered.owners
         if revoked:
             self.revoke(revoked)
         with self._lock:
-            self.owners = rendered.owners
-        self.publish(self._snapshot(redo, rendered))
+            if rendered.changed is None:
+                self.owners = dict(rendered.owners)
+            else:
+                for fp in rendered.changed:
+                    names = rendered.owners.get(fp)
+                    if names:
+                        self.owners[fp] = names
+                    else:
+                        self.owners.pop(fp, None)
+        self._status_dirty |= redo
+        self._status_full = self._status_full or rendered.changed is None
+        self._unpublished = rendered
+        if self._publish_due():
+            self._publish()
 
     def full_render(self) -> Rendered:
         """The current state rendered from scratch (what the fast path must equal)."""
         targets = [e.target for e in self.entries.values()]
         hosts = self.unmanaged_hosts() if targets else ()
-        plan = resolve_aliases(targets, self.proxy, pin_names=self.pin_names,
-                               reserved=self._reserved_names(hosts))
+        reserved = self._reserved_names(hosts, ReservedNames.of(permitopen_reservations(self.manual)))
+        plan = resolve_aliases(targets, self.proxy, pin_names=self.pin_names, reserved=reserved)
         served = [ServedTarget(e.target, plan.aliases.get(e.target.id, ()), e.keys.keys)
                   for e in self.entries.values() if e.keys.keys]
         return render(served, self.settings.permit_ports, self.manual,
@@ -447,22 +477,46 @@ class Reconciler:
 
     def _render_all(self, hosts: HostsEntries, pinned: frozenset[str]) -> tuple[set[str], Rendered]:
         """Rebuild the aliases and every rendered line from the whole state."""
+        self._manual_reservations = ManualReservations(self.manual)
+        self._manual_reserved = self._manual_reservations.reserved()
         self._book = AliasBook(self.proxy, self.pin_names, self._reserved_names(hosts))
         redo = self._book.update({tid: e.target for tid, e in self.entries.items()})
         # With discovery, an admin line without permitopen reaches the discovered targets only.
         self._engine.reset(self.manual, pinned)
+        self._engine_manual = self.manual
+        self._manual_fps = None
         rendered = self._engine.update({tid: self._served(tid) for tid in self.entries})
         gone = set(self._granted) - set(self.entries)
         return redo | gone, replace(rendered, changed=None)
 
-    def _render_changes(self) -> tuple[set[str], Rendered]:
-        """Only what the changed targets touch: their claims' co-claimants, their keys."""
+    def _render_changes(self, hosts: HostsEntries) -> tuple[set[str], Rendered]:
+        """Only what the changed targets and admin lines touch: their claims'
+        co-claimants, their keys."""
         redo = self._book.update({tid: self.entries[tid].target if tid in self.entries else None
                                   for tid in self._changed_targets})
         redo |= self._changed_targets
+        self._manual_fps = set()
+        if self.manual is not self._engine_manual:
+            redo |= self._edit_manual(hosts)
         rendered = self._engine.update({tid: self._served(tid)
                                         for tid in redo | self._changed_keys})
         return redo, rendered
+
+    def _edit_manual(self, hosts: HostsEntries) -> set[str]:
+        """Hand the engine the admin lines that changed since it last saw them (one span:
+        an edit of one file); returns the targets whose aliases it re-decided."""
+        old, new = self._engine_manual, self.manual
+        start, old_end, new_end = changed_span(old, new)
+        removed, added = old[start:old_end], new[start:new_end]
+        self._engine.change_manual(removed, added, new)
+        self._engine_manual = new
+        assert self._manual_fps is not None
+        self._manual_fps = {line.key.fingerprint for line in (*removed, *added)}
+        names = self._manual_reservations.update(removed, added)
+        if not names:
+            return set()
+        self._manual_reserved = self._manual_reservations.reserved()
+        return self._book.reserve(self._reserved_names(hosts), names)
 
     def _served(self, tid: str) -> ServedTarget | None:
         entry = self.entries.get(tid)
@@ -470,16 +524,14 @@ class Reconciler:
             return None
         return ServedTarget(entry.target, self._book.aliases.get(tid, ()), entry.keys.keys)
 
-    def _reserved_names(self, hosts: HostsEntries) -> ReservedNames:
+    def _reserved_names(self, hosts: HostsEntries,
+                        manual: ReservedNames | None = None) -> ReservedNames:
         """Names a target's soft alias would take from someone else: other containers the
         proxy reaches (served or not), hosts of admin keys' permitopen, the hosts file's
         other lines, the proxy's own names."""
         if not self.entries:
             return ReservedNames()
-        if self._manual_reserved[0] is not self.manual:
-            self._manual_reserved = (self.manual,
-                                     ReservedNames.of(permitopen_reservations(self.manual)))
-        return self._manual_reserved[1].with_(itertools.chain(
+        return (self._manual_reserved if manual is None else manual).with_(itertools.chain(
             container_reservations(t for t, _ in self.ignored.values()),
             hosts_file_reservations(hosts),
             proxy_reservations(self.local_names)))
@@ -493,21 +545,38 @@ class Reconciler:
                 if (name, alias, reason) not in was:
                     log.warning("target %r: alias %r refused: %s", name, alias, reason)
 
-    def _world_now(self, redo: set[str], rendered: Rendered) -> World:
-        """The revocation world after this flush: the maps of the targets re-decided now
-        are updated in place, then copied (the last world is compared against)."""
+    def _worlds(self, redo: set[str], rendered: Rendered) -> tuple[World, World]:
+        """The revocation worlds (before, after) of this flush. The maps are updated in
+        place for the targets and keys re-decided now; `before` reads them through the
+        values they had (a full render starts new maps and keeps the old ones)."""
+        excluded = {tid: TARGET_NOT_PERMITTED if is_permitted(t, self.settings) else TARGET_DISCONNECTED
+                    for tid, (t, _) in self.ignored.items()}
+        old_refs: dict = {}
+        old_hosts: dict = {}
+        old_manual: dict = {}
         if rendered.changed is None:
+            before = World(targets=self._refs, hosts=self._hosts_map, excluded=self._excluded,
+                           manual=self._manual_options, owners=self._owners_seen)
             self._refs, self._hosts_map, self._granted = {}, {}, {}
+            self._manual_options = {}
             redo = set(self.entries)
+            manual_fps: Iterable[str] = self._engine.manual_fingerprints()
+        else:
+            before = World(targets=Before(old_refs, self._refs), hosts=Before(old_hosts, self._hosts_map),
+                           excluded=self._excluded, manual=Before(old_manual, self._manual_options),
+                           owners=rendered.owners_before)
+            manual_fps = self._manual_fps or ()
         with self._lock:
+            if rendered.changed is None:
+                self.alias_owners = {}
             for tid in redo:
                 for alias in self._granted.pop(tid, ()):
                     if self._hosts_map.get(alias) == tid:
+                        remember(old_hosts, self._hosts_map, alias)
                         del self._hosts_map[alias]
                     self.alias_owners.pop(fold(alias), None)
+                remember(old_refs, self._refs, tid)
                 self._refs.pop(tid, None)
-            if rendered.changed is None:
-                self.alias_owners = {}
             for tid in redo:
                 entry = self.entries.get(tid)
                 if entry is None:
@@ -517,22 +586,43 @@ class Reconciler:
                 aliases = self._book.aliases.get(tid, ())
                 self._granted[tid] = aliases
                 for alias in aliases:
+                    remember(old_hosts, self._hosts_map, alias)
                     self._hosts_map[alias] = tid
                     self.alias_owners[fold(alias)] = t.name
-        excluded = {tid: TARGET_NOT_PERMITTED if is_permitted(t, self.settings) else TARGET_DISCONNECTED
-                    for tid, (t, _) in self.ignored.items()}
-        if self._manual_options[0] is not self.manual:
-            manual: dict[str, set[tuple[str, ...]]] = {}
-            for line in self.manual:
-                manual.setdefault(line.key.fingerprint, set()).add(line.options)
-            self._manual_options = (self.manual, {fp: frozenset(o) for fp, o in manual.items()})
-        return World(targets=dict(self._refs), hosts=dict(self._hosts_map), excluded=excluded,
-                     manual=self._manual_options[1], owners=rendered.owners)
+        for fp in manual_fps:
+            remember(old_manual, self._manual_options, fp)
+            options = frozenset(line.options for line in self._engine.manual_lines(fp))
+            if options:
+                self._manual_options[fp] = options
+            else:
+                self._manual_options.pop(fp, None)
+        self._excluded = excluded
+        after = World(targets=self._refs, hosts=self._hosts_map, excluded=excluded,
+                      manual=self._manual_options, owners=rendered.owners)
+        return before, after
 
-    def _snapshot(self, redo: set[str], rendered: Rendered) -> Snapshot:
-        full = rendered.changed is None
-        dirty = set(self.entries) | set(self._rows) if full else self._status_dirty | redo
+    def _publish_wait(self) -> float:
+        """Seconds between two snapshots: none while building one is cheap; else ten
+        times what the last one took (it then costs at most a tenth of the loop)."""
+        return 0.0 if self._publish_cost < 0.005 else 10 * self._publish_cost
+
+    def _publish_due(self) -> bool:
+        return self.clock() >= self._published_at + self._publish_wait()
+
+    def _publish(self) -> None:
+        rendered = self._unpublished
+        assert rendered is not None
+        started = time.perf_counter()
+        self.publish(self._snapshot(rendered))
+        self._publish_cost = time.perf_counter() - started
+        self._published_at = self.clock()
+        self._unpublished = None
+
+    def _snapshot(self, rendered: Rendered) -> Snapshot:
+        full = self._status_full
+        dirty = set(self.entries) | set(self._rows) if full else self._status_dirty
         self._status_dirty = set()
+        self._status_full = False
         bulk = len(dirty) > max(256, len(self._rows) // 8)  # re-sort once, not insert each
         for tid in dirty:
             name = self._row_names.pop(tid, None)
@@ -558,16 +648,11 @@ class Reconciler:
         return Snapshot(targets=tuple(map(self._rows.__getitem__, order)), ignored=ignored,
                         refused_aliases=tuple(itertools.chain.from_iterable(
                             map(self._refused_rows.__getitem__, order))),
-                        manual_keys=manual_keys, keys_served=rendered.index.count("\n"),
+                        manual_keys=manual_keys, keys_served=rendered.keys_served,
                         writes=self.writes, last_write=self.last_write,
                         last_event=self.last_event,
                         source=source_status(self.status["source"]),
                         manual=manual_status(self.status["manual"]))
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    """Equal contexts, comparing the manual lines by identity (100k lines: not by value)."""
-    return len(a) == len(b) == 5 and a[1] is b[1] and a[0] == b[0] and a[2:] == b[2:]
 
 
 def _target_status(entry: TargetEntry, aliases: tuple[str, ...]) -> TargetStatus:

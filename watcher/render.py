@@ -3,7 +3,9 @@
 Three outputs, always rendered together from the same state:
 - the authorized_keys cache (the documented, human-readable file),
 - the index sshd's AuthorizedKeysCommand searches: the same lines, each prefixed by the key's
-  fingerprint and sorted, so one `look` (binary search) answers a login in O(log n),
+  fingerprint and sorted, so one `look` (binary search) answers a login in O(log n). It is
+  split into shards by the fingerprint's first base64 character (64 files): a change to one
+  key rewrites one shard, 1/64 of the index, not all of it,
 - the hosts block that pins every granted name to the target's address.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import bisect
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 from .model import ManualLine, PublicKey, Target
 from .targets import fold
@@ -41,18 +43,76 @@ GrantElement = tuple[tuple[str, ...], str]
 permitopen value ("host:port") or ANY_DEST."""
 
 
+_B64 = "+/0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # ASCII order
+SHARD_NAMES = tuple(c.replace("/", "_").replace("+", "-") for c in _B64)
+"""Index shard file names, in fingerprint order: a fingerprint's first base64 character
+(after "SHA256:"), with '/' and '+' spelled '_' and '-' (sshd/authorized-keys-command maps
+them the same way)."""
+_SHARD_OF = dict(zip(_B64, SHARD_NAMES))
+
+
+def index_shard(fingerprint: str) -> str:
+    """The shard file a fingerprint's index lines live in."""
+    body = fingerprint.split(":", 1)[-1]
+    return _SHARD_OF.get(body[:1], SHARD_NAMES[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One index shard: its lines, and the same lines as the cache shows them."""
+
+    index: str = ""
+    cache: str = ""
+    lines: int = 0
+
+
+EMPTY_SHARD = Shard()
+
+
 @dataclass(frozen=True)
 class Rendered:
-    cache: str
-    index: str
+    # shard name -> its part of the index (every name of SHARD_NAMES, empty ones included)
+    shards: Mapping[str, Shard]
     hosts_block: str
     # fingerprint -> names of the targets (or manual files) the key opens: for the access log.
-    owners: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    owners: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # fingerprint -> what sshd gives the key (see grant_set): revocation compares these.
-    grants: dict[str, frozenset[GrantElement]] = field(default_factory=dict)
+    grants: Mapping[str, frozenset[GrantElement]] = field(default_factory=dict)
     # Fingerprints whose lines may differ from the previous render (None: any of them):
     # what the revocation diff needs to look at.
     changed: frozenset[str] | None = None
+    # For the `changed` fingerprints: their owners and grants before this render (absent:
+    # none). The incremental renderer updates `owners` and `grants` in place, so what they
+    # were is kept here for the revocation diff.
+    owners_before: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    grants_before: Mapping[str, frozenset[GrantElement]] = field(default_factory=dict)
+
+    @property
+    def index(self) -> str:
+        """The whole index, sorted by fingerprint (the shards in order)."""
+        return "".join(self.shards.get(name, EMPTY_SHARD).index for name in SHARD_NAMES)
+
+    @property
+    def cache(self) -> str:
+        return CACHE_HEADER + "".join(self.shards.get(name, EMPTY_SHARD).cache
+                                      for name in SHARD_NAMES)
+
+    @property
+    def keys_served(self) -> int:
+        """Lines in the index."""
+        return sum(shard.lines for shard in self.shards.values())
+
+
+def shards_of(lines: Iterable[tuple[str, str]]) -> dict[str, Shard]:
+    """(fingerprint, line) in fingerprint order -> every shard."""
+    index: dict[str, list[str]] = {name: [] for name in SHARD_NAMES}
+    cache: dict[str, list[str]] = {name: [] for name in SHARD_NAMES}
+    for fp, line in lines:
+        name = index_shard(fp)
+        index[name].append(f"{fp} {line}\n")
+        cache[name].append(line + "\n")
+    return {name: Shard("".join(index[name]), "".join(cache[name]), len(index[name]))
+            if index[name] else EMPTY_SHARD for name in SHARD_NAMES}
 
 
 def permitopen_options(aliases: Iterable[str], ports: Iterable[str]) -> list[str]:
@@ -238,8 +298,6 @@ def render(served: Iterable[ServedTarget], ports: tuple[str, ...],
     # (fingerprint, conditional first, line): `look` needs the index sorted by fingerprint
     # only; within one fingerprint the order is the order sshd tries the lines in.
     lines = sorted((g.key.fingerprint, not _conditions(g), g.line()) for g in merged)
-    cache = CACHE_HEADER + "".join(line + "\n" for _, _, line in lines)
-    index = "".join(f"{fp} {line}\n" for fp, _, line in lines)
     grants: dict[str, frozenset[GrantElement]] = {}
     for grant in merged:
         fp = grant.key.fingerprint
@@ -251,63 +309,110 @@ def render(served: Iterable[ServedTarget], ports: tuple[str, ...],
                 owners.setdefault(key.fingerprint, []).append(item.target.name)
     for item in manual:
         owners.setdefault(item.key.fingerprint, []).append(item.origin)
-    return Rendered(cache=cache, index=index, hosts_block=render_hosts_block(served, pinned_elsewhere),
+    return Rendered(shards=shards_of((fp, line) for fp, _, line in lines),
+                    hosts_block=render_hosts_block(served, pinned_elsewhere),
                     owners={fp: tuple(sorted(set(v))) for fp, v in owners.items()},
                     grants=grants)
 
 
 class IncrementalRender:
     """render(), kept up to date target by target: a change re-renders only the key lines
-    of the keys it touches and the hosts row of the targets it touches.
+    of the keys it touches, the index shards they live in and the hosts row of the targets
+    it touches.
 
     The outputs are byte for byte what render() gives for the same state (the property
-    tests hold it to that); the index is kept as one text per fingerprint in fingerprint
-    order, so the sorted file is a join, never a sort. Granted aliases are unique across
-    targets (resolve_aliases refuses contested names), so a target's hosts row depends on
-    that target and `pinned_elsewhere` only.
+    tests hold it to that); each shard keeps its fingerprints in order, so a shard is a
+    join, never a sort. Granted aliases are unique across targets (resolve_aliases refuses
+    contested names), so a target's hosts row depends on that target and
+    `pinned_elsewhere` only. `owners` and `grants` are updated in place (copying 100k
+    entries per change would cost more than the change): a Rendered carries what the
+    changed fingerprints had before.
     """
 
     def __init__(self, ports: tuple[str, ...], scope_manual: bool = False) -> None:
         self.ports = ports
         self.scope_manual = scope_manual
-        self.reset((), ())
+        self.reset((), frozenset())
 
     def reset(self, manual: Iterable[ManualLine], pinned_elsewhere: frozenset[str]) -> None:
-        """Forget every target; serve `manual` (rendered by the next update)."""
+        """Forget every target; serve `manual` (rendered by the next update). The owners
+        and grants maps are new objects: a Rendered handed out before keeps its own."""
         self.pinned_elsewhere = pinned_elsewhere
         self._served: dict[str, ServedTarget] = {}
         self._order: list[tuple[str, str]] = []  # (name, id) of the served targets, sorted
         self._by_fp: dict[str, set[str]] = {}  # fingerprint -> ids of targets with that key
-        self._manual: dict[str, list[ManualLine]] = {}
+        self._manual: dict[str, list[ManualLine]] = {}  # fingerprint -> its lines, in order
         for line in manual:
             self._manual.setdefault(line.key.fingerprint, []).append(line)
         # Fingerprints of admin lines without permitopen: their scope is every served alias.
-        self._scoped = frozenset(fp for fp, lines in self._manual.items()
-                                 if any(not _has_permitopen(m.options) for m in lines))
+        self._scoped = {fp for fp, lines in self._manual.items() if _is_scoped(lines)}
         self._scope: list[str] | None = [] if self.scope_manual else None
-        self._fps: list[str] = []  # sorted
-        self._index_part: dict[str, str] = {}
-        self._cache_part: dict[str, str] = {}
+        self._scope_stale = False  # targets changed while no line needed the scope
+        self._parts: dict[str, Shard] = {}  # fingerprint -> its lines (a Shard of one key)
+        self._shard_fps: dict[str, list[str]] = {name: [] for name in SHARD_NAMES}  # sorted
+        self._shards: dict[str, Shard] = dict.fromkeys(SHARD_NAMES, EMPTY_SHARD)
         self._grants: dict[str, frozenset[GrantElement]] = {}
         self._owners: dict[str, tuple[str, ...]] = {}
+        self._grants_before: dict[str, frozenset[GrantElement]] = {}
+        self._owners_before: dict[str, tuple[str, ...]] = {}
         self._rows: dict[str, str] = {}  # target id -> hosts row
         self._hosts = hosts_block(())
         self._pending_fps: set[str] = set(self._manual)
         self._bulk = False
 
+    def change_manual(self, removed: Iterable[ManualLine], added: Iterable[ManualLine],
+                      manual: Iterable[ManualLine]) -> None:
+        """Admin lines edited in one place: `removed` (old lines, one contiguous run) gave
+        way to `added`; `manual` is every line now (read only for a key that also has lines
+        outside the edit, which is rare). Rendered by the next update."""
+        removed, added = list(removed), list(added)
+        gone = set(removed)  # by value: an equal line may be another object
+        by_fp: dict[str, list[ManualLine]] = {}
+        for line in added:
+            by_fp.setdefault(line.key.fingerprint, []).append(line)
+        fps = {line.key.fingerprint for line in removed} | set(by_fp)
+        for fp in fps:
+            kept = [line for line in self._manual.get(fp, ()) if line not in gone]
+            new = by_fp.get(fp, [])
+            if kept and new:  # where the new lines go among the kept ones: ask the whole list
+                lines = [line for line in manual if line.key.fingerprint == fp]
+            else:
+                lines = kept or new
+            if lines:
+                self._manual[fp] = lines
+            else:
+                self._manual.pop(fp, None)
+            if lines and _is_scoped(lines):
+                self._scoped.add(fp)
+            else:
+                self._scoped.discard(fp)
+        if self._scope is not None and self._scoped and self._scope_stale:
+            self._scope = self._current_scope()
+            self._scope_stale = False
+            fps |= self._scoped
+        self._pending_fps |= fps
+
+    def manual_lines(self, fingerprint: str) -> list[ManualLine]:
+        return self._manual.get(fingerprint, [])
+
+    def manual_fingerprints(self) -> list[str]:
+        return list(self._manual)
+
     def update(self, changed: dict[str, ServedTarget | None]) -> Rendered:
         """Apply changed targets (None, or no keys: not served) and render."""
         fps = self._pending_fps
         self._pending_fps = set()
+        self._grants_before, self._owners_before = {}, {}
         rows_changed = False
         # Many changes (a full render, a resync): re-sort once instead of inserting each.
-        self._bulk = len(changed) > max(_BULK, len(self._served) // 8)
+        self._bulk = len(changed) + len(fps) > max(_BULK, (len(self._served) + len(self._parts)) // 8)
         for tid, item in changed.items():
             old = self._served.pop(tid, None)
             if item is not None and not item.keys:
                 item = None
-            if old is not None and not self._bulk:
-                self._order.pop(bisect.bisect_left(self._order, (old.target.name, tid)))
+            if old is not None:
+                if not self._bulk:
+                    self._order.pop(bisect.bisect_left(self._order, (old.target.name, tid)))
                 for key in old.keys:
                     fps.add(key.fingerprint)
                     owners = self._by_fp[key.fingerprint]
@@ -330,43 +435,70 @@ class IncrementalRender:
                     del self._rows[tid]
         if self._bulk:
             self._order = sorted((s.target.name, tid) for tid, s in self._served.items())
-        if self._scope is not None and self._scoped and changed:
-            scope = permitopen_options(dict.fromkeys(
-                a for _, tid in self._order for a in self._served[tid].aliases), self.ports)
-            if scope != self._scope:
-                self._scope = scope
-                fps |= self._scoped
+        if self._scope is not None and changed:
+            if self._scoped:
+                scope = self._current_scope()
+                if scope != self._scope:
+                    self._scope = scope
+                    fps |= self._scoped
+            else:
+                self._scope_stale = True
         for fp in fps:
             self._render_fp(fp)
-        if self._bulk:
-            self._fps = sorted(self._index_part)
+        self._rebuild_shards(fps)
         if rows_changed:
             self._hosts = hosts_block(self._rows[tid] for _, tid in self._order if tid in self._rows)
-        return Rendered(cache=CACHE_HEADER + "".join(map(self._cache_part.__getitem__, self._fps)),
-                        index="".join(map(self._index_part.__getitem__, self._fps)),
-                        hosts_block=self._hosts, owners=dict(self._owners),
-                        grants=dict(self._grants), changed=frozenset(fps))
+        return Rendered(shards=dict(self._shards), hosts_block=self._hosts, owners=self._owners,
+                        grants=self._grants, changed=frozenset(fps),
+                        owners_before=self._owners_before, grants_before=self._grants_before)
+
+    def _current_scope(self) -> list[str]:
+        return permitopen_options(dict.fromkeys(
+            a for _, tid in self._order for a in self._served[tid].aliases), self.ports)
+
+    def _rebuild_shards(self, fps: set[str]) -> None:
+        """Join again the shards that hold a changed fingerprint."""
+        if self._bulk:
+            grouped: dict[str, list[str]] = {name: [] for name in SHARD_NAMES}
+            for fp in self._parts:
+                grouped[index_shard(fp)].append(fp)
+            for ordered in grouped.values():
+                ordered.sort()
+            self._shard_fps = grouped
+            dirty = set(SHARD_NAMES)
+        else:
+            dirty = {index_shard(fp) for fp in fps}
+        for name in dirty:
+            parts = [self._parts[fp] for fp in self._shard_fps[name]]
+            self._shards[name] = Shard("".join(p.index for p in parts),
+                                       "".join(p.cache for p in parts),
+                                       sum(p.lines for p in parts)) if parts else EMPTY_SHARD
 
     def _render_fp(self, fp: str) -> None:
         """Re-render every line of one fingerprint, as render() would."""
+        if fp not in self._grants_before and fp in self._grants:
+            self._grants_before[fp] = self._grants[fp]
+        if fp not in self._owners_before and fp in self._owners:
+            self._owners_before[fp] = self._owners[fp]
         items = sorted((self._served[tid] for tid in self._by_fp.get(fp, ())),
                        key=lambda s: (s.target.name, s.target.id))
         grants = [g for g in discovered_grants(items, self.ports) if g.key.fingerprint == fp]
         manual = self._manual.get(fp, [])
         grants += manual_grants(manual, self._scope)
         if not grants:
-            if fp in self._index_part:
+            if fp in self._parts:
                 if not self._bulk:
-                    self._fps.pop(bisect.bisect_left(self._fps, fp))
-                for table in (self._index_part, self._cache_part, self._grants, self._owners):
+                    ordered = self._shard_fps[index_shard(fp)]
+                    ordered.pop(bisect.bisect_left(ordered, fp))
+                for table in (self._parts, self._grants, self._owners):
                     table.pop(fp, None)
             return
         merged = merge_grants(grants)
         lines = [line for _, line in sorted((not _conditions(g), g.line()) for g in merged)]
-        if fp not in self._index_part and not self._bulk:
-            bisect.insort(self._fps, fp)
-        self._index_part[fp] = "".join(f"{fp} {line}\n" for line in lines)
-        self._cache_part[fp] = "".join(line + "\n" for line in lines)
+        if fp not in self._parts and not self._bulk:
+            bisect.insort(self._shard_fps[index_shard(fp)], fp)
+        self._parts[fp] = Shard("".join(f"{fp} {line}\n" for line in lines),
+                                "".join(line + "\n" for line in lines), len(lines))
         self._grants[fp] = frozenset().union(*(grant_set(g) for g in merged))
         names = {item.target.name for item in items if item.aliases}
         names.update(m.origin for m in manual)
@@ -374,6 +506,33 @@ class IncrementalRender:
             self._owners[fp] = tuple(sorted(names))
         else:
             self._owners.pop(fp, None)
+
+
+def _is_scoped(lines: Iterable[ManualLine]) -> bool:
+    return any(not _has_permitopen(m.options) for m in lines)
+
+
+def changed_span(old: Sequence, new: Sequence) -> tuple[int, int, int]:
+    """(start, old_end, new_end): `old[start:old_end]` became `new[start:new_end]` and the
+    rest is equal. Slices are compared in C (an object is equal to itself at once), halving
+    the span each step: a one-line edit of 100k lines costs no Python work per line."""
+    limit = min(len(old), len(new))
+    lo, hi = 0, limit  # the common prefix is at least lo, at most hi long
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if old[lo:mid] == new[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    start = lo
+    lo, hi = 0, limit - start  # the same for the common suffix, never overlapping the prefix
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if old[len(old) - mid:len(old) - lo] == new[len(new) - mid:len(new) - lo]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return start, len(old) - lo, len(new) - lo
 
 
 _BULK = 256  # changes (and an eighth of the state) above which the sorted lists are re-sorted

@@ -10,7 +10,7 @@ or that keeps the same grants from another source, keeps its sessions.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from .render import ANY_DEST, GrantElement
 
@@ -79,6 +79,46 @@ class World:
     excluded: Mapping[str, str] = field(default_factory=dict)  # target id -> reason (not served)
     manual: Mapping[str, frozenset[tuple[str, ...]]] = field(default_factory=dict)  # fp -> options
     owners: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # fp -> names (access log)
+
+
+MISSING: Any = object()
+"""In a Before map: the key was absent."""
+
+
+class Before(Mapping):
+    """A map as it was before in-place changes: `old` holds the earlier value of every key
+    changed since (MISSING: it was absent); other keys are read from `live`. The
+    reconciler keeps its maps of 100k targets up to date in place; the last render's world
+    is this view, not a copy."""
+
+    def __init__(self, old: Mapping[Any, Any], live: Mapping[Any, Any]) -> None:
+        self.old = old
+        self.live = live
+
+    def __getitem__(self, key: Any) -> Any:
+        if key in self.old:
+            value = self.old[key]
+            if value is MISSING:
+                raise KeyError(key)
+            return value
+        return self.live[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        for key in self.live:
+            if key not in self.old:
+                yield key
+        for key, value in self.old.items():
+            if value is not MISSING:
+                yield key
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def remember(old: dict[Any, Any], live: Mapping[Any, Any], key: Any) -> None:
+    """Note `key`'s value in `live` before its first change since `old` was started."""
+    if key not in old:
+        old[key] = live.get(key, MISSING)
 
 
 @dataclass(frozen=True)

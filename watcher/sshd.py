@@ -34,7 +34,8 @@ class SshdPaths:
     host_key_dir: Path = Path("/etc/ssh/host_keys")
     keys_command: Path = Path("/usr/local/libexec/ssh-proxy/authorized-keys-command")
     keys_command_user: str = "nobody"
-    index: Path = Path("/etc/ssh/authorized_keys.index")
+    # The login index: one file per fingerprint shard (render.SHARD_NAMES), sorted.
+    index_dir: Path = Path("/etc/ssh/authorized_keys.index.d")
     # sshd's privilege separation dir: made at start, since a tmpfs /run (read-only root
     # filesystem) starts empty and even `sshd -t` refuses to run without it.
     privsep_dir: Path = Path("/run/sshd")
@@ -78,7 +79,7 @@ def render_sshd_config(template: str, settings: Settings, paths: SshdPaths,
         host_keys="\n".join(f"HostKey {k}" for k in host_keys),
         keys_command=str(paths.keys_command),
         keys_command_user=paths.keys_command_user,
-        index_path=str(paths.index),
+        index_dir=str(paths.index_dir),
         permit_open=permit_open(settings),
         max_startups=MAX_STARTUPS,
         per_source_max_startups=str(PER_SOURCE_MAX_STARTUPS),

@@ -125,10 +125,55 @@ def permitopen_hosts(options: Iterable[str]) -> Iterator[str]:
 
 
 def permitopen_reservations(lines: Iterable[ManualLine]) -> Iterator[tuple[str, Reservation]]:
-    """Hosts an admin's key may open: a target's soft name must not redirect them."""
-    for line in lines:
-        for host in permitopen_hosts(line.options):
-            yield host, Reservation(f"host of a permitopen in {line.origin}")
+    """Hosts an admin's key may open: a target's soft name must not redirect them. One
+    reservation per host (folded), citing the first line that names it."""
+    yield from ManualReservations(lines).pairs()
+
+
+def _origin_order(origin: str) -> tuple[str, int]:
+    path, _, number = origin.rpartition(":")
+    return (path, int(number)) if number.isdigit() else (origin, 0)
+
+
+class ManualReservations:
+    """permitopen_reservations kept up to date edit by edit: a 100k-line key file is not
+    scanned again when one line changes."""
+
+    def __init__(self, lines: Iterable[ManualLine] = ()) -> None:
+        self._origins: dict[str, dict[str, int]] = {}  # folded host -> origin -> lines
+        self.update((), lines)
+
+    def update(self, removed: Iterable[ManualLine], added: Iterable[ManualLine]) -> set[str]:
+        """Apply an edit; returns the folded hosts whose reservation changed."""
+        before: dict[str, str] = {}
+        for sign, lines in ((-1, removed), (1, added)):
+            for line in lines:
+                for host in permitopen_hosts(line.options):
+                    key = fold(host)
+                    if key not in before:
+                        before[key] = self._reason(key)
+                    origins = self._origins.setdefault(key, {})
+                    count = origins.get(line.origin, 0) + sign
+                    if count > 0:
+                        origins[line.origin] = count
+                    else:
+                        origins.pop(line.origin, None)
+                    if not origins:
+                        del self._origins[key]
+        return {key for key, reason in before.items() if self._reason(key) != reason}
+
+    def _reason(self, key: str) -> str:
+        origins = self._origins.get(key)
+        if not origins:
+            return ""
+        return f"host of a permitopen in {min(origins, key=_origin_order)}"
+
+    def pairs(self) -> Iterator[tuple[str, Reservation]]:
+        for key in self._origins:
+            yield key, Reservation(self._reason(key))
+
+    def reserved(self) -> ReservedNames:
+        return ReservedNames({key: (Reservation(self._reason(key)),) for key in self._origins})
 
 
 def hosts_file_reservations(
@@ -287,6 +332,17 @@ class AliasBook:
             if others <= redo or alias_problem(key, self.proxy):
                 continue  # all re-decided anyway, or refused to every claimant (case-blind)
             redo |= others
+        for tid in redo:
+            self._decide(self.targets[tid])
+        return redo
+
+    def reserve(self, reserved: ReservedNames, names: Iterable[str]) -> set[str]:
+        """New reservations, differing from the old only in `names` (folded): re-decides the
+        targets that claim one of them; returns their ids."""
+        self.reserved = reserved
+        redo: set[str] = set()
+        for key in names:
+            redo |= self._claims.get(key, set()) | self._name_owners.get(key, set())
         for tid in redo:
             self._decide(self.targets[tid])
         return redo

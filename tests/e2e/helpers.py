@@ -39,6 +39,7 @@ PUBLICKEY_BODY_PATH = "/run/publickey-body"
 """Where start_target(body_file=...) mounts the file served as GET /publickey."""
 DOCKER_SOCKET = "/var/run/docker.sock"
 ACCESS_LOG = "/etc/ssh/access.log"
+INDEX_DIR = "/etc/ssh/authorized_keys.index.d"  # the login index, one file per shard
 STATUS_JSON = "/run/ssh-proxy/status.json"
 
 DOCKER_TIMEOUT = 120
@@ -314,6 +315,11 @@ class Proxy:
         """Contents of a file inside the proxy, `` when it does not exist."""
         proc = self.exec(["cat", path])
         return proc.stdout if proc.returncode == 0 else ""
+
+    def read_index(self) -> str:
+        """The login index as sshd sees it: every shard, in fingerprint order."""
+        proc = self.exec(["sh", "-c", f"cat {INDEX_DIR}/* 2>/dev/null"])
+        return proc.stdout
 
     def access_log(self) -> str:
         return self.read_file(ACCESS_LOG)

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 import docker as docker_sdk
 import pytest
 
-from helpers import (SESSION_LABEL, TEST_LABEL, KeyPair, Proxy, SshClient, make_keypair,
+from helpers import (INDEX_DIR, SESSION_LABEL, TEST_LABEL, KeyPair, Proxy, SshClient, make_keypair,
                      wait_for_event, wait_for_login, wait_until)
 
 SLOTS = 50
 EVENTS = 1000
 WORKERS = 4  # bounded: the engine on 2 shared cores keeps up
 SETTLE_DEADLINE = 120.0
-INDEX = "/etc/ssh/authorized_keys.index"
 CACHE = "/etc/ssh/authorized_keys_cache"
 HOSTS_BEGIN = "# BEGIN ssh-proxy targets"
 HOSTS_END = "# END ssh-proxy targets"
@@ -165,7 +164,7 @@ def expected(client: docker_sdk.DockerClient, sfx: str, network: str, permit: st
 
 
 def proxy_files(proxy: Proxy) -> tuple[str, str, str]:
-    out = proxy.exec(f"cat {INDEX}; echo '@@@'; cat {CACHE}; echo '@@@'; cat /etc/hosts", check=True).stdout
+    out = proxy.exec(f"cat {INDEX_DIR}/*; echo '@@@'; cat {CACHE}; echo '@@@'; cat /etc/hosts", check=True).stdout
     index, cache, hosts = out.split("@@@\n")
     return index, cache, hosts
 

@@ -18,7 +18,6 @@ from helpers import (DOCKER_SOCKET, KeyPair, Proxy, SshClient, docker, free_port
                      remove_containers, run_proxy_container, status, wait_for_login, wait_for_status,
                      wait_for_proxy_banner, wait_until)
 
-INDEX = "/etc/ssh/authorized_keys.index"
 
 
 class SocketRelay:
@@ -108,7 +107,7 @@ def test_engine_outage_keeps_serving_then_resyncs(start_target, keypair, relay, 
 
     assert wait_until(lambda: source(proxy).get("connected") is True, 60), source(proxy)
     wait_for_login(SshClient(proxy, new_key), new.name, deadline=60)
-    assert wait_until(lambda: old_key.fingerprint not in proxy.read_file(INDEX), 30), \
+    assert wait_until(lambda: old_key.fingerprint not in proxy.read_index(), 30), \
         "the target removed during the outage is still granted"
     assert proxy.state() == "running"
 
@@ -240,7 +239,7 @@ def test_disk_full_keeps_serving_the_previous_keys_and_resumes(start_target, sta
     proxy = start_proxy(env={"SSH_PERMIT_TARGET_HOST": f"*-{sfx}"},
                         docker_args=["--mount", "type=tmpfs,destination=/etc/ssh,tmpfs-size=2m,tmpfs-mode=0755"])
     wait_for_login(SshClient(proxy, key), first.name)
-    before = proxy.read_file(INDEX)
+    before = proxy.read_index()
     assert key.fingerprint in before
 
     proxy.exec("dd if=/dev/zero of=/etc/ssh/fill bs=64k 2>/dev/null; true", check=True)
@@ -249,11 +248,11 @@ def test_disk_full_keeps_serving_the_previous_keys_and_resumes(start_target, sta
     newer = start_target(f"fx-c-{sfx}", newer_key)
     assert wait_until(lambda: f"target added: {newer.name}" in proxy.logs(), 30), proxy.logs()
     wait_for_login(SshClient(proxy, key), first.name)  # the previous keys are served
-    assert proxy.read_file(INDEX) == before, "the index changed on a full disk"
+    assert proxy.read_index() == before, "the index changed on a full disk"
     assert SshClient(proxy, new_key).ssh(new.name, "true", timeout=30).returncode != 0
     # A revocation does not wait for space: the withdrawn line goes from the index in place.
     first.remove()
-    assert wait_until(lambda: key.fingerprint not in proxy.read_file(INDEX), 30), proxy.logs()
+    assert wait_until(lambda: key.fingerprint not in proxy.read_index(), 30), proxy.logs()
     assert SshClient(proxy, key).ssh(first.name, "true", timeout=30).returncode != 0
     logs = proxy.logs()
     assert logs.count("cannot write the rendered keys") == 1, logs

@@ -143,7 +143,7 @@ def test_hostile_publickey_bodies(start_target, start_proxy, keypair, tmp_path):
     # ---- the rendered files: only the proxy's own options, only the line's own target
     aliases = {t["name"]: set(t["aliases"]) for t in status(proxy)["targets"]}
     cache = proxy.read_file("/etc/ssh/authorized_keys_cache")
-    index = proxy.read_file("/etc/ssh/authorized_keys.index")
+    index = proxy.read_index()
     cache_lines = [line for line in cache.splitlines() if line and not line.startswith("#")]
     index_lines = [line.split(" ", 1)[1] for line in index.splitlines() if line]
     assert sorted(cache_lines) == sorted(index_lines), (cache, index)

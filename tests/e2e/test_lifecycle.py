@@ -19,7 +19,7 @@ def target_row(doc: dict, name: str) -> dict:
 
 
 def served_blobs(proxy: Proxy) -> str:
-    return proxy.read_file("/etc/ssh/authorized_keys.index")
+    return proxy.read_index()
 
 
 def host_keys(proxy: Proxy) -> set[tuple[str, str]]:

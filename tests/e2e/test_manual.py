@@ -152,7 +152,7 @@ def in_container_delay(proxy: Proxy, fingerprint: str, present: bool,
     test = "grep -qF" if present else "! grep -qF"
     script = (f'end=$(( $(date +%s) + {deadline} )); echo ready; '
               f'while [ "$(date +%s)" -lt "$end" ]; do '
-              f'if {test} -- "{fingerprint} " /etc/ssh/authorized_keys.index; then '
+              f'if cat /etc/ssh/authorized_keys.index.d/* | {test} -- "{fingerprint} "; then '
               f'date +%s.%N; exit 0; fi; sleep 0.02; done; exit 1')
     watch = subprocess.Popen(["docker", "exec", proxy.id, "sh", "-c", script],
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -249,7 +249,7 @@ def test_admin_from_option_is_enforced(m: Manual) -> None:
     m.write("from.pub", f'from="203.0.113.7" {elsewhere.public}\n'
                         f'from="*,!203.0.113.7" {here.public}\n')
     wait_tunnel(m.proxy, here, f"{m.a.name}:22", True, "from= key")
-    index = m.proxy.read_file("/etc/ssh/authorized_keys.index")
+    index = m.proxy.read_index()
     assert f'from="203.0.113.7" ssh-ed25519' in index, index
     assert refused_login(tunnel(m.proxy, elsewhere, f"{m.a.name}:22"))
     (m.keys_dir / "from.pub").unlink()
@@ -262,12 +262,11 @@ def test_same_key_in_two_files_with_from(m: Manual) -> None:
     m.write("from-a.pub", f'from="203.0.113.7",permitopen="{m.b.name}:22" {k.public}\n')
     m.write("from-b.pub", f'from="*",permitopen="{m.a.name}:22" {k.public}\n')
     try:
-        assert wait_until(lambda: k.fingerprint in m.proxy.read_file(
-            "/etc/ssh/authorized_keys.index"), 5)
+        assert wait_until(lambda: k.fingerprint in m.proxy.read_index(), 5)
         time.sleep(0.5)  # both files are in
         proc = tunnel(m.proxy, k, f"{m.a.name}:22")
         assert tunnel_ok(proc), (proc.returncode, proc.stderr,
-                                 m.proxy.read_file("/etc/ssh/authorized_keys.index"))
+                                 m.proxy.read_index())
     finally:
         for name in ("from-a.pub", "from-b.pub"):
             (m.keys_dir / name).unlink()
@@ -362,7 +361,7 @@ def test_admin_keys_alongside_discovery(start_proxy, start_target, keypair, tmp_
         proc = tunnel(proxy, admin, dest)
         assert denied_tunnel(proc), (dest, proc.returncode, proc.stderr)
     # Neither overwrote the other: both keys are in the index.
-    index = proxy.read_file("/etc/ssh/authorized_keys.index")
+    index = proxy.read_index()
     assert own.fingerprint in index and admin.fingerprint in index, index
     # The directory is hot-reloaded with discovery too: deleting the file revokes the admin
     # key only.
@@ -383,7 +382,7 @@ def test_admin_key_with_discovery_but_no_targets_opens_nothing(m: Manual, start_
     (keys_dir / "admin.pub").write_text(admin.public + "\n")
     proxy = start_proxy(env={"SSH_TARGET_LABELS": f"ssh-proxy-manual=none-{secrets.token_hex(4)}"},
                         volumes=[f"{keys_dir}:{KEYS_DIR}"])
-    index = proxy.read_file("/etc/ssh/authorized_keys.index")
+    index = proxy.read_index()
     assert f"{admin.fingerprint} restrict ssh-ed25519" in index, index
     for dest in (f"{m.a.name}:22", f"{m.a.ip}:22", "localhost:22"):
         proc = tunnel(proxy, admin, dest)
@@ -405,8 +404,7 @@ def test_key_both_discovered_and_admin_keeps_both_grants(m: Manual, start_proxy,
     wait_tunnel(proxy, shared, f"{t.name}:22", True, "shared key: discovered", deadline=30)
     # The admin also grants the same key a tunnel to A (not a discovered target).
     (keys_dir / "shared.pub").write_text(f'permitopen="{m.a.name}:22" {shared.public}\n')
-    assert wait_until(lambda: f'permitopen="{m.a.name}:22"' in proxy.read_file(
-        "/etc/ssh/authorized_keys.index"), 5), proxy.read_file("/etc/ssh/authorized_keys.index")
+    assert wait_until(lambda: f'permitopen="{m.a.name}:22"' in proxy.read_index(), 5), proxy.read_index()
     results = {dest: tunnel_ok(tunnel(proxy, shared, dest))
                for dest in (f"{t.name}:22", f"{m.a.name}:22")}
     assert results == {f"{t.name}:22": True, f"{m.a.name}:22": True}, results

@@ -16,7 +16,6 @@ from helpers import (KeyPair, Proxy, SshClient, docker, free_port, parse_logfmt,
                      wait_for_event, wait_for_login, wait_until)
 
 KEYS_DIR = "/etc/ssh/authorized_keys.d"
-INDEX = "/etc/ssh/authorized_keys.index"
 
 
 @dataclass
@@ -136,7 +135,7 @@ def test_shared_key_loses_a_grant_admin_granted_key_keeps_its_session(start_targ
     # `own` is granted the same by its target and the admin file: an unrelated change
     # (a target of another key stopping) leaves its session open and working.
     one.remove()
-    assert wait_until(lambda: shared.fingerprint + " " not in proxy.read_file(INDEX), 15)
+    assert wait_until(lambda: shared.fingerprint + " " not in proxy.read_index(), 15)
     assert kept.alive() and kept.banner().startswith("SSH-2.0-")
     revoked = [line for line in proxy.access_log().splitlines() if "event=revoked" in line]
     assert not [line for line in revoked if own.fingerprint in line], revoked

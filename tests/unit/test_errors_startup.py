@@ -131,7 +131,7 @@ def _paths(tmp_path: Path) -> Paths:
                  access_log=ssh / "access.log", status=tmp_path / "run" / "status.json",
                  syslog_socket=tmp_path / "log", keys_dir=ssh / "authorized_keys.d",
                  sshd=SshdPaths(template=template, config=ssh / "sshd_config",
-                                host_key_dir=ssh / "host_keys", index=ssh / "authorized_keys.index",
+                                host_key_dir=ssh / "host_keys", index_dir=ssh / "authorized_keys.index.d",
                                 sshd=str(fake_sshd(tmp_path))))
 
 

@@ -17,39 +17,55 @@ import pytest
 from watcher import cache
 from watcher.app import OutputWriter, Paths, RotatingFile
 from watcher.config import RunMode
+from watcher.render import SHARD_NAMES, shards_of
 from watcher.sshd import SshdPaths
 
 
 class DiskFull:
-    """Makes fsync in watcher.cache fail with ENOSPC while `full` (where a full disk shows
-    for a file whose data did not fit)."""
+    """Makes writing a new file in watcher.cache fail with ENOSPC while `full` (the data of
+    a new file needs blocks; overwriting an existing file with fewer bytes does not)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.full = False
-        real = os.fsync
+        real_fsync, real_fdopen = cache.os.fsync, cache.os.fdopen
+
+        def fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
+            handle = real_fdopen(fd, *args, **kwargs)
+            if self.full:
+                def write(data: bytes) -> int:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                handle.write = write  # type: ignore[method-assign]
+            return handle
 
         def fsync(fd: int) -> None:
             if self.full:
                 raise OSError(errno.ENOSPC, "No space left on device")
-            real(fd)
+            real_fsync(fd)
+        monkeypatch.setattr(cache.os, "fdopen", fdopen)
         monkeypatch.setattr(cache.os, "fsync", fsync)
 
 
 def _render(index: str, cache_text: str) -> Any:
     """What OutputWriter reads of a Rendered."""
-    return SimpleNamespace(index=index, cache=cache_text, hosts_block="")
+    lines = [tuple(line.split(" ", 1)) for line in index.splitlines()]
+    return SimpleNamespace(shards=shards_of(lines), cache=cache_text, hosts_block="")
+
+
+def _index(directory: Path) -> str:
+    """The index as sshd sees it: every shard, in order."""
+    return "".join((directory / name).read_text() for name in SHARD_NAMES)
 
 
 @pytest.fixture
 def writer(tmp_path: Path) -> OutputWriter:
     paths = Paths(cache=tmp_path / "authorized_keys_cache", hosts=tmp_path / "hosts",
-                  sshd=SshdPaths(index=tmp_path / "authorized_keys.index"))
+                  sshd=SshdPaths(index_dir=tmp_path / "authorized_keys.index.d"))
     return OutputWriter(paths, RunMode.DOCKER, pin_names=False)
 
 
 def test_disk_full_keeps_the_previous_files_logs_once_and_resumes(writer, monkeypatch, caplog) -> None:
     disk = DiskFull(monkeypatch)
-    index, cache_path = writer.paths.sshd.index, writer.paths.cache
+    index, cache_path = writer.paths.sshd.index_dir, writer.paths.cache
     assert writer(_render("SHA256:a line-a\nSHA256:b line-b\n", "old cache\n"))
     disk.full = True
     caplog.set_level(logging.INFO, logger="watcher.app")
@@ -58,22 +74,44 @@ def test_disk_full_keeps_the_previous_files_logs_once_and_resumes(writer, monkey
     assert not writer(_render("SHA256:a line-a\nSHA256:c line-c\nSHA256:d line-d\n", "newer cache\n"))
     writer.retry()
     writer.retry()
-    assert index.read_text() == "SHA256:a line-a\n" and cache_path.read_text() == "old cache\n"
-    assert [p.name for p in index.parent.iterdir() if p.name.startswith(".")] == []  # no temp left
+    assert _index(index) == "SHA256:a line-a\n" and cache_path.read_text() == "old cache\n"
+    assert [p.name for p in index.iterdir() if p.name.startswith(".")] == []  # no temp left
     assert "No space left" in writer.error
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "sshd keeps serving the previous" in errors[0].getMessage()
 
     disk.full = False
     writer.retry()  # the newest render, not the first that failed
-    assert index.read_text() == "SHA256:a line-a\nSHA256:c line-c\nSHA256:d line-d\n"
+    assert _index(index) == "SHA256:a line-a\nSHA256:c line-c\nSHA256:d line-d\n"
+    assert (index / "c").read_text() == "SHA256:c line-c\n"
     assert cache_path.read_text() == "newer cache\n"
     assert writer.error == ""
     assert any("written again" in r.getMessage() for r in caplog.records)
     # Nothing pending any more: a later retry writes nothing.
-    index.write_text("changed by hand\n")
+    (index / "a").write_text("changed by hand\n")
     writer.retry()
-    assert index.read_text() == "changed by hand\n"
+    assert (index / "a").read_text() == "changed by hand\n"
+
+
+def test_writer_removes_files_that_are_no_shard_and_writes_every_shard(writer) -> None:
+    directory = writer.paths.sshd.index_dir
+    directory.mkdir()
+    (directory / "authorized_keys.index").write_text("SHA256:z stale\n")
+    (directory / ".a.tmp123").write_text("half")
+    assert writer(_render("SHA256:a line-a\n", "cache\n"))
+    assert sorted(p.name for p in directory.iterdir()) == sorted(SHARD_NAMES)
+    assert _index(directory) == "SHA256:a line-a\n"
+    assert oct(directory.stat().st_mode & 0o777) == oct(0o755)
+
+
+def test_writer_rewrites_only_the_shards_that_changed(writer) -> None:
+    directory = writer.paths.sshd.index_dir
+    assert writer(_render("SHA256:a line-a\nSHA256:b line-b\n", "c1\n"))
+    stamps = {name: (directory / name).stat().st_ino for name in SHARD_NAMES}
+    assert writer(_render("SHA256:a line-a\nSHA256:b line-B\n", "c2\n"))
+    moved = {name for name in SHARD_NAMES if (directory / name).stat().st_ino != stamps[name]}
+    assert moved == {"b"}
+    assert not writer(_render("SHA256:a line-a\nSHA256:b line-B\n", "c2\n"))
 
 
 def test_shrink_in_place_keeps_only_lines_both_renders_have(tmp_path: Path) -> None:

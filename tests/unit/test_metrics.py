@@ -115,7 +115,7 @@ def wired(tmp_path: Path) -> Iterator[tuple[Metrics, Clock, CountingSink, Reconc
     clock = Clock()
     metrics = Metrics(clock=clock)
     paths = Paths(cache=tmp_path / "keys" / "authorized_keys_cache", hosts=tmp_path / "hosts",
-                  sshd=SshdPaths(index=tmp_path / "keys" / "authorized_keys.index"))
+                  sshd=SshdPaths(index_dir=tmp_path / "keys" / "authorized_keys.index.d"))
     writer = OutputWriter(paths, RunMode.DOCKER, pin_names=False, on_result=metrics.write_result)
     reconciler = Reconciler(Settings(), ProxyIdentity(),
                             metrics.counting_fetch(lambda t: KeyState(status="failed",

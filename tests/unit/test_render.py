@@ -16,6 +16,8 @@ import pytest
 from watcher.model import ManualLine, PublicKey, Target
 from watcher.render import (
     BASE_OPTIONS,
+    EMPTY_SHARD,
+    SHARD_NAMES,
     HOSTS_BEGIN,
     HOSTS_END,
     Rendered,
@@ -120,9 +122,10 @@ def test_target_without_aliases_or_keys_gives_no_line() -> None:
 
 def test_render_empty() -> None:
     rendered = render([], ("*",))
-    assert rendered == Rendered(
-        cache="# ssh-proxy authorized keys: rendered by the watcher, do not edit\n",
-        index="", hosts_block=f"{HOSTS_BEGIN}\n{HOSTS_END}\n", owners={})
+    assert rendered == Rendered(shards=dict.fromkeys(SHARD_NAMES, EMPTY_SHARD),
+                                hosts_block=f"{HOSTS_BEGIN}\n{HOSTS_END}\n", owners={})
+    assert rendered.cache == "# ssh-proxy authorized keys: rendered by the watcher, do not edit\n"
+    assert rendered.index == "" and rendered.keys_served == 0
 
 
 def test_cache_index_and_owners() -> None:
@@ -223,14 +226,21 @@ def test_look_finds_exactly_one_fingerprint(big_render, tmp_path: Path) -> None:
 def test_authorized_keys_command_prints_lines_without_fingerprint(big_render,
                                                                   tmp_path: Path) -> None:
     items, rendered = big_render
-    path = tmp_path / "index"
-    path.write_text(rendered.index)
-    key = items[777].keys[0]
-    out = subprocess.run(["sh", str(KEYS_COMMAND), str(path), key.fingerprint],
-                         capture_output=True, text=True, check=True).stdout
-    [line] = out.splitlines()
-    assert line == (f'restrict,port-forwarding,permitopen="t00777:22",'
-                    f'permitopen="{items[777].target.address}:22" {key.line()} t00777')
+    path = tmp_path / "index.d"
+    path.mkdir()
+    for name, shard in rendered.shards.items():
+        (path / name).write_text(shard.index)
+    # 2000 keys spread over the shards, each shard sorted, together the whole index.
+    assert sum(1 for s in rendered.shards.values() if s.lines) > 32
+    assert "".join((path / name).read_text() for name in SHARD_NAMES) == rendered.index
+    for pick in (0, 777, 1999):
+        key = items[pick].keys[0]
+        out = subprocess.run(["sh", str(KEYS_COMMAND), str(path), key.fingerprint],
+                             capture_output=True, text=True, check=True).stdout
+        [line] = out.splitlines()
+        name = items[pick].target.name
+        assert line == (f'restrict,port-forwarding,permitopen="{name}:22",'
+                        f'permitopen="{items[pick].target.address}:22" {key.line()} {name}')
     missing = subprocess.run(["sh", str(KEYS_COMMAND), str(tmp_path / "nope"), key.fingerprint],
                              capture_output=True, text=True)
     assert (missing.returncode, missing.stdout) == (0, "")

@@ -17,6 +17,8 @@ import pytest
 
 from watcher.config import RunMode, Settings, load_settings
 from watcher.errors import WatcherError
+from watcher.model import ManualLine, PublicKey
+from watcher.render import index_shard, render as render_keys
 from watcher.sshd import SshdPaths, ensure_host_keys, permit_open, render_sshd_config
 from watcher.snapshot import SourceStatus, StatusDocument, WatcherState
 from watcher.status import STALE_AFTER, health_problems
@@ -55,7 +57,7 @@ def paths_in(directory: Path) -> SshdPaths:
                      host_key_dir=directory / "host_keys",
                      keys_command=directory / "libexec" / "authorized-keys-command",
                      keys_command_user="nobody",
-                     index=directory / "authorized_keys.index")
+                     index_dir=directory / "authorized_keys.index.d")
 
 
 def test_render_sshd_config_contents(tmp_path: Path) -> None:
@@ -69,7 +71,7 @@ def test_render_sshd_config_contents(tmp_path: Path) -> None:
         f"HostKey {keys[0]}",
         f"HostKey {keys[1]}",
         "AllowUsers limited-user",
-        f"AuthorizedKeysCommand {paths.keys_command} {paths.index} %f",
+        f"AuthorizedKeysCommand {paths.keys_command} {paths.index_dir} %f",
         "AuthorizedKeysCommandUser nobody",
         "AuthorizedKeysFile none",
         "PermitOpen *:22",
@@ -107,11 +109,11 @@ def test_one_source_cannot_take_the_slots_below_random_early_drop() -> None:
 
 def test_render_sshd_config_any_and_keys_user(tmp_path: Path) -> None:
     paths = SshdPaths(keys_command=Path("/x/cmd"), keys_command_user="sshkeys",
-                      index=Path("/y/index"))
+                      index_dir=Path("/y/index.d"))
     text = render_sshd_config(TEMPLATE, Settings(), paths, [Path("/k/a")])
     lines = text.splitlines()
     assert "PermitOpen any" in lines
-    assert "AuthorizedKeysCommand /x/cmd /y/index %f" in lines
+    assert "AuthorizedKeysCommand /x/cmd /y/index.d %f" in lines
     assert "AuthorizedKeysCommandUser sshkeys" in lines
     assert "HostKey /k/a" in lines
 
@@ -239,7 +241,7 @@ def test_real_sshd_accepts_rendered_config(sshd_dir: Path, privsep_dir) -> None:
     lines = set(effective.stdout.splitlines())
     for expected in [
         "allowusers limited-user",
-        f"authorizedkeyscommand {paths.keys_command} {paths.index} %f",
+        f"authorizedkeyscommand {paths.keys_command} {paths.index_dir} %f",
         "authorizedkeyscommanduser nobody",
         "permitopen *:22 *:2222",
         "allowtcpforwarding local",
@@ -274,11 +276,48 @@ def test_real_sshd_rejects_a_broken_config(sshd_dir: Path, privsep_dir) -> None:
 def test_keys_command_runs_from_its_safe_copy(sshd_dir: Path) -> None:
     paths = _render_to(sshd_dir, Settings())
     fp = "SHA256:" + "A" * 43
-    paths.index.write_text(f"{'SHA256:' + '0' * 43} other\n{fp} restrict,port-forwarding "
-                           "ssh-ed25519 AAAA web\n")
-    out = subprocess.run([str(paths.keys_command), str(paths.index), fp], capture_output=True,
+    paths.index_dir.mkdir()
+    (paths.index_dir / "A").write_text(f"{'SHA256:' + 'A' * 42 + '0'} other\n{fp} restrict,port-forwarding "
+                                       "ssh-ed25519 AAAA web\n")
+    out = subprocess.run([str(paths.keys_command), str(paths.index_dir), fp], capture_output=True,
                          text=True, timeout=10)
     assert (out.returncode, out.stdout) == (0, "restrict,port-forwarding ssh-ed25519 AAAA web\n")
+
+
+@pytest.mark.parametrize("first", ["A", "z", "0", "/", "+"])
+def test_keys_command_reads_the_fingerprints_shard(sshd_dir: Path, first: str) -> None:
+    """Each fingerprint is looked up in the shard render.index_shard names, and only there."""
+    paths = _render_to(sshd_dir, Settings())
+    fp = f"SHA256:{first}{'b' * 42}"
+    rendered = render_keys([], ("22",), [ManualLine("f:1", (), _key_with_fingerprint(fp))])
+    paths.index_dir.mkdir()
+    for name, shard in rendered.shards.items():
+        (paths.index_dir / name).write_text(shard.index)
+    assert [n for n, s in rendered.shards.items() if s.lines] == [index_shard(fp)]
+    out = subprocess.run([str(paths.keys_command), str(paths.index_dir), fp], capture_output=True,
+                         text=True, timeout=10)
+    assert out.returncode == 0 and out.stdout.endswith(" f\n") and "restrict" in out.stdout, out
+    # The same line in any other shard is never read.
+    (paths.index_dir / index_shard(fp)).write_text("")
+    (paths.index_dir / ("a" if index_shard(fp) != "a" else "b")).write_text(rendered.index)
+    out = subprocess.run([str(paths.keys_command), str(paths.index_dir), fp], capture_output=True,
+                         text=True, timeout=10)
+    assert (out.returncode, out.stdout) == (0, "")
+
+
+def _key_with_fingerprint(fp: str) -> PublicKey:
+    return PublicKey("ssh-ed25519", "AAAA", "f", fp, 256)
+
+
+@pytest.mark.parametrize("fingerprint", ["SHA256:", "nocolon", "SHA256:.x", "SHA256:*", "SHA256:-a"])
+def test_keys_command_answers_nothing_for_a_malformed_fingerprint(sshd_dir: Path, fingerprint: str) -> None:
+    paths = _render_to(sshd_dir, Settings())
+    paths.index_dir.mkdir()
+    for name in ("-", "_", "n", "a"):
+        (paths.index_dir / name).write_text(f"{fingerprint} restrict ssh-ed25519 AAAA x\n")
+    out = subprocess.run([str(paths.keys_command), str(paths.index_dir), fingerprint],
+                         capture_output=True, text=True, timeout=10)
+    assert (out.returncode, out.stdout) == (0, "")
 
 
 # --- health_problems ----------------------------------------------------------------------

@@ -1,0 +1,112 @@
+"""The pieces the fast path is built from: the edit span of two line lists, the
+before-view of maps kept up to date in place, and manual permitopen reservations kept
+edit by edit."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from watcher.model import ManualLine
+from watcher.render import changed_span, index_shard, SHARD_NAMES
+from watcher.revocation import MISSING, Before, remember
+from watcher.targets import ManualReservations, ReservedNames, permitopen_reservations
+
+from test_reconcile import make_key
+
+
+@pytest.mark.parametrize("old,new,span", [
+    ((), (), (0, 0, 0)),
+    ((1, 2, 3), (1, 2, 3), (3, 3, 3)),
+    ((1, 2, 3), (1, 2, 3, 4), (3, 3, 4)),  # appended
+    ((1, 2, 3), (0, 1, 2, 3), (0, 0, 1)),  # inserted at the top
+    ((1, 2, 3), (1, 9, 3), (1, 2, 2)),  # replaced in the middle
+    ((1, 2, 3), (1, 3), (1, 2, 1)),  # removed
+    ((1, 1, 1), (1, 1), (2, 3, 2)),  # repeats: the prefix never overlaps the suffix
+    ((1, 2), (), (0, 2, 0)),
+])
+def test_changed_span(old: tuple, new: tuple, span: tuple) -> None:
+    assert changed_span(old, new) == span
+
+
+def test_changed_span_rebuilds_new_from_old_on_random_edits() -> None:
+    rng = random.Random(7)
+    for _ in range(500):
+        old = tuple(rng.randrange(4) for _ in range(rng.randrange(12)))
+        new = list(old)
+        for _ in range(rng.randrange(3)):
+            at = rng.randrange(len(new) + 1)
+            if new and rng.random() < 0.5:
+                del new[min(at, len(new) - 1)]
+            else:
+                new.insert(at, rng.randrange(4))
+        start, old_end, new_end = changed_span(old, tuple(new))
+        assert old[:start] + tuple(new[start:new_end]) + old[old_end:] == tuple(new)
+        assert start <= old_end and start <= new_end
+        assert len(old) - old_end == len(new) - new_end
+
+
+def test_index_shard_names_keep_fingerprint_order() -> None:
+    assert len(SHARD_NAMES) == 64 == len(set(SHARD_NAMES))
+    assert index_shard("SHA256:+abc") == "-" and index_shard("SHA256:/abc") == "_"
+    fps = sorted(make_key(("shard", n)).fingerprint for n in range(300))
+    order = [SHARD_NAMES.index(index_shard(fp)) for fp in fps]
+    assert order == sorted(order)  # shards joined in SHARD_NAMES order are sorted
+
+
+def test_before_reads_old_values_of_changed_keys_only() -> None:
+    live = {"a": 1, "b": 2}
+    old: dict = {}
+    before = Before(old, live)
+    remember(old, live, "a")
+    live["a"] = 10
+    remember(old, live, "c")
+    live["c"] = 3
+    remember(old, live, "b")
+    del live["b"]
+    remember(old, live, "a")  # the first value noted wins
+    live["a"] = 11
+    assert old["c"] is MISSING
+    assert dict(before) == {"a": 1, "b": 2}
+    assert before.get("c") is None and before.get("a") == 1 and len(before) == 2
+
+
+def _line(origin: str, *hosts: str, n: int = 0) -> ManualLine:
+    options = tuple(f'permitopen="{h}:22"' for h in hosts)
+    return ManualLine(origin, options, make_key(("reserve", origin, n)))
+
+
+def test_manual_reservations_follow_edits_and_cite_the_first_line() -> None:
+    lines = [_line("/k/a.pub:1", "DB"), _line("/k/a.pub:2", "db", "web"), _line("/k/a.pub:10", "db")]
+    book = ManualReservations(lines)
+    assert book.reserved() == ReservedNames.of(permitopen_reservations(lines))
+    assert book.reserved().entries["db"][0].reason == "host of a permitopen in /k/a.pub:1"
+    # Removing the first line moves db's reason to line 2; web is unchanged.
+    assert book.update([lines[0]], []) == {"db"}
+    assert book.reserved().entries["db"][0].reason == "host of a permitopen in /k/a.pub:2"
+    assert book.update([], [_line("/k/b.pub:1", "api")]) == {"api"}
+    assert book.update([lines[1]], []) == {"db", "web"}
+    assert set(book.reserved().entries) == {"db", "api"}
+    assert book.update([lines[2]], [_line("/k/a.pub:3", "db")]) == {"db"}
+    assert book.update([], [_line("/k/a.pub:9", "db")]) == set()  # not the first line
+
+
+def test_a_one_line_manual_edit_renders_only_that_key() -> None:
+    """Editing one admin line of many: the render says only the edited keys changed (the
+    rest of the index is not looked at again), and equals a full render."""
+    from test_reconcile import Harness
+    from watcher.config import RunMode, Settings
+
+    h = Harness(Settings(mode=RunMode.MANUAL))
+    lines = tuple(ManualLine(f"/k/a.pub:{n}", (), make_key(("edit", n))) for n in range(1, 301))
+    h.rec.set_manual(lines)
+    h.settle()
+    assert h.last.changed is None and h.last.keys_served == 300
+    edited = ManualLine("/k/a.pub:150", ('from="10.0.0.0/8"',), make_key(("edit", "new")))
+    h.rec.set_manual(lines[:149] + (edited,) + lines[150:])
+    h.settle()
+    assert h.last.changed == {lines[149].key.fingerprint, edited.key.fingerprint}
+    assert h.last.index == h.rec.full_render().index and h.last.keys_served == 300
+    assert h.rec.owners_of(lines[149].key.fingerprint) == ()
+    assert h.rec.owners_of(edited.key.fingerprint) == ("/k/a.pub:150",)
