@@ -19,9 +19,11 @@ import logging
 import os
 import threading
 import time
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -36,36 +38,254 @@ MAX_FILE_BYTES = 64 * 1024 * 1024  # 100,000 keys with options fit many times ov
 
 
 # ---- pure ------------------------------------------------------------------------------------
-def parse_key_file(data: bytes, origin: str, known: dict[str, Any] | None = None,
-                   seen: dict[str, Any] | None = None) -> tuple[list[ManualLine], list[str]]:
+Result = Any  # None (blank or comment), str (why the line is rejected) or (options, key)
+
+
+def line_result(raw: str) -> Result:
+    """What one raw line of a key file holds (its `\\r` and surrounding blanks ignored)."""
+    if raw.endswith("\r"):
+        raw = raw[:-1]
+    text = raw.strip(" \t")
+    if not text or text.startswith("#"):
+        return None
+    try:
+        return parse_authorized_keys_line(text)
+    except KeyRejected as exc:
+        return str(exc)
+
+
+def parse_key_file(data: bytes, origin: str) -> tuple[list[ManualLine], list[str]]:
     """Valid lines of one file, and `origin:line: reason` for each rejected one.
 
-    `known` maps line text to its earlier parse result, so re-reading a 100,000-line file
-    after a one-line edit validates one line, not all; every result lands in `seen`.
-    """
+    The from-scratch reference; `reparse` gives the same result incrementally."""
     lines: list[ManualLine] = []
     errors: list[str] = []
     # Decoded once (a bad byte becomes U+FFFD, which the validator rejects on its line).
     for number, raw in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
-        if raw.endswith("\r"):
-            raw = raw[:-1]
-        text = raw.strip(" \t")
-        if not text or text.startswith("#"):
-            continue
-        result = known.get(text) if known is not None else None
-        if result is None:
-            try:
-                result = parse_authorized_keys_line(text)
-            except KeyRejected as exc:
-                result = str(exc)
-        if seen is not None:
-            seen[text] = result
+        result = line_result(raw)
         if isinstance(result, str):
             errors.append(f"{origin}:{number}: {result}")
-        else:
+        elif result is not None:
             options, key = result
             lines.append(ManualLine(origin=f"{origin}:{number}", options=options, key=key))
     return lines, errors
+
+
+class LineOffsets:
+    """Byte offset of each line of a file, kept as line lengths (`\\n` included) with a sum
+    per block: an edit that keeps the line count updates a block or two instead of shifting
+    every later offset, and a lookup sums a few hundred numbers in C."""
+
+    BLOCK = 512
+
+    def __init__(self, lengths: list[int]) -> None:
+        self.lengths = lengths
+        self.sums = self._block_sums(0)
+
+    def _block_sums(self, first: int) -> list[int]:
+        size, lengths = self.BLOCK, self.lengths
+        return [sum(lengths[i:i + size]) for i in range(first * size, len(lengths), size)]
+
+    @property
+    def count(self) -> int:
+        return len(self.lengths)
+
+    def start(self, line: int) -> int:
+        """Offset of `line` (0-based); `count` gives the total (file length + 1)."""
+        block = line // self.BLOCK
+        return sum(self.sums[:block]) + sum(self.lengths[block * self.BLOCK:line])
+
+    def line_at(self, offset: int) -> int:
+        """The line holding byte `offset` (0 <= offset <= file length)."""
+        ends = list(accumulate(self.sums))
+        block = bisect_right(ends, offset)
+        base = ends[block - 1] if block else 0
+        first = block * self.BLOCK
+        starts = list(accumulate(self.lengths[first:first + self.BLOCK], initial=base))
+        return first + bisect_right(starts, offset) - 1
+
+    def replace(self, first: int, end: int, lengths: list[int]) -> None:
+        """Lines [first, end) become lines of `lengths`."""
+        self.lengths[first:end] = lengths
+        block = first // self.BLOCK
+        if len(lengths) == end - first:  # later lines keep their blocks
+            last = (end - 1) // self.BLOCK + 1
+            self.sums[block:last] = [sum(self.lengths[i * self.BLOCK:(i + 1) * self.BLOCK])
+                                     for i in range(block, last)]
+        else:
+            del self.sums[block:]
+            self.sums.extend(self._block_sums(block))
+
+
+@dataclass
+class ParsedFile:
+    """One file as parsed, kept so that the next version is parsed as a diff.
+
+    `lines` and `errors` are what the file serves; `line_at`/`error_at` give the (0-based)
+    line of each, so a line range maps to a slice of them by bisection."""
+
+    origin: str
+    data: bytes
+    offsets: LineOffsets
+    lines: list[ManualLine]
+    line_at: list[int]
+    errors: list[str]  # `origin:line: reason`
+    error_at: list[int]
+
+
+def empty_file(origin: str) -> ParsedFile:
+    return ParsedFile(origin, b"", LineOffsets([1]), [], [], [], [])
+
+
+def common_prefix(old: bytes, new: bytes) -> int:
+    """Length of the longest common prefix: memcmp on halving ranges, no copies."""
+    limit = min(len(old), len(new))
+    view = memoryview(old)
+    if new.startswith(view[:limit]):
+        return limit
+    low, high = 0, limit  # equal up to `low`; the first difference is in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if new.startswith(view[low:middle], low):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def common_suffix(old: bytes, new: bytes, limit: int) -> int:
+    """Length (at most `limit`) of the longest common suffix, as `common_prefix`."""
+    view, old_end, new_end = memoryview(old), len(old), len(new)
+
+    def same(low: int, high: int) -> bool:  # the bytes [high, low) before each end
+        return new.startswith(view[old_end - high:old_end - low], new_end - high)
+
+    if same(0, limit):
+        return limit
+    low, high = 0, limit  # the last `low` bytes are equal, a difference is within `high`
+    while high - low > 1:
+        middle = (low + high) // 2
+        if same(low, middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+@dataclass(frozen=True)
+class _Edit:
+    """Old lines [first, end) became `raw` (the new file's lines from `first` on)."""
+
+    first: int
+    end: int
+    raw: list[bytes]
+    old_raw: list[bytes]
+
+    @property
+    def shift(self) -> int:  # how far the lines after the edit moved
+        return self.first + len(self.raw) - self.end
+
+
+def _find_edit(old: ParsedFile, data: bytes) -> _Edit:
+    """The smallest run of whole lines whose bytes differ between `old` and `data`."""
+    old_size, offsets = len(old.data), old.offsets
+    prefix = common_prefix(old.data, data)
+    suffix = common_suffix(old.data, data, min(old_size, len(data)) - prefix)
+    first = offsets.line_at(prefix)  # lines before it end (`\n` included) in the prefix
+    end = offsets.line_at(old_size - suffix) + 1  # lines from it start after a common `\n`
+    start = offsets.start(first)
+    if end == offsets.count:
+        old_stop, new_stop = old_size, len(data)
+    else:
+        old_stop = offsets.start(end) - 1  # the `\n` ending the edit
+        new_stop = old_stop + len(data) - old_size
+    return _Edit(first, end, data[start:new_stop].split(b"\n"),
+                 old.data[start:old_stop].split(b"\n"))
+
+
+def reparse(old: ParsedFile | None, data: bytes, origin: str) -> ParsedFile:
+    """`data` parsed as `parse_key_file` would, reusing `old` (a previous version of the same
+    file, whose offsets are updated in place: it must not be used again).
+
+    Only the edited lines are read; a line before the edit, or after it when the line count
+    is unchanged, keeps its ManualLine object; a later line that moved gets a new one with
+    its parse result reused. An edited line is validated unless it was in the old edit."""
+    if old is None or old.origin != origin:
+        old = empty_file(origin)
+    edit = _find_edit(old, data)
+    middle: list[ManualLine] = []
+    middle_at: list[int] = []
+    rejected: list[str] = []
+    rejected_at: list[int] = []
+    for number, result in enumerate(_parse_edit(old, edit), edit.first):
+        if isinstance(result, str):
+            rejected.append(f"{origin}:{number + 1}: {result}")
+            rejected_at.append(number)
+        elif result is not None:
+            if not isinstance(result, ManualLine):  # not the same line at the same place
+                result = ManualLine(origin=f"{origin}:{number + 1}", options=result[0],
+                                    key=result[1])
+            middle.append(result)
+            middle_at.append(number)
+    lines, line_at = _splice(old.lines, old.line_at, edit, middle, middle_at,
+                             lambda line, number: ManualLine(
+                                 origin=f"{origin}:{number + 1}", options=line.options,
+                                 key=line.key))
+    errors, error_at = _splice(old.errors, old.error_at, edit, rejected, rejected_at,
+                               lambda error, number: f"{origin}:{number + 1}: "
+                               f"{_reason(origin, number - edit.shift, error)}")
+    old.offsets.replace(edit.first, edit.end, [len(raw) + 1 for raw in edit.raw])
+    return ParsedFile(origin, data, old.offsets, lines, line_at, errors, error_at)
+
+
+def _reason(origin: str, number: int, error: str) -> str:
+    return error[len(f"{origin}:{number + 1}: "):]
+
+
+def _parse_edit(old: ParsedFile, edit: _Edit) -> list[Result]:
+    """Parse result of each new edited line: an unchanged line at the same place keeps its
+    old result (its ManualLine object when valid); a text seen before in the edit is not
+    validated again."""
+    previous = _old_results(old, edit)
+    known: dict[bytes, Result] = {}
+    for number, raw in enumerate(edit.old_raw, edit.first):
+        result = previous.get(number)
+        known[raw] = (result.options, result.key) if isinstance(result, ManualLine) else result
+    results: list[Result] = []
+    for number, raw in enumerate(edit.raw, edit.first):
+        if number < edit.end and edit.old_raw[number - edit.first] == raw:
+            results.append(previous.get(number))
+            continue
+        if raw not in known:
+            known[raw] = line_result(raw.decode("utf-8", errors="replace"))
+        results.append(known[raw])
+    return results
+
+
+def _old_results(old: ParsedFile, edit: _Edit) -> dict[int, Result]:
+    """Parse results of the old edited lines, by line (blank and comment lines absent)."""
+    low, high = bisect_left(old.line_at, edit.first), bisect_left(old.line_at, edit.end)
+    results: dict[int, Result] = dict(zip(old.line_at[low:high], old.lines[low:high]))
+    low, high = bisect_left(old.error_at, edit.first), bisect_left(old.error_at, edit.end)
+    results.update((number, _reason(old.origin, number, error))
+                   for number, error in zip(old.error_at[low:high], old.errors[low:high]))
+    return results
+
+
+def _splice(items: list, at: list[int], edit: _Edit, middle: list, middle_at: list[int],
+            renumber: Callable[[Any, int], Any]) -> tuple[list, list[int]]:
+    """`items` (on lines `at`) with those of the edit replaced by `middle`; the ones after it
+    renumbered if the edit moved them. The very same lists when nothing changed."""
+    low, high = bisect_left(at, edit.first), bisect_left(at, edit.end)
+    shift = edit.shift
+    if shift == 0:
+        if high - low == len(middle) and all(a is b for a, b in zip(middle, items[low:high])):
+            return items, at
+        tail, tail_at = items[high:], at[high:]
+    else:
+        tail_at = [number + shift for number in at[high:]]
+        tail = [renumber(item, number) for item, number in zip(items[high:], tail_at)]
+    return items[:low] + middle + tail, at[:low] + middle_at + tail_at
 
 
 def is_key_file_name(name: str) -> bool:
@@ -81,7 +301,7 @@ class _FileState:
     lines: list[ManualLine] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     stamp: tuple | None = None  # the file as parsed (None: not read, try again)
-    known: dict[str, Any] = field(default_factory=dict)  # line text -> parse result
+    parsed: ParsedFile | None = None  # its last good parse, the base of the next one
 
 
 class _Trigger(FileSystemEventHandler):
@@ -151,14 +371,12 @@ class ManualKeySource:
             except OSError as exc:
                 state = _FileState(previous.lines if previous else [],
                                    [f"{path}: cannot read ({exc.strerror or exc}); "
-                                    "serving its last good content"])
+                                    "serving its last good content"],
+                                   parsed=previous.parsed if previous else None)
             else:
-                # Its own earlier lines as the memo: a one-line edit validates one line;
-                # only lines still present are kept, so the memo never outgrows the file.
-                seen: dict[str, Any] = {}
-                lines, errors = parse_key_file(data, str(path), previous.known if previous else {},
-                                               seen)
-                state = _FileState(lines, errors, stamp, seen)
+                # Parsed as a diff against its last good parse: an edit reads its own lines.
+                parsed = reparse(previous.parsed if previous else None, data, str(path))
+                state = _FileState(parsed.lines, parsed.errors, stamp, parsed)
             current[path] = state
         self._files = current
         errors = [e for s in current.values() for e in s.errors]
@@ -166,7 +384,10 @@ class ManualKeySource:
             if error not in self._reported:
                 log.warning("manual key line rejected: %s", error)
         self._reported = set(errors)
-        return [line for s in current.values() for line in s.lines]
+        lines: list[ManualLine] = []
+        for state in current.values():
+            lines.extend(state.lines)
+        return lines
 
     def errors(self) -> list[str]:
         return sorted(self._reported)
