@@ -9,7 +9,10 @@ file revokes its keys.
 
 Level-triggered like the rest: any relevant event (create, modify, move, delete, the
 ConfigMap `..data` symlink swap) just triggers a rescan (a file whose inode, size and times are
-unchanged is not read again: a one-line edit parses one file). The poll catches what inotify
+unchanged is not read again: a one-line edit reads one file). A file read again is diffed,
+as bytes, against its last parse: only the edited lines are parsed, and every line before
+the edit (after it too, if the line count is unchanged) keeps its ManualLine object, so the
+reconciler's identity-first diff sees one changed line. The poll catches what inotify
 cannot see, e.g. a host-side write to a single bind-mounted file.
 """
 
@@ -91,7 +94,7 @@ class LineOffsets:
         return len(self.lengths)
 
     def start(self, line: int) -> int:
-        """Offset of `line` (0-based); `count` gives the total (file length + 1)."""
+        """Offset of `line` (0-based); of line `count`, the file length + 1."""
         block = line // self.BLOCK
         return sum(self.sums[:block]) + sum(self.lengths[block * self.BLOCK:line])
 
@@ -119,7 +122,7 @@ class LineOffsets:
 
 @dataclass
 class ParsedFile:
-    """One file as parsed, kept so that the next version is parsed as a diff.
+    """One file as parsed, kept (and updated in place) so the next version is parsed as a diff.
 
     `lines` and `errors` are what the file serves; `line_at`/`error_at` give the (0-based)
     line of each, so a line range maps to a slice of them by bisection."""
@@ -137,13 +140,19 @@ def empty_file(origin: str) -> ParsedFile:
     return ParsedFile(origin, b"", LineOffsets([1]), [], [], [], [])
 
 
+COMPARE_STEP = 1 << 16  # bytes compared per call: small enough to stop soon after a difference
+
+
 def common_prefix(old: bytes, new: bytes) -> int:
-    """Length of the longest common prefix: memcmp on halving ranges, no copies."""
-    limit = min(len(old), len(new))
-    view = memoryview(old)
-    if new.startswith(view[:limit]):
+    """Length of the longest common prefix, by memcmp (no copies) over steps of the file,
+    then over halves of the step that differs: about one pass up to the first difference."""
+    view, limit = memoryview(old), min(len(old), len(new))
+    low = 0
+    while low < limit and new.startswith(view[low:min(low + COMPARE_STEP, limit)], low):
+        low += COMPARE_STEP
+    if low >= limit:
         return limit
-    low, high = 0, limit  # equal up to `low`; the first difference is in [low, high)
+    high = min(low + COMPARE_STEP, limit)  # equal up to `low`; a difference in [low, high)
     while high - low > 1:
         middle = (low + high) // 2
         if new.startswith(view[low:middle], low):
@@ -157,12 +166,15 @@ def common_suffix(old: bytes, new: bytes, limit: int) -> int:
     """Length (at most `limit`) of the longest common suffix, as `common_prefix`."""
     view, old_end, new_end = memoryview(old), len(old), len(new)
 
-    def same(low: int, high: int) -> bool:  # the bytes [high, low) before each end
+    def same(low: int, high: int) -> bool:  # the bytes from `high` to `low` before each end
         return new.startswith(view[old_end - high:old_end - low], new_end - high)
 
-    if same(0, limit):
+    low = 0
+    while low < limit and same(low, min(low + COMPARE_STEP, limit)):
+        low += COMPARE_STEP
+    if low >= limit:
         return limit
-    low, high = 0, limit  # the last `low` bytes are equal, a difference is within `high`
+    high = min(low + COMPARE_STEP, limit)  # the last `low` bytes are equal, not the last `high`
     while high - low > 1:
         middle = (low + high) // 2
         if same(low, middle):
@@ -187,7 +199,8 @@ class _Edit:
 
 
 def _find_edit(old: ParsedFile, data: bytes) -> _Edit:
-    """The smallest run of whole lines whose bytes differ between `old` and `data`."""
+    """The run of whole lines holding every byte that differs between `old` and `data`
+    (found by comparing bytes, so the lines around it are never split or decoded)."""
     old_size, offsets = len(old.data), old.offsets
     prefix = common_prefix(old.data, data)
     suffix = common_suffix(old.data, data, min(old_size, len(data)) - prefix)
@@ -204,8 +217,8 @@ def _find_edit(old: ParsedFile, data: bytes) -> _Edit:
 
 
 def reparse(old: ParsedFile | None, data: bytes, origin: str) -> ParsedFile:
-    """`data` parsed as `parse_key_file` would, reusing `old` (a previous version of the same
-    file, whose offsets are updated in place: it must not be used again).
+    """`data` parsed as `parse_key_file` would, by updating `old` (the previous version of
+    the same file) in place and returning it: copies of its lists are the caller's business.
 
     Only the edited lines are read; a line before the edit, or after it when the line count
     is unchanged, keeps its ManualLine object; a later line that moved gets a new one with
@@ -227,15 +240,15 @@ def reparse(old: ParsedFile | None, data: bytes, origin: str) -> ParsedFile:
                                     key=result[1])
             middle.append(result)
             middle_at.append(number)
-    lines, line_at = _splice(old.lines, old.line_at, edit, middle, middle_at,
-                             lambda line, number: ManualLine(
-                                 origin=f"{origin}:{number + 1}", options=line.options,
-                                 key=line.key))
-    errors, error_at = _splice(old.errors, old.error_at, edit, rejected, rejected_at,
-                               lambda error, number: f"{origin}:{number + 1}: "
-                               f"{_reason(origin, number - edit.shift, error)}")
+    _splice(old.lines, old.line_at, edit, middle, middle_at,
+            lambda line, number: ManualLine(origin=f"{origin}:{number + 1}",
+                                            options=line.options, key=line.key))
+    _splice(old.errors, old.error_at, edit, rejected, rejected_at,
+            lambda error, number: f"{origin}:{number + 1}: "
+                                  f"{_reason(origin, number - edit.shift, error)}")
     old.offsets.replace(edit.first, edit.end, [len(raw) + 1 for raw in edit.raw])
-    return ParsedFile(origin, data, old.offsets, lines, line_at, errors, error_at)
+    old.data = data
+    return old
 
 
 def _reason(origin: str, number: int, error: str) -> str:
@@ -256,7 +269,7 @@ def _parse_edit(old: ParsedFile, edit: _Edit) -> list[Result]:
         if number < edit.end and edit.old_raw[number - edit.first] == raw:
             results.append(previous.get(number))
             continue
-        if raw not in known:
+        if raw not in known:  # decoded alone as in the whole: no UTF-8 sequence holds `\n`
             known[raw] = line_result(raw.decode("utf-8", errors="replace"))
         results.append(known[raw])
     return results
@@ -273,19 +286,15 @@ def _old_results(old: ParsedFile, edit: _Edit) -> dict[int, Result]:
 
 
 def _splice(items: list, at: list[int], edit: _Edit, middle: list, middle_at: list[int],
-            renumber: Callable[[Any, int], Any]) -> tuple[list, list[int]]:
-    """`items` (on lines `at`) with those of the edit replaced by `middle`; the ones after it
-    renumbered if the edit moved them. The very same lists when nothing changed."""
+            renumber: Callable[[Any, int], Any]) -> None:
+    """Replaces, in place, the `items` (on lines `at`) of the edit by `middle`; the ones after
+    it are renumbered if the edit moved them. In place: a 100,000-line list is not copied."""
     low, high = bisect_left(at, edit.first), bisect_left(at, edit.end)
-    shift = edit.shift
-    if shift == 0:
-        if high - low == len(middle) and all(a is b for a, b in zip(middle, items[low:high])):
-            return items, at
-        tail, tail_at = items[high:], at[high:]
-    else:
-        tail_at = [number + shift for number in at[high:]]
-        tail = [renumber(item, number) for item, number in zip(items[high:], tail_at)]
-    return items[:low] + middle + tail, at[:low] + middle_at + tail_at
+    if edit.shift:
+        at[high:] = [number + edit.shift for number in at[high:]]
+        items[high:] = [renumber(item, number) for item, number in zip(items[high:], at[high:])]
+    items[low:high] = middle
+    at[low:high] = middle_at
 
 
 def is_key_file_name(name: str) -> bool:
@@ -449,7 +458,11 @@ def _stamp(path: Path) -> tuple | None:
 
 def _read_capped(path: Path) -> bytes:
     with open(path, "rb") as handle:
-        data = handle.read(MAX_FILE_BYTES + 1)
+        # Asked for its size, not the cap: a 64 MB request costs 64 MB of memory and time.
+        expected = min(os.fstat(handle.fileno()).st_size, MAX_FILE_BYTES) + 1
+        data = handle.read(expected)
+        if len(data) == expected:  # it grew meanwhile: read on, up to the cap
+            data += handle.read(MAX_FILE_BYTES + 1 - len(data))
     if len(data) > MAX_FILE_BYTES:
         raise OSError(f"larger than {MAX_FILE_BYTES} bytes")
     return data
