@@ -9,6 +9,7 @@ edited lines are validated.
 from __future__ import annotations
 
 import base64
+import os
 import random
 from pathlib import Path
 
@@ -243,3 +244,20 @@ def test_line_offsets_follow_replacements(monkeypatch: pytest.MonkeyPatch) -> No
         for offset in range(starts[-1]):
             assert offsets.line_at(offset) == max(k for k in range(len(lengths))
                                                   if starts[k] <= offset)
+
+
+def test_read_is_capped_and_follows_a_file_that_grows(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manual_mod, "MAX_FILE_BYTES", 100)
+    path = tmp_path / "k.pub"
+    path.write_bytes(b"x" * 100)
+    assert manual_mod._read_capped(path) == b"x" * 100
+    path.write_bytes(b"x" * 101)
+    with pytest.raises(OSError, match="larger than 100 bytes"):
+        manual_mod._read_capped(path)
+    # The size seen before reading is stale (the file grew since): it is read on.
+    path.write_bytes(b"y" * 60)
+    real_fstat = manual_mod.os.fstat
+    monkeypatch.setattr(manual_mod.os, "fstat", lambda fd: os.stat_result(
+        tuple(real_fstat(fd))[:6] + (10,) + tuple(real_fstat(fd))[7:]))
+    assert manual_mod._read_capped(path) == b"y" * 60
