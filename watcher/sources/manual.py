@@ -9,7 +9,10 @@ file revokes its keys.
 
 Level-triggered like the rest: any relevant event (create, modify, move, delete, the
 ConfigMap `..data` symlink swap) just triggers a rescan (a file whose inode, size and times are
-unchanged is not read again: a one-line edit parses one file). The poll catches what inotify
+unchanged is not read again: a one-line edit reads one file). A file read again is diffed,
+as bytes, against its last parse: only the edited lines are parsed, and every line before
+the edit (after it too, if the line count is unchanged) keeps its ManualLine object, so the
+reconciler's identity-first diff sees one changed line. The poll catches what inotify
 cannot see, e.g. a host-side write to a single bind-mounted file.
 """
 
@@ -19,9 +22,11 @@ import logging
 import os
 import threading
 import time
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -36,36 +41,260 @@ MAX_FILE_BYTES = 64 * 1024 * 1024  # 100,000 keys with options fit many times ov
 
 
 # ---- pure ------------------------------------------------------------------------------------
-def parse_key_file(data: bytes, origin: str, known: dict[str, Any] | None = None,
-                   seen: dict[str, Any] | None = None) -> tuple[list[ManualLine], list[str]]:
+Result = Any  # None (blank or comment), str (why the line is rejected) or (options, key)
+
+
+def line_result(raw: str) -> Result:
+    """What one raw line of a key file holds (its `\\r` and surrounding blanks ignored)."""
+    if raw.endswith("\r"):
+        raw = raw[:-1]
+    text = raw.strip(" \t")
+    if not text or text.startswith("#"):
+        return None
+    try:
+        return parse_authorized_keys_line(text)
+    except KeyRejected as exc:
+        return str(exc)
+
+
+def parse_key_file(data: bytes, origin: str) -> tuple[list[ManualLine], list[str]]:
     """Valid lines of one file, and `origin:line: reason` for each rejected one.
 
-    `known` maps line text to its earlier parse result, so re-reading a 100,000-line file
-    after a one-line edit validates one line, not all; every result lands in `seen`.
-    """
+    The from-scratch reference; `reparse` gives the same result incrementally."""
     lines: list[ManualLine] = []
     errors: list[str] = []
     # Decoded once (a bad byte becomes U+FFFD, which the validator rejects on its line).
     for number, raw in enumerate(data.decode("utf-8", errors="replace").split("\n"), 1):
-        if raw.endswith("\r"):
-            raw = raw[:-1]
-        text = raw.strip(" \t")
-        if not text or text.startswith("#"):
-            continue
-        result = known.get(text) if known is not None else None
-        if result is None:
-            try:
-                result = parse_authorized_keys_line(text)
-            except KeyRejected as exc:
-                result = str(exc)
-        if seen is not None:
-            seen[text] = result
+        result = line_result(raw)
         if isinstance(result, str):
             errors.append(f"{origin}:{number}: {result}")
-        else:
+        elif result is not None:
             options, key = result
             lines.append(ManualLine(origin=f"{origin}:{number}", options=options, key=key))
     return lines, errors
+
+
+class LineOffsets:
+    """Byte offset of each line of a file, kept as line lengths (`\\n` included) with a sum
+    per block: an edit that keeps the line count updates a block or two instead of shifting
+    every later offset, and a lookup sums a few hundred numbers in C."""
+
+    BLOCK = 512
+
+    def __init__(self, lengths: list[int]) -> None:
+        self.lengths = lengths
+        self.sums = self._block_sums(0)
+
+    def _block_sums(self, first: int) -> list[int]:
+        size, lengths = self.BLOCK, self.lengths
+        return [sum(lengths[i:i + size]) for i in range(first * size, len(lengths), size)]
+
+    @property
+    def count(self) -> int:
+        return len(self.lengths)
+
+    def start(self, line: int) -> int:
+        """Offset of `line` (0-based); of line `count`, the file length + 1."""
+        block = line // self.BLOCK
+        return sum(self.sums[:block]) + sum(self.lengths[block * self.BLOCK:line])
+
+    def line_at(self, offset: int) -> int:
+        """The line holding byte `offset` (0 <= offset <= file length)."""
+        ends = list(accumulate(self.sums))
+        block = bisect_right(ends, offset)
+        base = ends[block - 1] if block else 0
+        first = block * self.BLOCK
+        starts = list(accumulate(self.lengths[first:first + self.BLOCK], initial=base))
+        return first + bisect_right(starts, offset) - 1
+
+    def replace(self, first: int, end: int, lengths: list[int]) -> None:
+        """Lines [first, end) become lines of `lengths`."""
+        self.lengths[first:end] = lengths
+        block = first // self.BLOCK
+        if len(lengths) == end - first:  # later lines keep their blocks
+            last = (end - 1) // self.BLOCK + 1
+            self.sums[block:last] = [sum(self.lengths[i * self.BLOCK:(i + 1) * self.BLOCK])
+                                     for i in range(block, last)]
+        else:
+            del self.sums[block:]
+            self.sums.extend(self._block_sums(block))
+
+
+@dataclass
+class ParsedFile:
+    """One file as parsed, kept (and updated in place) so the next version is parsed as a diff.
+
+    `lines` and `errors` are what the file serves; `line_at`/`error_at` give the (0-based)
+    line of each, so a line range maps to a slice of them by bisection."""
+
+    origin: str
+    data: bytes
+    offsets: LineOffsets
+    lines: list[ManualLine]
+    line_at: list[int]
+    errors: list[str]  # `origin:line: reason`
+    error_at: list[int]
+
+
+def empty_file(origin: str) -> ParsedFile:
+    return ParsedFile(origin, b"", LineOffsets([1]), [], [], [], [])
+
+
+COMPARE_STEP = 1 << 16  # bytes compared per call: small enough to stop soon after a difference
+
+
+def common_prefix(old: bytes, new: bytes) -> int:
+    """Length of the longest common prefix, by memcmp (no copies) over steps of the file,
+    then over halves of the step that differs: about one pass up to the first difference."""
+    view, limit = memoryview(old), min(len(old), len(new))
+    low = 0
+    while low < limit and new.startswith(view[low:min(low + COMPARE_STEP, limit)], low):
+        low += COMPARE_STEP
+    if low >= limit:
+        return limit
+    high = min(low + COMPARE_STEP, limit)  # equal up to `low`; a difference in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if new.startswith(view[low:middle], low):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def common_suffix(old: bytes, new: bytes, limit: int) -> int:
+    """Length (at most `limit`) of the longest common suffix, as `common_prefix`."""
+    view, old_end, new_end = memoryview(old), len(old), len(new)
+
+    def same(low: int, high: int) -> bool:  # the bytes from `high` to `low` before each end
+        return new.startswith(view[old_end - high:old_end - low], new_end - high)
+
+    low = 0
+    while low < limit and same(low, min(low + COMPARE_STEP, limit)):
+        low += COMPARE_STEP
+    if low >= limit:
+        return limit
+    high = min(low + COMPARE_STEP, limit)  # the last `low` bytes are equal, not the last `high`
+    while high - low > 1:
+        middle = (low + high) // 2
+        if same(low, middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+@dataclass(frozen=True)
+class _Edit:
+    """Old lines [first, end) became `raw` (the new file's lines from `first` on)."""
+
+    first: int
+    end: int
+    raw: list[bytes]
+    old_raw: list[bytes]
+
+    @property
+    def shift(self) -> int:  # how far the lines after the edit moved
+        return self.first + len(self.raw) - self.end
+
+
+def _find_edit(old: ParsedFile, data: bytes) -> _Edit:
+    """The run of whole lines holding every byte that differs between `old` and `data`
+    (found by comparing bytes, so the lines around it are never split or decoded)."""
+    old_size, offsets = len(old.data), old.offsets
+    prefix = common_prefix(old.data, data)
+    suffix = common_suffix(old.data, data, min(old_size, len(data)) - prefix)
+    first = offsets.line_at(prefix)  # lines before it end (`\n` included) in the prefix
+    end = offsets.line_at(old_size - suffix) + 1  # lines from it start after a common `\n`
+    start = offsets.start(first)
+    if end == offsets.count:
+        old_stop, new_stop = old_size, len(data)
+    else:
+        old_stop = offsets.start(end) - 1  # the `\n` ending the edit
+        new_stop = old_stop + len(data) - old_size
+    return _Edit(first, end, data[start:new_stop].split(b"\n"),
+                 old.data[start:old_stop].split(b"\n"))
+
+
+def reparse(old: ParsedFile | None, data: bytes, origin: str) -> ParsedFile:
+    """`data` parsed as `parse_key_file` would, by updating `old` (the previous version of
+    the same file) in place and returning it: copies of its lists are the caller's business.
+
+    Only the edited lines are read; a line before the edit, or after it when the line count
+    is unchanged, keeps its ManualLine object; a later line that moved gets a new one with
+    its parse result reused. An edited line is validated unless it was in the old edit."""
+    if old is None or old.origin != origin:
+        old = empty_file(origin)
+    edit = _find_edit(old, data)
+    middle: list[ManualLine] = []
+    middle_at: list[int] = []
+    rejected: list[str] = []
+    rejected_at: list[int] = []
+    for number, result in enumerate(_parse_edit(old, edit), edit.first):
+        if isinstance(result, str):
+            rejected.append(f"{origin}:{number + 1}: {result}")
+            rejected_at.append(number)
+        elif result is not None:
+            if not isinstance(result, ManualLine):  # not the same line at the same place
+                result = ManualLine(origin=f"{origin}:{number + 1}", options=result[0],
+                                    key=result[1])
+            middle.append(result)
+            middle_at.append(number)
+    _splice(old.lines, old.line_at, edit, middle, middle_at,
+            lambda line, number: ManualLine(origin=f"{origin}:{number + 1}",
+                                            options=line.options, key=line.key))
+    _splice(old.errors, old.error_at, edit, rejected, rejected_at,
+            lambda error, number: f"{origin}:{number + 1}: "
+                                  f"{_reason(origin, number - edit.shift, error)}")
+    old.offsets.replace(edit.first, edit.end, [len(raw) + 1 for raw in edit.raw])
+    old.data = data
+    return old
+
+
+def _reason(origin: str, number: int, error: str) -> str:
+    return error[len(f"{origin}:{number + 1}: "):]
+
+
+def _parse_edit(old: ParsedFile, edit: _Edit) -> list[Result]:
+    """Parse result of each new edited line: an unchanged line at the same place keeps its
+    old result (its ManualLine object when valid); a text seen before in the edit is not
+    validated again."""
+    previous = _old_results(old, edit)
+    known: dict[bytes, Result] = {}
+    for number, raw in enumerate(edit.old_raw, edit.first):
+        result = previous.get(number)
+        known[raw] = (result.options, result.key) if isinstance(result, ManualLine) else result
+    results: list[Result] = []
+    for number, raw in enumerate(edit.raw, edit.first):
+        if number < edit.end and edit.old_raw[number - edit.first] == raw:
+            results.append(previous.get(number))
+            continue
+        if raw not in known:  # decoded alone as in the whole: no UTF-8 sequence holds `\n`
+            known[raw] = line_result(raw.decode("utf-8", errors="replace"))
+        results.append(known[raw])
+    return results
+
+
+def _old_results(old: ParsedFile, edit: _Edit) -> dict[int, Result]:
+    """Parse results of the old edited lines, by line (blank and comment lines absent)."""
+    low, high = bisect_left(old.line_at, edit.first), bisect_left(old.line_at, edit.end)
+    results: dict[int, Result] = dict(zip(old.line_at[low:high], old.lines[low:high]))
+    low, high = bisect_left(old.error_at, edit.first), bisect_left(old.error_at, edit.end)
+    results.update((number, _reason(old.origin, number, error))
+                   for number, error in zip(old.error_at[low:high], old.errors[low:high]))
+    return results
+
+
+def _splice(items: list, at: list[int], edit: _Edit, middle: list, middle_at: list[int],
+            renumber: Callable[[Any, int], Any]) -> None:
+    """Replaces, in place, the `items` (on lines `at`) of the edit by `middle`; the ones after
+    it are renumbered if the edit moved them. In place: a 100,000-line list is not copied."""
+    low, high = bisect_left(at, edit.first), bisect_left(at, edit.end)
+    if edit.shift:
+        at[high:] = [number + edit.shift for number in at[high:]]
+        items[high:] = [renumber(item, number) for item, number in zip(items[high:], at[high:])]
+    items[low:high] = middle
+    at[low:high] = middle_at
 
 
 def is_key_file_name(name: str) -> bool:
@@ -81,7 +310,7 @@ class _FileState:
     lines: list[ManualLine] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     stamp: tuple | None = None  # the file as parsed (None: not read, try again)
-    known: dict[str, Any] = field(default_factory=dict)  # line text -> parse result
+    parsed: ParsedFile | None = None  # its last good parse, the base of the next one
 
 
 class _Trigger(FileSystemEventHandler):
@@ -151,14 +380,12 @@ class ManualKeySource:
             except OSError as exc:
                 state = _FileState(previous.lines if previous else [],
                                    [f"{path}: cannot read ({exc.strerror or exc}); "
-                                    "serving its last good content"])
+                                    "serving its last good content"],
+                                   parsed=previous.parsed if previous else None)
             else:
-                # Its own earlier lines as the memo: a one-line edit validates one line;
-                # only lines still present are kept, so the memo never outgrows the file.
-                seen: dict[str, Any] = {}
-                lines, errors = parse_key_file(data, str(path), previous.known if previous else {},
-                                               seen)
-                state = _FileState(lines, errors, stamp, seen)
+                # Parsed as a diff against its last good parse: an edit reads its own lines.
+                parsed = reparse(previous.parsed if previous else None, data, str(path))
+                state = _FileState(parsed.lines, parsed.errors, stamp, parsed)
             current[path] = state
         self._files = current
         errors = [e for s in current.values() for e in s.errors]
@@ -166,7 +393,10 @@ class ManualKeySource:
             if error not in self._reported:
                 log.warning("manual key line rejected: %s", error)
         self._reported = set(errors)
-        return [line for s in current.values() for line in s.lines]
+        lines: list[ManualLine] = []
+        for state in current.values():
+            lines.extend(state.lines)
+        return lines
 
     def errors(self) -> list[str]:
         return sorted(self._reported)
@@ -228,7 +458,11 @@ def _stamp(path: Path) -> tuple | None:
 
 def _read_capped(path: Path) -> bytes:
     with open(path, "rb") as handle:
-        data = handle.read(MAX_FILE_BYTES + 1)
+        # Asked for its size, not the cap: a 64 MB request costs 64 MB of memory and time.
+        expected = min(os.fstat(handle.fileno()).st_size, MAX_FILE_BYTES) + 1
+        data = handle.read(expected)
+        if len(data) == expected:  # it grew meanwhile: read on, up to the cap
+            data += handle.read(MAX_FILE_BYTES + 1 - len(data))
     if len(data) > MAX_FILE_BYTES:
         raise OSError(f"larger than {MAX_FILE_BYTES} bytes")
     return data
