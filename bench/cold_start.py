@@ -232,7 +232,9 @@ def rows_of(o: Outcome) -> list[list[object]]:
 
 def chosen_variants(args: argparse.Namespace) -> list[Variant]:
     fast = Variant("fast", "all fast")
-    mixed = Variant("mixed", f"{args.exec_only} exec-only, {args.slow} slow ({args.delay:g} s)")
+    counts = ((args.targets - args.exec_only - args.slow, "fast"), (args.exec_only, "exec-only"),
+              (args.slow, f"slow ({args.delay:g} s)"))
+    mixed = Variant("mixed", ", ".join(f"{n} {what}" for n, what in counts if n))
     return {"both": [fast, mixed], "fast": [fast], "mixed": [mixed]}[args.variant]
 
 
