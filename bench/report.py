@@ -137,8 +137,13 @@ def plot(name: str, data: dict) -> bool:
         ax.set_xlabel("seconds")
         ax.set_ylabel("fraction of targets")
     elif name == "cold_start":
-        cdf(ax, data["served"], "key served")
-        ax.axvline(data["listening"], color="grey", linestyle=":", label="sshd listening")
+        # One run per mode and set of targets; an older result held a single Docker run.
+        runs = data.get("runs") or [{"mode": "docker", "variant": "all fast", "listening": data["listening"],
+                                     "served": {"fast": data["served"]}}]
+        for r in runs:
+            cdf(ax, [t for times in r["served"].values() for t in times], f"{r['mode']}, {r['variant']}")
+            ax.axvline(r["listening"], color=ax.lines[-1].get_color(), linestyle=":", alpha=0.6)
+        ax.plot([], [], color="grey", linestyle=":", label="sshd listening (same colour)")
         ax.set_xlabel("seconds since the proxy's docker run")
         ax.set_ylabel("fraction of targets")
     else:
