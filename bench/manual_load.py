@@ -12,7 +12,12 @@ this machine is today:
   Append and replace should cost about the same at every size; an insert at the top moves
   every later line (each origin names its line number), so it may grow with the file.
   The last column is the floor every edit pays: reading the file. Each timing starts after
-  a garbage collection, so one owed to earlier work is not charged to it.
+  a garbage collection, so one owed to earlier work is not charged to it;
+* end to end, what a user sees: from the edited file written to the index shard that
+  serves the new line written, through the real pipeline (the watchdog-driven
+  ManualKeySource, the Reconciler's loop and the OutputWriter, files in a temporary
+  directory), for the same three edits. This includes the source's settle (0.1 s) and the
+  reconciler's debounce (0.1 s), which every size pays alike.
 
     .venv/bin/python bench/manual_load.py [--sizes 1000,10000,100000] [--repeat 5]
 """
@@ -22,6 +27,8 @@ from __future__ import annotations
 import argparse
 import base64
 import gc
+import hashlib
+import threading
 import os
 import statistics
 import sys
@@ -33,8 +40,13 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from watcher.render import render  # noqa: E402
+from watcher.app import OutputWriter, Paths  # noqa: E402
+from watcher.config import RunMode, Settings  # noqa: E402
+from watcher.reconcile import Reconciler  # noqa: E402
+from watcher.render import Rendered, render  # noqa: E402
+from watcher.sshd import SshdPaths  # noqa: E402
 from watcher.sources.manual import ManualKeySource  # noqa: E402
+from watcher.targets import ProxyIdentity  # noqa: E402
 
 FILE = "keys.pub"
 
@@ -125,6 +137,94 @@ def read_floor(directory: Path) -> float:
     return time.perf_counter() - started
 
 
+def fingerprint(line: bytes) -> str:
+    blob = base64.b64decode(line.split()[-2])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+class Pipeline:
+    """The real manual-key path for one key directory: source thread, reconciler loop,
+    writer; `until` waits for a fingerprint to be written to (or gone from) the index."""
+
+    def __init__(self, root: Path) -> None:
+        self.keys_dir = root / "keys.d"
+        self.keys_dir.mkdir()
+        paths = Paths(cache=root / "cache", hosts=root / "hosts", access_log=root / "access.log",
+                      status=root / "status.json", keys_dir=self.keys_dir,
+                      sshd=SshdPaths(index_dir=root / "index.d"))
+        self.writer = OutputWriter(paths, RunMode.MANUAL, pin_names=False)
+        self.rec = Reconciler(Settings(mode=RunMode.MANUAL), ProxyIdentity(), lambda t: None,
+                              self._write, pin_names=False)
+        self.source = ManualKeySource(self.rec, self.keys_dir)
+        self.cond = threading.Condition()
+        self.want: tuple[str, bool] | None = None
+        self.reached: float | None = None
+        self.stop = threading.Event()
+
+    def _write(self, rendered: Rendered) -> bool:
+        changed = self.writer(rendered)
+        done = time.perf_counter()
+        with self.cond:
+            if self.want is not None and (self.want[0] in rendered.owners) == self.want[1]:
+                self.reached = done  # the first write that has it (or no longer has it)
+                self.want = None
+                self.cond.notify_all()
+        return changed
+
+    def start(self) -> None:
+        for target in (self.rec.run, self.source.run):
+            threading.Thread(target=target, args=(self.stop,), daemon=True).start()
+
+    def expect(self, fp: str, present: bool) -> None:
+        """Watch the writes for `fp` becoming served (present) or withdrawn; call before
+        the change that causes it."""
+        with self.cond:
+            self.want = (fp, present)
+            self.reached = None
+
+    def until(self, deadline: float = 60) -> float:
+        """perf_counter of the write that made the expected change."""
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.reached is not None, deadline):
+                raise SystemExit(f"error: {self.want} not written within {deadline} s")
+            assert self.reached is not None
+            return self.reached
+
+
+def end_to_end(sizes: list[int], contents: dict[int, list[bytes]], repeat: int,
+               root: Path) -> dict[int, dict[str, float]]:
+    pipes = {}
+    for size in sizes:
+        (root / f"e2e-{size}").mkdir()
+        pipe = Pipeline(root / f"e2e-{size}")
+        _write(pipe.keys_dir / FILE, contents[size])
+        pipe.expect(fingerprint(contents[size][-1]), True)
+        pipe.start()
+        pipe.until(deadline=300)
+        pipes[size] = pipe
+    times: dict[int, dict[str, list[float]]] = {s: {e.name: [] for e in EDITS} for s in sizes}
+    try:
+        for _ in range(repeat):
+            for size in sizes:
+                pipe, lines = pipes[size], contents[size]
+                for edit in EDITS:
+                    edited, at = edit.apply(lines)
+                    new = fingerprint(edited[-1 if at is None else at])
+                    gc.collect()
+                    pipe.expect(new, True)
+                    _write(pipe.keys_dir / FILE, edited)
+                    written = time.perf_counter()
+                    times[size][edit.name].append(pipe.until() - written)
+                    pipe.expect(new, False)
+                    _write(pipe.keys_dir / FILE, lines)
+                    pipe.until()
+                    time.sleep(0.3)  # the next edit is a new event, not part of this one
+    finally:
+        for pipe in pipes.values():
+            pipe.stop.set()
+    return {s: {c: statistics.median(v) for c, v in t.items()} for s, t in times.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,100000")
@@ -151,8 +251,20 @@ def main() -> int:
                     times[size][edit.name].append(
                         reload_after(edit, directory, contents[size], source, sink))
                 times[size]["read"].append(read_floor(directory))
-    report(sizes, {s: {c: statistics.median(v) for c, v in t.items()} for s, t in times.items()})
+        report(sizes, {s: {c: statistics.median(v) for c, v in t.items()} for s, t in times.items()})
+        report_end_to_end(sizes, end_to_end(sizes, contents, args.repeat, Path(tmp)))
     return 0
+
+
+def report_end_to_end(sizes: list[int], median: dict[int, dict[str, float]]) -> None:
+    small = median[sizes[0]]
+    print(f"\nend to end, edited file written -> index shard written (median of the repeats): "
+          f"ms (ratio to {sizes[0]} lines)")
+    columns = [e.name for e in EDITS]
+    print(f"{'lines':>8} " + " ".join(f"{c:>17}" for c in columns))
+    for size in sizes:
+        m = median[size]
+        print(f"{size:>8} " + " ".join(f"{m[c] * 1e3:>9.1f} ({m[c] / small[c]:>5.2f}x)" for c in columns))
 
 
 def report(sizes: list[int], median: dict[int, dict[str, float]]) -> None:

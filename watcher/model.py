@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PublicKey:
     """One validated public key: `<type> <base64 blob> [comment]`."""
 
@@ -20,7 +20,7 @@ class PublicKey:
         return f"{self.key_type} {self.blob_b64}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Target:
     """A container or pod that may be reached through the proxy.
 
@@ -43,7 +43,7 @@ class Target:
         return dict(self.labels)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ManualLine:
     """A validated line from an admin-maintained key file (kept with its origin)."""
 
@@ -52,7 +52,7 @@ class ManualLine:
     key: PublicKey
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KeyState:
     """What is known about one target's keys."""
 

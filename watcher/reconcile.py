@@ -38,7 +38,7 @@ from .targets import (AliasBook, ManualReservations, ProxyIdentity, ReservedName
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class TargetEntry:
     target: Target
     keys: KeyState = field(default_factory=KeyState)
@@ -425,10 +425,11 @@ class Reconciler:
         hosts = self.unmanaged_hosts() if self.entries else ()
         pinned = frozenset(fold(n) for _, names in hosts for n in names)
         context = (self.proxy, self._ignored_version, pinned, hosts)
-        if self._full or context != self._context:
+        span = self._manual_span()
+        if self._full or context != self._context or span is None:
             redo, rendered = self._render_all(hosts, pinned)
         else:
-            redo, rendered = self._render_changes(hosts)
+            redo, rendered = self._render_changes(hosts, span)
         self._full = False
         self._context = context
         self._changed_targets.clear()
@@ -489,7 +490,20 @@ class Reconciler:
         gone = set(self._granted) - set(self.entries)
         return redo | gone, replace(rendered, changed=None)
 
-    def _render_changes(self, hosts: HostsEntries) -> tuple[set[str], Rendered]:
+    def _manual_span(self) -> tuple[int, int, int] | None:
+        """Where the admin lines changed since the engine saw them (see changed_span);
+        None when so many changed (an insert at the top of a file renumbers every line
+        after it) that rendering everything again costs less than edit by edit."""
+        old, new = self._engine_manual, self.manual
+        if old is new:
+            return (len(new), len(new), len(new))
+        start, old_end, new_end = changed_span(old, new)
+        if (old_end - start) + (new_end - start) > max(_BULK_EDIT, len(new) // 8):
+            return None
+        return start, old_end, new_end
+
+    def _render_changes(self, hosts: HostsEntries,
+                        span: tuple[int, int, int]) -> tuple[set[str], Rendered]:
         """Only what the changed targets and admin lines touch: their claims'
         co-claimants, their keys."""
         redo = self._book.update({tid: self.entries[tid].target if tid in self.entries else None
@@ -497,16 +511,16 @@ class Reconciler:
         redo |= self._changed_targets
         self._manual_fps = set()
         if self.manual is not self._engine_manual:
-            redo |= self._edit_manual(hosts)
+            redo |= self._edit_manual(hosts, span)
         rendered = self._engine.update({tid: self._served(tid)
                                         for tid in redo | self._changed_keys})
         return redo, rendered
 
-    def _edit_manual(self, hosts: HostsEntries) -> set[str]:
+    def _edit_manual(self, hosts: HostsEntries, span: tuple[int, int, int]) -> set[str]:
         """Hand the engine the admin lines that changed since it last saw them (one span:
         an edit of one file); returns the targets whose aliases it re-decided."""
         old, new = self._engine_manual, self.manual
-        start, old_end, new_end = changed_span(old, new)
+        start, old_end, new_end = span
         removed, added = old[start:old_end], new[start:new_end]
         self._engine.change_manual(removed, added, new)
         self._engine_manual = new
@@ -653,6 +667,9 @@ class Reconciler:
                         last_event=self.last_event,
                         source=source_status(self.status["source"]),
                         manual=manual_status(self.status["manual"]))
+
+
+_BULK_EDIT = 256  # admin lines changed (and an eighth of them) above which all is rendered again
 
 
 def _target_status(entry: TargetEntry, aliases: tuple[str, ...]) -> TargetStatus:

@@ -25,7 +25,7 @@ HOSTS_END = "# END ssh-proxy targets"
 CACHE_HEADER = "# ssh-proxy authorized keys: rendered by the watcher, do not edit\n"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServedTarget:
     """A permitted target whose keys are known, with its resolved aliases."""
 

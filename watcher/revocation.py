@@ -60,7 +60,7 @@ def lost_grants(old: GrantSets, new: GrantSets,
     return lost
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TargetRef:
     """A target as one render saw it (enough to tell what became of it)."""
 

@@ -37,14 +37,14 @@ class KeyStatus(StrEnum):
     FAILED = "failed"  # no key; `error` says why, retried with backoff
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KeyInfo:
     key_type: str  # "ssh-ed25519", ...
     fingerprint: str  # "SHA256:..."
     bits: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TargetStatus:
     id: str  # 12 characters
     name: str

@@ -305,9 +305,11 @@ class AliasBook:
         self.targets: dict[str, Target] = {}
         self.aliases: dict[str, tuple[str, ...]] = {}  # target id -> granted aliases
         self.refused: dict[str, tuple[tuple[str, str, str], ...]] = {}  # id -> refusals
-        self._claims: dict[str, set[str]] = {}
-        self._auth_claims: dict[str, set[str]] = {}
-        self._name_owners: dict[str, set[str]] = {}
+        # folded name -> ids claiming it. Tuples, not sets: almost every name has one
+        # claimant, and 100k targets have ~500k names (a set each would be 100+ MB).
+        self._claims: dict[str, tuple[str, ...]] = {}
+        self._auth_claims: dict[str, tuple[str, ...]] = {}
+        self._name_owners: dict[str, tuple[str, ...]] = {}
 
     def update(self, changed: Mapping[str, Target | None]) -> set[str]:
         """Apply changed targets (None: gone); returns the ids whose outcome was re-decided."""
@@ -328,7 +330,7 @@ class AliasBook:
                 touched |= self._claim(target, add=True)
         redo |= {tid for tid in changed if tid in self.targets}
         for key in touched:
-            others = self._claims.get(key, set()) | self._name_owners.get(key, set())
+            others = {*self._claims.get(key, ()), *self._name_owners.get(key, ())}
             if others <= redo or alias_problem(key, self.proxy):
                 continue  # all re-decided anyway, or refused to every claimant (case-blind)
             redo |= others
@@ -342,7 +344,7 @@ class AliasBook:
         self.reserved = reserved
         redo: set[str] = set()
         for key in names:
-            redo |= self._claims.get(key, set()) | self._name_owners.get(key, set())
+            redo.update(self._claims.get(key, ()), self._name_owners.get(key, ()))
         for tid in redo:
             self._decide(self.targets[tid])
         return redo
@@ -364,14 +366,17 @@ class AliasBook:
         return keys
 
     @staticmethod
-    def _mark(table: dict[str, set[str]], key: str, tid: str, add: bool) -> None:
+    def _mark(table: dict[str, tuple[str, ...]], key: str, tid: str, add: bool) -> None:
+        ids = table.get(key, ())
         if add:
-            table.setdefault(key, set()).add(tid)
+            if tid not in ids:
+                table[key] = (*ids, tid)
             return
-        ids = table.get(key)
-        if ids is not None:
-            ids.discard(tid)
-            if not ids:
+        if tid in ids:
+            rest = tuple(i for i in ids if i != tid)
+            if rest:
+                table[key] = rest
+            else:
                 del table[key]
 
     def _listed(self, ids: Iterable[str]) -> str:
@@ -383,13 +388,13 @@ class AliasBook:
             # which may be any host: only the target's own IPs (from the engine) count.
             return "an address that is not the target's own"
         key = fold(alias)
-        owners = self._name_owners.get(key, set())
+        owners = set(self._name_owners.get(key, ()))
         if t.id in owners and len(owners) > 1:
             return f"ambiguous: target {self._listed(owners - {t.id})} has the same name but for case"
         if owners:
             return "" if t.id in owners else f"belongs to target {self._listed(owners)}"
-        others = self._claims[key] - {t.id}
-        auth_owners = self._auth_claims.get(key, set())
+        others = set(self._claims[key]) - {t.id}
+        auth_owners = set(self._auth_claims.get(key, ()))
         if len(auth_owners) == 1 and t.id not in auth_owners:
             return f"belongs to target {self._listed(auth_owners)}"
         if len(auth_owners) > 1 or (not auth_owners and others):

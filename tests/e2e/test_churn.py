@@ -5,6 +5,7 @@ engine takes them; once things settle, the proxy's index, cache and hosts block 
 from __future__ import annotations
 
 import fnmatch
+import json
 import random
 import re
 import secrets
@@ -195,15 +196,25 @@ def hosts_block(hosts: str) -> list[tuple[str, list[str]]]:
     return rows
 
 
+def watcher_view(proxy: Proxy, truth: dict[str, dict]) -> str:
+    """The status rows of the expected targets (what the watcher thinks of each)."""
+    try:
+        doc = json.loads(proxy.read_file("/run/ssh-proxy/status.json"))
+    except ValueError as exc:
+        return f"(no status: {exc})"
+    names = {t["name"] for t in truth.values()}
+    rows = [json.dumps(row) for row in doc.get("targets", []) if row.get("name") in names]
+    return "\n".join(rows) or "(none of them in the status)"
+
+
 def mismatches(truth: dict[str, dict], index: str, cache: str, hosts: str, sfx: str) -> list[str]:
     problems = []
     served, cached = blobs(index), blobs(cache)
-    if set(served) != set(truth):
-        problems.append(f"index: {len(set(served) - set(truth))} key(s) too many, "
-                        f"{len(set(truth) - set(served))} missing")
-    if set(cached) != set(truth):
-        problems.append(f"cache: {len(set(cached) - set(truth))} key(s) too many, "
-                        f"{len(set(truth) - set(cached))} missing")
+    for what, have in (("index", served), ("cache", cached)):
+        if set(have) != set(truth):
+            missing = sorted(truth[b]["name"] for b in set(truth) - set(have))
+            problems.append(f"{what}: {len(set(have) - set(truth))} key(s) too many, "
+                            f"{len(missing)} missing (of {', '.join(missing) or '-'})")
     ours = re.compile(rf'permitopen="(ch[px]-\d+r?-{sfx}):')
     for blob, line in served.items():
         target = truth.get(blob)
@@ -277,7 +288,8 @@ def test_churn_settles_to_ground_truth(start_proxy, test_network, session_id, ta
             return stable and not problems
 
         assert wait_until(settled, SETTLE_DEADLINE, interval=2.0), \
-            f"not settled after {SETTLE_DEADLINE} s:\n" + "\n".join(state["problems"][:40])
+            (f"not settled after {SETTLE_DEADLINE} s:\n" + "\n".join(state["problems"][:40])
+             + "\nwatcher's view of the expected targets:\n" + watcher_view(proxy, state["truth"]))
         truth = state["truth"]
         assert truth, "churn left no served target: nothing was checked"
 
