@@ -348,7 +348,10 @@ class IncrementalRender:
         self._scoped = {fp for fp, lines in self._manual.items() if _is_scoped(lines)}
         self._scope: list[str] | None = [] if self.scope_manual else None
         self._scope_stale = False  # targets changed while no line needed the scope
-        self._parts: dict[str, Shard] = {}  # fingerprint -> its lines (a Shard of one key)
+        # fingerprint -> its index lines, its cache lines, how many (joined per shard in C)
+        self._parts: dict[str, str] = {}
+        self._cache_parts: dict[str, str] = {}
+        self._line_counts: dict[str, int] = {}
         self._shard_fps: dict[str, list[str]] = {name: [] for name in SHARD_NAMES}  # sorted
         self._shards: dict[str, Shard] = dict.fromkeys(SHARD_NAMES, EMPTY_SHARD)
         self._grants: dict[str, frozenset[GrantElement]] = {}
@@ -469,10 +472,11 @@ class IncrementalRender:
         else:
             dirty = {index_shard(fp) for fp in fps}
         for name in dirty:
-            parts = [self._parts[fp] for fp in self._shard_fps[name]]
-            self._shards[name] = Shard("".join(p.index for p in parts),
-                                       "".join(p.cache for p in parts),
-                                       sum(p.lines for p in parts)) if parts else EMPTY_SHARD
+            ordered = self._shard_fps[name]
+            self._shards[name] = Shard("".join(map(self._parts.__getitem__, ordered)),
+                                       "".join(map(self._cache_parts.__getitem__, ordered)),
+                                       sum(map(self._line_counts.__getitem__, ordered))
+                                       ) if ordered else EMPTY_SHARD
 
     def _render_fp(self, fp: str) -> None:
         """Re-render every line of one fingerprint, as render() would."""
@@ -490,15 +494,17 @@ class IncrementalRender:
                 if not self._bulk:
                     ordered = self._shard_fps[index_shard(fp)]
                     ordered.pop(bisect.bisect_left(ordered, fp))
-                for table in (self._parts, self._grants, self._owners):
+                for table in (self._parts, self._cache_parts, self._line_counts, self._grants,
+                              self._owners):
                     table.pop(fp, None)
             return
         merged = merge_grants(grants)
         lines = [line for _, line in sorted((not _conditions(g), g.line()) for g in merged)]
         if fp not in self._parts and not self._bulk:
             bisect.insort(self._shard_fps[index_shard(fp)], fp)
-        self._parts[fp] = Shard("".join(f"{fp} {line}\n" for line in lines),
-                                "".join(line + "\n" for line in lines), len(lines))
+        self._parts[fp] = "".join(f"{fp} {line}\n" for line in lines)
+        self._cache_parts[fp] = "".join(line + "\n" for line in lines)
+        self._line_counts[fp] = len(lines)
         self._grants[fp] = frozenset().union(*(grant_set(g) for g in merged))
         names = {item.target.name for item in items if item.aliases}
         names.update(m.origin for m in manual)
