@@ -315,10 +315,13 @@ class AliasBook:
         """Apply changed targets (None: gone); returns the ids whose outcome was re-decided."""
         touched: set[str] = set()
         redo: set[str] = set()
+        same: set[str] = set()
         for tid, target in changed.items():
             old = self.targets.get(tid)
             if old is not None and target is not None and _claim_view(old) == _claim_view(target):
-                self.targets[tid] = target  # e.g. restarted: its claims are what they were
+                # e.g. restarted: its claims, and so its outcome, are what they were
+                self.targets[tid] = target
+                same.add(tid)
                 continue
             self.targets.pop(tid, None)
             if old is not None:
@@ -328,7 +331,7 @@ class AliasBook:
             if target is not None:
                 self.targets[tid] = target
                 touched |= self._claim(target, add=True)
-        redo |= {tid for tid in changed if tid in self.targets}
+        redo |= {tid for tid in changed if tid in self.targets and tid not in same}
         for key in touched:
             others = {*self._claims.get(key, ()), *self._name_owners.get(key, ())}
             if others <= redo or alias_problem(key, self.proxy):
