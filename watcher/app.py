@@ -25,6 +25,7 @@ from .fetch import KeyFetcher
 from .hostkeys import HOST_KEYS_PATH, HostKeyLearner, ssh_port
 from .metrics import CountingSink, Metrics, Observed
 from .model import KeyState
+from .pacing import Pacer
 from .platforms import platform_for
 from .reconcile import Reconciler, Snapshot
 from .render import EMPTY_SHARD, SHARD_NAMES, Rendered
@@ -74,8 +75,7 @@ class OutputWriter:
         self.error = ""  # why the newest render is not on disk yet ("" = it is)
         self._pending: Rendered | None = None
         self._cache_due: Rendered | None = None  # written to the index, not yet to the cache
-        self._cache_cost = 0.0
-        self._cache_at = -1e9
+        self._cache_pacer = Pacer()
         self._index_ready = False
         self._lock = threading.Lock()  # the reconciler and `retry` never write at once
         # What this writer last put in each file, with the file's stamp right after: an
@@ -174,16 +174,13 @@ class OutputWriter:
         rendered = self._cache_due
         if rendered is None:
             return False
-        now = time.monotonic()
-        wait = 0.0 if self._cache_cost < 0.005 else 10 * self._cache_cost
-        if not force and now < self._cache_at + wait:
+        if not force and not self._cache_pacer.due():
             return False
         started = time.perf_counter()
         text = rendered.cache
         changed = self._once(self.paths.cache, text,
                              lambda known: _write_derived(self.paths.cache, text, known))
-        self._cache_cost = time.perf_counter() - started
-        self._cache_at = now
+        self._cache_pacer.ran(started)
         self._cache_due = None
         return changed
 

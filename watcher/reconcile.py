@@ -32,9 +32,10 @@ from .revocation import Before, Revocation, TargetRef, World, remember, revocati
 from .revocation import TARGET_DISCONNECTED, TARGET_NOT_PERMITTED
 from .snapshot import (MANUAL_KEYS_LISTED, IgnoredTarget, KeyInfo, KeyStatus, ManualKey,
                        ManualStatus, RefusedName, SourceStatus, TargetStatus, WatcherState)
+from .pacing import Pacer, many
 from .targets import (AliasBook, ManualReservations, ProxyIdentity, ReservedNames,
-                      container_reservations, fold, hosts_file_reservations, is_permitted, permitopen_reservations,
-                      proxy_reservations, resolve_aliases)
+                      container_reservations, fold, hosts_file_reservations, is_permitted,
+                      permitopen_reservations, proxy_reservations, resolve_aliases)
 
 log = logging.getLogger(__name__)
 
@@ -168,15 +169,13 @@ class Reconciler:
         self._refs: dict[str, TargetRef] = {}
         self._hosts_map: dict[str, str] = {}  # granted alias -> target id
         self._engine_manual: tuple[ManualLine, ...] = ()  # the admin lines the engine has
-        self._manual_fps: set[str] | None = None  # keys whose admin lines this flush changed
+        self._manual_fps: set[str] = set()  # keys whose admin lines this flush edited
         # The revocation world, kept up to date in place (see _worlds).
         self._manual_options: dict[str, frozenset[tuple[str, ...]]] = {}
         self._excluded: dict[str, str] = {}
         self._owners_seen: Mapping[str, tuple[str, ...]] = {}  # the last render's owners
-        # The status snapshot costs O(targets): with many, it is built at most so often
-        # that it takes a tenth of the loop's time (see _publish_due).
-        self._publish_cost = 0.0
-        self._published_at = -1e9
+        # The status snapshot costs O(targets): paced (see pacing.Pacer).
+        self._publish_pacer = Pacer(clock)
         self._unpublished: Rendered | None = None
         self._status_full = True
         self._rows: dict[str, TargetStatus] = {}
@@ -236,7 +235,7 @@ class Reconciler:
                 self._start_due_fetches()
                 if self._due():
                     self.flush()
-                elif self._unpublished is not None and self._publish_due():
+                elif self._unpublished is not None and self._publish_pacer.due():
                     self._publish()
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -260,7 +259,8 @@ class Reconciler:
             due = min(self._last_dirty + self.min_wait, self._first_dirty + self.max_wait)
             wake = min(wake, max(0.0, due - now))
         if self._unpublished is not None:
-            wake = min(wake, max(0.0, self._published_at + self._publish_wait() - now))
+            pacer = self._publish_pacer
+            wake = min(wake, max(0.0, pacer.done_at + pacer.wait() - now))
         retries = [e.retry_at for e in map(self.entries.get, self._waiting)
                    if e is not None and e.retry_at is not None]
         if retries:
@@ -474,8 +474,8 @@ class Reconciler:
         # A snapshot of many changed rows costs as much as the render that changed them
         # (1.5 s for 100k rows): taken now, with that render, not later in the middle of
         # some small change.
-        if (self._publish_due() or self._status_full
-                or len(self._status_dirty) > max(256, len(self._rows) // 8)):
+        if (self._publish_pacer.due() or self._status_full
+                or many(len(self._status_dirty), len(self._rows))):
             self._publish()
 
     def full_render(self) -> Rendered:
@@ -499,7 +499,6 @@ class Reconciler:
         # With discovery, an admin line without permitopen reaches the discovered targets only.
         self._engine.reset(self.manual, pinned)
         self._engine_manual = self.manual
-        self._manual_fps = None
         rendered = self._engine.update({tid: self._served(tid) for tid in self.entries})
         gone = set(self._granted) - set(self.entries)
         return redo | gone, replace(rendered, changed=None)
@@ -512,7 +511,7 @@ class Reconciler:
         if old is new:
             return (len(new), len(new), len(new))
         start, old_end, new_end = changed_span(old, new)
-        if (old_end - start) + (new_end - start) > max(_BULK_EDIT, len(new) // 8):
+        if many((old_end - start) + (new_end - start), len(new)):
             return None
         return start, old_end, new_end
 
@@ -523,7 +522,6 @@ class Reconciler:
         redo = self._book.update({tid: self.entries[tid].target if tid in self.entries else None
                                   for tid in self._changed_targets})
         redo |= self._changed_targets
-        self._manual_fps = set()
         if self.manual is not self._engine_manual:
             redo |= self._edit_manual(hosts, span)
         rendered = self._engine.update({tid: self._served(tid)
@@ -538,7 +536,6 @@ class Reconciler:
         removed, added = old[start:old_end], new[start:new_end]
         self._engine.change_manual(removed, added, new)
         self._engine_manual = new
-        assert self._manual_fps is not None
         self._manual_fps = {line.key.fingerprint for line in (*removed, *added)}
         names = self._manual_reservations.update(removed, added)
         if not names:
@@ -593,7 +590,7 @@ class Reconciler:
             before = World(targets=Before(old_refs, self._refs), hosts=Before(old_hosts, self._hosts_map),
                            excluded=self._excluded, manual=Before(old_manual, self._manual_options),
                            owners=rendered.owners_before)
-            manual_fps = self._manual_fps or ()
+            manual_fps = self._manual_fps
         with self._lock:
             if rendered.changed is None:
                 self.alias_owners = {}
@@ -625,25 +622,17 @@ class Reconciler:
             else:
                 self._manual_options.pop(fp, None)
         self._excluded = excluded
+        self._manual_fps = set()
         after = World(targets=self._refs, hosts=self._hosts_map, excluded=excluded,
                       manual=self._manual_options, owners=rendered.owners)
         return before, after
-
-    def _publish_wait(self) -> float:
-        """Seconds between two snapshots: none while building one is cheap; else ten
-        times what the last one took (it then costs at most a tenth of the loop)."""
-        return 0.0 if self._publish_cost < 0.005 else 10 * self._publish_cost
-
-    def _publish_due(self) -> bool:
-        return self.clock() >= self._published_at + self._publish_wait()
 
     def _publish(self) -> None:
         rendered = self._unpublished
         assert rendered is not None
         started = time.perf_counter()
         self.publish(self._snapshot(rendered))
-        self._publish_cost = time.perf_counter() - started
-        self._published_at = self.clock()
+        self._publish_pacer.ran(started)
         self._unpublished = None
 
     def _snapshot(self, rendered: Rendered) -> Snapshot:
@@ -651,7 +640,7 @@ class Reconciler:
         dirty = set(self.entries) | set(self._rows) if full else self._status_dirty
         self._status_dirty = set()
         self._status_full = False
-        bulk = len(dirty) > max(256, len(self._rows) // 8)  # re-sort once, not insert each
+        bulk = many(len(dirty), len(self._rows))  # re-sort once, not insert each
         for tid in dirty:
             name = self._row_names.pop(tid, None)
             if name is not None and not bulk:
@@ -684,7 +673,6 @@ class Reconciler:
 
 
 _FREEZE_FROM = 10_000  # targets plus admin lines from which the state is frozen (gc.freeze)
-_BULK_EDIT = 256  # admin lines changed (and an eighth of them) above which all is rendered again
 
 
 def _target_status(entry: TargetEntry, aliases: tuple[str, ...]) -> TargetStatus:

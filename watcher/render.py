@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from .model import ManualLine, PublicKey, Target
+from .pacing import many
 from .targets import fold
 
 BASE_OPTIONS = "restrict,port-forwarding"
@@ -408,7 +409,7 @@ class IncrementalRender:
         self._grants_before, self._owners_before = {}, {}
         rows_changed = False
         # Many changes (a full render, a resync): re-sort once instead of inserting each.
-        self._bulk = len(changed) + len(fps) > max(_BULK, (len(self._served) + len(self._parts)) // 8)
+        self._bulk = many(len(changed) + len(fps), len(self._served) + len(self._parts))
         for tid, item in changed.items():
             old = self._served.pop(tid, None)
             if item is not None and not item.keys:
@@ -539,9 +540,6 @@ def changed_span(old: Sequence, new: Sequence) -> tuple[int, int, int]:
         else:
             hi = mid - 1
     return start, len(old) - lo, len(new) - lo
-
-
-_BULK = 256  # changes (and an eighth of the state) above which the sorted lists are re-sorted
 
 
 def _has_permitopen(options: Iterable[str]) -> bool:

@@ -115,9 +115,9 @@ def test_incremental_equals_full_render_in_manual_mode(ops: list[tuple]) -> None
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(OPS, min_size=1, max_size=15))
 def test_incremental_equals_full_render_when_re_sorting_in_bulk(ops: list[tuple]) -> None:
-    bulk = render._BULK
-    render._BULK = 1  # the path a resync of many targets takes
+    many = render.many
+    render.many = lambda changes, size: changes > max(1, size // 8)  # a resync's path
     try:
         _run(ops, RunMode.DOCKER)
     finally:
-        render._BULK = bulk
+        render.many = many

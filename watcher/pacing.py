@@ -1,0 +1,36 @@
+"""How often to redo work whose cost grows with the state (the cache, the status snapshot)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+CHEAP = 0.005  # seconds: work this cheap is done every time
+SHARE = 10  # else at most once per SHARE times its last cost: a tenth of the loop's time
+
+
+class Pacer:
+    """Done at once while cheap; else at most so often that it takes 1/SHARE of the time."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.cost = 0.0
+        self.done_at = -1e9
+
+    def wait(self) -> float:
+        """Seconds after the last run before the next one is due."""
+        return 0.0 if self.cost < CHEAP else SHARE * self.cost
+
+    def due(self) -> bool:
+        return self.clock() >= self.done_at + self.wait()
+
+    def ran(self, started: float) -> None:
+        """Record a run that began at perf_counter() `started`."""
+        self.cost = time.perf_counter() - started
+        self.done_at = self.clock()
+
+
+def many(changes: int, size: int, floor: int = 256) -> bool:
+    """Whether `changes` to a state of `size` are many: then redoing it all at once (a
+    re-sort, a full render, a snapshot now) costs less than change by change."""
+    return changes > max(floor, size // 8)
