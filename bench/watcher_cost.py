@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, dist, save, table  # noqa: E402,F401
 
 from watcher.app import OutputWriter, Paths  # noqa: E402
+from watcher.cache import read_unmanaged_hosts  # noqa: E402
 from watcher.config import RunMode, load_settings  # noqa: E402
 from watcher.model import KeyState, PublicKey, Target  # noqa: E402
 from watcher.reconcile import Reconciler, _Fetched  # noqa: E402
@@ -114,7 +115,8 @@ def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: 
                   keys_dir=tmp / "keys.d", sshd=SshdPaths(index_dir=tmp / "index.d"))
     writer = Observed(OutputWriter(paths, RunMode.DOCKER, pin_names=True))
     settings = load_settings({})
-    rec = Reconciler(settings, ProxyIdentity(names=frozenset({"ssh-proxy"})), fetch, writer, pin_names=True)
+    rec = Reconciler(settings, ProxyIdentity(names=frozenset({"ssh-proxy"})), fetch, writer, pin_names=True,
+                     unmanaged_hosts=lambda: read_unmanaged_hosts(hosts))  # as the app does
     stop = threading.Event()
     loop = threading.Thread(target=rec.run, args=(stop,), daemon=True)
 

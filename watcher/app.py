@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse_datagram,
                         revoked_event)
@@ -28,7 +28,7 @@ from .model import KeyState
 from .pacing import Pacer
 from .platforms import platform_for
 from .reconcile import Reconciler, Snapshot
-from .render import EMPTY_SHARD, SHARD_NAMES, Rendered
+from .render import EMPTY_SHARD, SHARD_NAMES, SHARD_SET, Rendered, Shard
 from .revocation import RecentRevocations, Revocation
 from .sessions import ProcFS, SessionKiller
 from .sources.manual import ManualKeySource
@@ -77,6 +77,10 @@ class OutputWriter:
         self._cache_due: Rendered | None = None  # written to the index, not yet to the cache
         self._cache_pacer = Pacer()
         self._index_ready = False
+        # The shards of the render last written whole: a shard object that is still the
+        # same is not looked at again (4096 of them, a flush changes a few).
+        self._shards_on_disk: Mapping[str, Shard] = {}
+        self._hosts_block = ""  # the block this writer last put in the hosts file
         self._lock = threading.Lock()  # the reconciler and `retry` never write at once
         # What this writer last put in each file, with the file's stamp right after: an
         # unchanged render is not compared against the disk again.
@@ -143,13 +147,20 @@ class OutputWriter:
         changed = False
         if self.pin_names:
             # Names first, so a newly granted name resolves by the time sshd allows it.
-            changed |= self._once(self.paths.hosts, rendered.hosts_block,
-                                  lambda known: update_hosts_block(self.paths.hosts, rendered.hosts_block))
+            changed |= self._once(self.paths.hosts, rendered.hosts_block, self._write_hosts(rendered.hosts_block))
         changed |= self._write_index(rendered)
         if self.write_cache:
             self._cache_due = rendered
             changed |= self._write_cache(force=False)
         return changed
+
+    def _write_hosts(self, block: str) -> Callable[[bool], bool]:
+        def write(known: bool) -> bool:
+            last, self._hosts_block = self._hosts_block, ""  # unknown until written
+            changed = update_hosts_block(self.paths.hosts, block, last)
+            self._hosts_block = block
+            return changed
+        return write
 
     def _write_index(self, rendered: Rendered) -> bool:
         directory = self.paths.sshd.index_dir
@@ -159,14 +170,18 @@ class OutputWriter:
             directory.mkdir(parents=True, exist_ok=True)
             directory.chmod(0o755)
             for entry in os.scandir(directory):
-                if entry.name not in SHARD_NAMES:
+                if entry.name not in SHARD_SET:
                     os.unlink(entry.path)
             self._index_ready = True
+        on_disk, self._shards_on_disk = self._shards_on_disk, {}  # unknown until written
         changed = False
         for name in SHARD_NAMES:
+            shard = rendered.shards.get(name, EMPTY_SHARD)
+            if on_disk.get(name) is shard:
+                continue
             path = directory / name
-            text = rendered.shards.get(name, EMPTY_SHARD).index
-            changed |= self._once(path, text, lambda known: _write_derived(path, text, known))
+            changed |= self._once(path, shard.index, lambda known: _write_shard(path, shard.index, known))
+        self._shards_on_disk = rendered.shards
         return changed
 
     def _write_cache(self, force: bool) -> bool:
@@ -197,6 +212,18 @@ class OutputWriter:
         changed = write(known)
         self._written[path] = (file_stamp(path), content)
         return changed
+
+
+def _write_shard(path: Path, text: str, known: bool) -> bool:
+    """One index shard; no file for a shard without keys (the keys command reads a missing
+    shard as empty): a small deployment keeps a few files, not 4096 empty ones."""
+    if text:
+        return _write_derived(path, text, known)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _write_derived(path: Path, text: str, known: bool) -> bool:

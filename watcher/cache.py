@@ -58,29 +58,34 @@ def write_if_changed(path: Path, data: bytes, mode: int = 0o644, durable: bool =
     return True
 
 
-def update_hosts_block(path: Path, block: str) -> bool:
-    """Rewrite the managed block of a hosts file in place.
+def update_hosts_block(path: Path, block: str, last: str = "") -> bool:
+    """Rewrite the managed block of a hosts file in place (`last`: see splice_hosts_block).
 
     In place, not by rename: Docker bind-mounts /etc/hosts into the container, and a rename
     over a mount point fails. One write() of the whole file keeps the window for a reader
-    to see a short file as small as the kernel allows.
+    to see a short file as small as the kernel allows. Not fsynced: the block is derived,
+    written again from the state at every start.
     """
     # surrogateescape: bytes we do not own go back exactly as they were.
-    current = path.read_bytes().decode("utf-8", errors="surrogateescape")
-    wanted = splice_hosts_block(current, block)
+    raw = path.read_bytes()
+    current = raw.decode("utf-8", errors="surrogateescape")
+    wanted = splice_hosts_block(current, block, last)
     if wanted == current:
         return False
     data = wanted.encode("utf-8", errors="surrogateescape")
-    old_size = len(current.encode("utf-8", errors="surrogateescape"))
     fd = os.open(path, os.O_WRONLY)
     try:
         # Pad with blank lines up to the old size, then truncate: a reader in between sees
         # the new entries and harmless blank lines, never half of an old line.
-        os.write(fd, data + b"\n" * max(0, old_size - len(data)))
+        os.write(fd, data + b"\n" * max(0, len(raw) - len(data)))
         os.ftruncate(fd, len(data))
-        os.fsync(fd)
     finally:
         os.close(fd)
+    # What lies outside the block is `wanted` less the block at its end: noted now, so the
+    # next render does not parse the 100k lines of the block again to find it out.
+    stamp = file_stamp(path)
+    if stamp is not None:
+        _unmanaged_memo[path] = (stamp, unmanaged_hosts_entries(wanted[:len(wanted) - len(block)]))
     return True
 
 

@@ -1,7 +1,8 @@
 """Desired state and the single writer loop.
 
 Sources and key fetches only post messages; one thread applies them to the state and,
-debounced (quiet for `min_wait`, or `max_wait` after the first change at the latest),
+debounced (quiet for `min_wait`, or at the latest `max_wait` after the first change, less
+while flushes are cheap: `_batch_bound`),
 renders and writes what changed. Level-triggered: a lost or duplicated event cannot leave a
 stale key, and a resync is just "replace the state". The render is incremental (only the
 targets and keys changed since the last flush are re-decided and re-rendered) and equal,
@@ -14,6 +15,7 @@ import bisect
 import gc
 import itertools
 import logging
+import operator
 import queue
 import threading
 import time
@@ -126,6 +128,7 @@ class Reconciler:
         self.pin_names = pin_names
         self.min_wait = min_wait
         self.max_wait = max_wait
+        self._flush_cost = max_wait  # seconds the last flush took (none yet: batch fully)
         self.clock = clock
         self.unmanaged_hosts = unmanaged_hosts  # hosts-file lines outside the managed block
         self.local_names = local_names  # the proxy's own names from its resolver (FQDN)
@@ -256,7 +259,7 @@ class Reconciler:
         now = self.clock()
         wake = 1.0
         if self._first_dirty is not None:
-            due = min(self._last_dirty + self.min_wait, self._first_dirty + self.max_wait)
+            due = min(self._last_dirty + self.min_wait, self._first_dirty + self._batch_bound())
             wake = min(wake, max(0.0, due - now))
         if self._unpublished is not None:
             pacer = self._publish_pacer
@@ -271,7 +274,14 @@ class Reconciler:
         if self._first_dirty is None:
             return False
         now = self.clock()
-        return now >= self._last_dirty + self.min_wait or now >= self._first_dirty + self.max_wait
+        return now >= self._last_dirty + self.min_wait or now >= self._first_dirty + self._batch_bound()
+
+    def _batch_bound(self) -> float:
+        """How long a batch may keep growing under a steady stream of changes: max_wait,
+        shortened to BATCH_SHARE times what the last flush cost (never below min_wait). At
+        1k targets a flush costs milliseconds and changes go out every min_wait; at 100k,
+        flushing still takes at most about a third of the loop's time."""
+        return min(self.max_wait, max(self.min_wait, BATCH_SHARE * self._flush_cost))
 
     def _dirty(self) -> None:
         now = self.clock()
@@ -396,19 +406,24 @@ class Reconciler:
             self._changed_keys.add(message.target_id)
 
     def _start_due_fetches(self) -> None:
+        if not self._waiting:
+            return
         now = self.clock()
-        for tid in list(self._waiting):
+        still: set[str] = set()
+        for tid in self._waiting:
             entry = self.entries.get(tid)
             if entry is None or entry.retry_at is None:
-                self._waiting.discard(tid)
                 continue
             if entry.fetching or entry.retry_at > now:
+                still.add(tid)
                 continue
             entry.fetching = True
             entry.retry_at = None
-            self._waiting.discard(tid)
             self._status_dirty.add(tid)
             self.pool.submit(self._fetch_job, entry.target, entry.generation)
+        # A new set, not discards: a set never shrinks, and iterating one that once held
+        # 100k ids walks its whole table on every loop turn (half the loop's time in churn).
+        self._waiting = still
 
     def _fetch_job(self, target: Target, generation: int) -> None:
         keys = KeyState(status="failed", error="internal error: the key fetch did not finish")
@@ -425,6 +440,13 @@ class Reconciler:
 
     # ---- output -------------------------------------------------------------------------
     def flush(self) -> None:
+        started = time.perf_counter()
+        try:
+            self._flush()
+        finally:
+            self._flush_cost = time.perf_counter() - started
+
+    def _flush(self) -> None:
         self._first_dirty = None
         hosts = self.unmanaged_hosts() if self.entries else ()
         pinned = frozenset(fold(n) for _, names in hosts for n in names)
@@ -643,21 +665,23 @@ class Reconciler:
         bulk = many(len(dirty), len(self._rows))  # re-sort once, not insert each
         for tid in dirty:
             name = self._row_names.pop(tid, None)
-            if name is not None and not bulk:
+            entry = self.entries.get(tid)
+            # The order moves only for a new, gone or renamed row (a shift of 100k entries).
+            moved = entry is None or entry.target.name != name
+            if name is not None and not bulk and moved:
                 self._row_order.pop(bisect.bisect_left(self._row_order, (name, tid)))
             self._rows.pop(tid, None)
             self._refused_rows.pop(tid, None)
-            entry = self.entries.get(tid)
             if entry is None:
                 continue
             self._rows[tid] = _target_status(entry, self._book.aliases.get(tid, ()))
             self._refused_rows[tid] = tuple(RefusedName(*r) for r in self._book.refused.get(tid, ()))
             self._row_names[tid] = entry.target.name
-            if not bulk:
+            if not bulk and moved:
                 bisect.insort(self._row_order, (entry.target.name, tid))
         if bulk:
             self._row_order = sorted((name, tid) for tid, name in self._row_names.items())
-        order = [tid for _, tid in self._row_order]
+        order = list(map(operator.itemgetter(1), self._row_order))
         ignored = tuple(IgnoredTarget(t.id[:12], t.name, r)
                         for t, r in sorted(self.ignored.values(), key=lambda v: v[0].name))
         manual_keys = tuple(ManualKey(m.origin, m.key.key_type, m.key.fingerprint, m.options)
@@ -672,6 +696,7 @@ class Reconciler:
                         manual=manual_status(self.status["manual"]))
 
 
+BATCH_SHARE = 2  # a batch waits at most this many times the last flush's cost (_batch_bound)
 _FREEZE_FROM = 10_000  # targets plus admin lines from which the state is frozen (gc.freeze)
 
 

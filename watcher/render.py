@@ -12,6 +12,7 @@ Three outputs, always rendered together from the same state:
 from __future__ import annotations
 
 import bisect
+import operator
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
@@ -45,11 +46,14 @@ permitopen value ("host:port") or ANY_DEST."""
 
 
 _B64 = "+/0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # ASCII order
-SHARD_NAMES = tuple(c.replace("/", "_").replace("+", "-") for c in _B64)
-"""Index shard file names, in fingerprint order: a fingerprint's first base64 character
-(after "SHA256:"), with '/' and '+' spelled '_' and '-' (sshd/authorized-keys-command maps
-them the same way)."""
-_SHARD_OF = dict(zip(_B64, SHARD_NAMES))
+_FILE_CHAR = {c: "," if c == "/" else c for c in _B64}  # ',' sorts between '+' and '0' as '/' does
+SHARD_NAMES = tuple(_FILE_CHAR[c] for c in _B64)
+"""Index shard file names, in fingerprint order (and in C-locale name order, so `cat *`
+gives the whole index sorted): a fingerprint's first base64 character (after "SHA256:"),
+'/' spelled ',' (sshd/authorized-keys-command maps it the same way). 64 shards: 4096 made
+a churn flush at 100k keys touch ~900 small files, which cost more than rewriting 64."""
+SHARD_SET = frozenset(SHARD_NAMES)
+_SHARD_OF = _FILE_CHAR
 
 
 def index_shard(fingerprint: str) -> str:
@@ -60,11 +64,18 @@ def index_shard(fingerprint: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Shard:
-    """One index shard: its lines, and the same lines as the cache shows them."""
+    """One index shard: its lines ("<fingerprint> <authorized_keys line>"), and how many."""
 
     index: str = ""
-    cache: str = ""
     lines: int = 0
+
+    @property
+    def cache(self) -> str:
+        """The same lines as the cache shows them (no fingerprint): derived when the cache
+        is written (paced), not joined again at every render."""
+        if not self.index:
+            return ""
+        return "\n".join([line[line.index(" ") + 1:] for line in self.index.split("\n")[:-1]]) + "\n"
 
 
 EMPTY_SHARD = Shard()
@@ -106,14 +117,11 @@ class Rendered:
 
 def shards_of(lines: Iterable[tuple[str, str]]) -> dict[str, Shard]:
     """(fingerprint, line) in fingerprint order -> every shard."""
-    index: dict[str, list[str]] = {name: [] for name in SHARD_NAMES}
-    cache: dict[str, list[str]] = {name: [] for name in SHARD_NAMES}
+    index: dict[str, list[str]] = {}
     for fp, line in lines:
-        name = index_shard(fp)
-        index[name].append(f"{fp} {line}\n")
-        cache[name].append(line + "\n")
-    return {name: Shard("".join(index[name]), "".join(cache[name]), len(index[name]))
-            if index[name] else EMPTY_SHARD for name in SHARD_NAMES}
+        index.setdefault(index_shard(fp), []).append(f"{fp} {line}\n")
+    return {name: Shard("".join(index[name]), len(index[name]))
+            if name in index else EMPTY_SHARD for name in SHARD_NAMES}
 
 
 def permitopen_options(aliases: Iterable[str], ports: Iterable[str]) -> list[str]:
@@ -340,7 +348,9 @@ class IncrementalRender:
         and grants maps are new objects: a Rendered handed out before keeps its own."""
         self.pinned_elsewhere = pinned_elsewhere
         self._served: dict[str, ServedTarget] = {}
-        self._order: list[tuple[str, str]] = []  # (name, id) of the served targets, sorted
+        # (name, id, hosts row or "") of the served targets, sorted: a (name, id) pair
+        # bisects to its entry
+        self._order: list[tuple[str, str, str]] = []
         self._by_fp: dict[str, set[str]] = {}  # fingerprint -> ids of targets with that key
         self._manual: dict[str, list[ManualLine]] = {}  # fingerprint -> its lines, in order
         for line in manual:
@@ -349,10 +359,10 @@ class IncrementalRender:
         self._scoped = {fp for fp, lines in self._manual.items() if _is_scoped(lines)}
         self._scope: list[str] | None = [] if self.scope_manual else None
         self._scope_stale = False  # targets changed while no line needed the scope
-        # fingerprint -> its index lines, its cache lines, how many (joined per shard in C)
+        # fingerprint -> its index lines, how many (joined per shard in C)
         self._parts: dict[str, str] = {}
-        self._cache_parts: dict[str, str] = {}
         self._line_counts: dict[str, int] = {}
+        self._shard_lines: dict[str, int] = dict.fromkeys(SHARD_NAMES, 0)  # sums of the above
         self._shard_fps: dict[str, list[str]] = {name: [] for name in SHARD_NAMES}  # sorted
         self._shards: dict[str, Shard] = dict.fromkeys(SHARD_NAMES, EMPTY_SHARD)
         self._grants: dict[str, frozenset[GrantElement]] = {}
@@ -414,9 +424,10 @@ class IncrementalRender:
             old = self._served.pop(tid, None)
             if item is not None and not item.keys:
                 item = None
+            row = hosts_row(item, set(self.pinned_elsewhere)) if item is not None else ""
+            if not self._bulk:
+                self._place(tid, old, item, row)
             if old is not None:
-                if not self._bulk:
-                    self._order.pop(bisect.bisect_left(self._order, (old.target.name, tid)))
                 for key in old.keys:
                     fps.add(key.fingerprint)
                     owners = self._by_fp[key.fingerprint]
@@ -425,12 +436,9 @@ class IncrementalRender:
                         del self._by_fp[key.fingerprint]
             if item is not None:
                 self._served[tid] = item
-                if not self._bulk:
-                    bisect.insort(self._order, (item.target.name, tid))
                 for key in item.keys:
                     fps.add(key.fingerprint)
                     self._by_fp.setdefault(key.fingerprint, set()).add(tid)
-            row = hosts_row(item, set(self.pinned_elsewhere)) if item is not None else ""
             if row != self._rows.get(tid, ""):
                 rows_changed = True
                 if row:
@@ -438,7 +446,8 @@ class IncrementalRender:
                 else:
                     del self._rows[tid]
         if self._bulk:
-            self._order = sorted((s.target.name, tid) for tid, s in self._served.items())
+            self._order = sorted((s.target.name, tid, self._rows.get(tid, ""))
+                                 for tid, s in self._served.items())
         if self._scope is not None and changed:
             if self._scoped:
                 scope = self._current_scope()
@@ -451,14 +460,24 @@ class IncrementalRender:
             self._render_fp(fp)
         self._rebuild_shards(fps)
         if rows_changed:
-            self._hosts = hosts_block(self._rows[tid] for _, tid in self._order if tid in self._rows)
+            self._hosts = hosts_block(filter(None, map(_ROW, self._order)))
         return Rendered(shards=dict(self._shards), hosts_block=self._hosts, owners=self._owners,
                         grants=self._grants, changed=frozenset(fps),
                         owners_before=self._owners_before, grants_before=self._grants_before)
 
+    def _place(self, tid: str, old: ServedTarget | None, new: ServedTarget | None, row: str) -> None:
+        """Keep `_order` sorted: in place when the name stays (no shift of 100k entries)."""
+        if old is not None and new is not None and old.target.name == new.target.name:
+            self._order[bisect.bisect_left(self._order, (old.target.name, tid))] = (old.target.name, tid, row)
+            return
+        if old is not None:
+            del self._order[bisect.bisect_left(self._order, (old.target.name, tid))]
+        if new is not None:
+            bisect.insort(self._order, (new.target.name, tid, row))
+
     def _current_scope(self) -> list[str]:
         return permitopen_options(dict.fromkeys(
-            a for _, tid in self._order for a in self._served[tid].aliases), self.ports)
+            a for _, tid, _ in self._order for a in self._served[tid].aliases), self.ports)
 
     def _rebuild_shards(self, fps: set[str]) -> None:
         """Join again the shards that hold a changed fingerprint."""
@@ -469,15 +488,15 @@ class IncrementalRender:
             for ordered in grouped.values():
                 ordered.sort()
             self._shard_fps = grouped
+            self._shard_lines = {name: sum(map(self._line_counts.__getitem__, ordered))
+                                 for name, ordered in grouped.items()}
             dirty = set(SHARD_NAMES)
         else:
             dirty = {index_shard(fp) for fp in fps}
         for name in dirty:
             ordered = self._shard_fps[name]
             self._shards[name] = Shard("".join(map(self._parts.__getitem__, ordered)),
-                                       "".join(map(self._cache_parts.__getitem__, ordered)),
-                                       sum(map(self._line_counts.__getitem__, ordered))
-                                       ) if ordered else EMPTY_SHARD
+                                       self._shard_lines[name]) if ordered else EMPTY_SHARD
 
     def _render_fp(self, fp: str) -> None:
         """Re-render every line of one fingerprint, as render() would."""
@@ -495,8 +514,8 @@ class IncrementalRender:
                 if not self._bulk:
                     ordered = self._shard_fps[index_shard(fp)]
                     ordered.pop(bisect.bisect_left(ordered, fp))
-                for table in (self._parts, self._cache_parts, self._line_counts, self._grants,
-                              self._owners):
+                self._shard_lines[index_shard(fp)] -= self._line_counts[fp]
+                for table in (self._parts, self._line_counts, self._grants, self._owners):
                     table.pop(fp, None)
             return
         merged = merge_grants(grants)
@@ -504,7 +523,7 @@ class IncrementalRender:
         if fp not in self._parts and not self._bulk:
             bisect.insort(self._shard_fps[index_shard(fp)], fp)
         self._parts[fp] = "".join(f"{fp} {line}\n" for line in lines)
-        self._cache_parts[fp] = "".join(line + "\n" for line in lines)
+        self._shard_lines[index_shard(fp)] += len(lines) - self._line_counts.get(fp, 0)
         self._line_counts[fp] = len(lines)
         self._grants[fp] = frozenset().union(*(grant_set(g) for g in merged))
         names = {item.target.name for item in items if item.aliases}
@@ -513,6 +532,9 @@ class IncrementalRender:
             self._owners[fp] = tuple(sorted(names))
         else:
             self._owners.pop(fp, None)
+
+
+_ROW = operator.itemgetter(2)
 
 
 def _is_scoped(lines: Iterable[ManualLine]) -> bool:
@@ -546,8 +568,16 @@ def _has_permitopen(options: Iterable[str]) -> bool:
     return any(o.startswith("permitopen=") for o in options)
 
 
-def splice_hosts_block(hosts: str, block: str) -> str:
-    """Replace (or append) the managed block in a hosts file, keeping every other line."""
+def splice_hosts_block(hosts: str, block: str, last: str = "") -> str:
+    """Replace (or append) the managed block in a hosts file, keeping every other line.
+
+    `last`: the block this process last wrote (it is always written at the end). When the
+    file still ends with it and nothing before it is managed, only that tail is replaced,
+    with no pass over its lines (100k of them at 100k targets, on every change)."""
+    if last and hosts.endswith(last):
+        head = hosts[:len(hosts) - len(last)]
+        if (not head or head.endswith("\n")) and HOSTS_BEGIN not in head:
+            return head + block
     lines = hosts.splitlines(keepends=True)
     out: list[str] = []
     inside = False

@@ -168,3 +168,20 @@ def test_update_hosts_block_keeps_non_utf8_lines_byte_for_byte(tmp_path: Path) -
     assert update_hosts_block(hosts, block("172.18.0.5\tweb")) is False
     assert update_hosts_block(hosts, block()) is True
     assert hosts.read_bytes() == original + block().encode()
+
+
+def test_unmanaged_entries_after_a_block_update_equal_a_fresh_parse(tmp_path: Path) -> None:
+    """update_hosts_block notes what lies outside the block it wrote; what read_unmanaged_hosts
+    then answers is what parsing the file from scratch gives."""
+    from watcher.cache import _unmanaged_memo, read_unmanaged_hosts
+    from watcher.render import unmanaged_hosts_entries
+    hosts = tmp_path / "hosts"
+    hosts.write_text(BASE_HOSTS + block("10.0.0.9\told") + "10.0.0.1\tadmin\n")
+    first = block(*(f"172.18.{i // 256}.{i % 256}\tt{i}" for i in range(300)))
+    assert update_hosts_block(hosts, first)
+    assert update_hosts_block(hosts, block("172.18.0.5\tweb"), first)  # the tail fast path
+    for _ in range(2):
+        fresh = unmanaged_hosts_entries(hosts.read_text())
+        assert read_unmanaged_hosts(hosts) == fresh
+        assert ("10.0.0.1", ("admin",)) in fresh and all(a != "172.18.0.5" for a, _ in fresh)
+        _unmanaged_memo.clear()  # and parsed again from the file

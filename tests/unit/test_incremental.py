@@ -53,6 +53,11 @@ def _check(h: Harness) -> None:
     assert got.hosts_block == full.hosts_block
     assert got.owners == full.owners
     assert got.grants == full.grants
+    # The status rows (kept in place, moved only when a name changes): every target, by name.
+    if h.snapshots:
+        rows = [(t.name, t.id) for t in h.snapshots[-1].targets]
+        wanted = sorted((e.target.name, e.target.id) for e in h.rec.entries.values())
+        assert rows == [(name, tid[:12]) for name, tid in wanted]
 
 
 def _run(ops: list[tuple], mode: RunMode) -> None:

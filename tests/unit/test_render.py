@@ -297,6 +297,23 @@ def test_splice_is_idempotent() -> None:
     assert splice_hosts_block(shrunk, empty) == shrunk
 
 
+@pytest.mark.parametrize("hosts", [
+    "", "127.0.0.1\tlocalhost\n", "127.0.0.1 localhost",  # no final newline
+    f"{HOSTS_BEGIN}\n10.0.0.9\told\n{HOSTS_END}\n",  # an older block, not ours
+    f"127.0.0.1 a\n{HOSTS_BEGIN}\n10.0.0.9\told\n{HOSTS_END}\n10.0.0.1 b\n",
+    f"127.0.0.1 a\r{HOSTS_BEGIN}\n10.0.0.9\tx\n",  # odd line breaks, an open block
+])
+def test_splice_after_its_own_block_equals_a_full_splice(hosts: str) -> None:
+    """The tail fast path (the block this process wrote last) gives what the line-by-line
+    splice gives, also when someone edited the file since."""
+    last = f"{HOSTS_BEGIN}\n172.18.0.5\tweb\n172.18.0.6\tdb\n{HOSTS_END}\n"
+    new = f"{HOSTS_BEGIN}\n172.18.0.5\tweb\n{HOSTS_END}\n"
+    written = splice_hosts_block(hosts, last)
+    for current in (written, written + "10.0.0.7 added-later\n", "10.0.0.8 x\n" + written,
+                    written.replace("172.18.0.6", f"{HOSTS_BEGIN}\n172.18.0.6"), hosts):
+        assert splice_hosts_block(current, new, last) == splice_hosts_block(current, new)
+
+
 def test_stray_end_marker_kept() -> None:
     hosts = f"127.0.0.1 localhost\n{HOSTS_END}\n"
     block = f"{HOSTS_BEGIN}\n{HOSTS_END}\n"

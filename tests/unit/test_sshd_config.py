@@ -299,7 +299,8 @@ def test_keys_command_reads_the_fingerprints_shard(sshd_dir: Path, first: str) -
     assert out.returncode == 0 and out.stdout.endswith(" f\n") and "restrict" in out.stdout, out
     # The same line in any other shard is never read.
     (paths.index_dir / index_shard(fp)).write_text("")
-    (paths.index_dir / ("a" if index_shard(fp) != "a" else "b")).write_text(rendered.index)
+    for other in ("_", "-", "b" if index_shard(fp) != "b" else "c"):
+        (paths.index_dir / other).write_text(rendered.index)
     out = subprocess.run([str(paths.keys_command), str(paths.index_dir), fp], capture_output=True,
                          text=True, timeout=10)
     assert (out.returncode, out.stdout) == (0, "")
@@ -309,11 +310,12 @@ def _key_with_fingerprint(fp: str) -> PublicKey:
     return PublicKey("ssh-ed25519", "AAAA", "f", fp, 256)
 
 
-@pytest.mark.parametrize("fingerprint", ["SHA256:", "nocolon", "SHA256:.x", "SHA256:*", "SHA256:-a"])
+@pytest.mark.parametrize("fingerprint", ["SHA256:", "nocolon", "SHA256:.x", "SHA256:*", "SHA256:-a",
+                                         "SHA256:,a", "SHA256:_a"])
 def test_keys_command_answers_nothing_for_a_malformed_fingerprint(sshd_dir: Path, fingerprint: str) -> None:
     paths = _render_to(sshd_dir, Settings())
     paths.index_dir.mkdir()
-    for name in ("-", "_", "n", "a"):
+    for name in ("-", "_", "n", "a", ",", "+"):
         (paths.index_dir / name).write_text(f"{fingerprint} restrict ssh-ed25519 AAAA x\n")
     out = subprocess.run([str(paths.keys_command), str(paths.index_dir), fingerprint],
                          capture_output=True, text=True, timeout=10)
