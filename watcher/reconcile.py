@@ -182,7 +182,7 @@ class Reconciler:
         self._unpublished: Rendered | None = None
         self._status_full = True
         self._rows: dict[str, TargetStatus] = {}
-        self._row_order: list[tuple[str, str]] = []  # (name, id), sorted
+        self._row_order: list[tuple[str, str, TargetStatus]] = []  # (name, id, row), sorted
         self._row_names: dict[str, str] = {}
         self._refused_rows: dict[str, tuple[RefusedName, ...]] = {}
 
@@ -674,21 +674,27 @@ class Reconciler:
             self._refused_rows.pop(tid, None)
             if entry is None:
                 continue
-            self._rows[tid] = _target_status(entry, self._book.aliases.get(tid, ()))
-            self._refused_rows[tid] = tuple(RefusedName(*r) for r in self._book.refused.get(tid, ()))
-            self._row_names[tid] = entry.target.name
-            if not bulk and moved:
-                bisect.insort(self._row_order, (entry.target.name, tid))
+            row = self._rows[tid] = _target_status(entry, self._book.aliases.get(tid, ()))
+            refused = tuple(RefusedName(*r) for r in self._book.refused.get(tid, ()))
+            if refused:  # only these: most targets have none, and 100k empty ones cost a pass
+                self._refused_rows[tid] = refused
+            name = self._row_names[tid] = entry.target.name
+            if bulk:
+                continue
+            if moved:
+                bisect.insort(self._row_order, (name, tid, row))
+            else:
+                self._row_order[bisect.bisect_left(self._row_order, (name, tid))] = (name, tid, row)
         if bulk:
-            self._row_order = sorted((name, tid) for tid, name in self._row_names.items())
-        order = list(map(operator.itemgetter(1), self._row_order))
+            self._row_order = sorted((name, tid, self._rows[tid]) for tid, name in self._row_names.items())
+        refused_rows = sorted((self._row_names[tid], tid) for tid in self._refused_rows)
         ignored = tuple(IgnoredTarget(t.id[:12], t.name, r)
                         for t, r in sorted(self.ignored.values(), key=lambda v: v[0].name))
         manual_keys = tuple(ManualKey(m.origin, m.key.key_type, m.key.fingerprint, m.options)
                             for m in self.manual[:MANUAL_KEYS_LISTED])
-        return Snapshot(targets=tuple(map(self._rows.__getitem__, order)), ignored=ignored,
+        return Snapshot(targets=tuple(map(operator.itemgetter(2), self._row_order)), ignored=ignored,
                         refused_aliases=tuple(itertools.chain.from_iterable(
-                            map(self._refused_rows.__getitem__, order))),
+                            self._refused_rows[tid] for _, tid in refused_rows)),
                         manual_keys=manual_keys, keys_served=rendered.keys_served,
                         writes=self.writes, last_write=self.last_write,
                         last_event=self.last_event,

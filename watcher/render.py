@@ -68,14 +68,17 @@ class Shard:
 
     index: str = ""
     lines: int = 0
+    _cache: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def cache(self) -> str:
         """The same lines as the cache shows them (no fingerprint): derived when the cache
-        is written (paced), not joined again at every render."""
-        if not self.index:
-            return ""
-        return "\n".join([line[line.index(" ") + 1:] for line in self.index.split("\n")[:-1]]) + "\n"
+        is written (paced), not at every render, and kept: a shard no change touched since
+        is not derived again."""
+        if self._cache is None:
+            text = "\n".join([line[line.index(" ") + 1:] for line in self.index.split("\n")[:-1]])
+            object.__setattr__(self, "_cache", text + "\n" if self.index else "")
+        return self._cache or ""
 
 
 EMPTY_SHARD = Shard()
