@@ -78,7 +78,7 @@ class OutputWriter:
         self._cache_pacer = Pacer()
         self._index_ready = False
         # The shards of the render last written whole: a shard object that is still the
-        # same is not looked at again (4096 of them, a flush changes a few).
+        # same is not looked at again (no stat per shard per flush).
         self._shards_on_disk: Mapping[str, Shard] = {}
         self._hosts_block = ""  # the block this writer last put in the hosts file
         self._lock = threading.Lock()  # the reconciler and `retry` never write at once
@@ -216,7 +216,7 @@ class OutputWriter:
 
 def _write_shard(path: Path, text: str, known: bool) -> bool:
     """One index shard; no file for a shard without keys (the keys command reads a missing
-    shard as empty): a small deployment keeps a few files, not 4096 empty ones."""
+    shard as empty): a small deployment keeps a few files, not 64 mostly empty ones."""
     if text:
         return _write_derived(path, text, known)
     try:
