@@ -121,6 +121,8 @@ class OutputWriter:
             self._withdraw_in_place(self._pending)
             return False
         self.on_result("ok" if changed else "unchanged", fresh)
+        if changed:  # a stage of bench/propagation.py's breakdown (at WATCHER_LOG_LEVEL=debug)
+            log.debug("rendered keys written: %d key(s) served", len(self._pending.owners))
         if self.error:
             log.info("rendered keys written again (the earlier error was: %s)", self.error)
             self.error = ""

@@ -236,6 +236,9 @@ class CountingSink:
         listed = tuple(targets)
         self.metrics.source_event("resync", lambda: self.sink.replace_all(listed))
 
+    def ready(self, target_id: str) -> None:
+        self.sink.ready(target_id)  # a hint to fetch now, not a change of the targets
+
     def set_source_status(self, status: dict) -> None:
         self.sink.set_source_status(status)
 

@@ -68,6 +68,11 @@ class _Remove:
 
 
 @dataclass(frozen=True)
+class _Ready:
+    target_id: str
+
+
+@dataclass(frozen=True)
 class _ReplaceAll:
     targets: tuple[Target, ...]
 
@@ -196,6 +201,10 @@ class Reconciler:
     def replace_all(self, targets: Iterable[Target]) -> None:
         self.inbox.put(_ReplaceAll(tuple(targets)))
 
+    def ready(self, target_id: str) -> None:
+        """The platform says the target is ready now (Docker: its health check passed)."""
+        self.inbox.put(_Ready(target_id))
+
     def set_manual(self, lines: Iterable[ManualLine]) -> None:
         self.inbox.put(_Manual(tuple(lines)))
 
@@ -301,6 +310,8 @@ class Reconciler:
             self._replace_all(message.targets)
         elif isinstance(message, _Fetched):
             self._fetched(message)
+        elif isinstance(message, _Ready):
+            self._ready(message.target_id)
         elif isinstance(message, _Manual):
             self.manual = message.lines  # rendered as an edit of the last lines (_render_changes)
         elif isinstance(message, _Status):
@@ -353,6 +364,21 @@ class Reconciler:
             entry.retry_at = self.clock()
             self._waiting.add(target.id)
             entry.since = time.time()
+
+    def _ready(self, target_id: str) -> None:
+        """A target that just became ready and has no key yet is fetched now, instead of at
+        its next retry (up to minutes away after a slow boot). A fetch still in flight may be
+        sleeping between its own attempts: a new generation asks at once, and the old
+        fetch's answer is dropped when it comes."""
+        entry = self.entries.get(target_id)
+        if entry is None or entry.keys.keys:
+            return  # not a target, or already served: the key is fetched once per start
+        if entry.fetching:
+            entry.generation = next(self._generations)
+            entry.fetching = False
+        entry.retry_at = self.clock()
+        self._waiting.add(target_id)
+        self._status_dirty.add(target_id)
 
     def _remove(self, target_id: str, quiet: bool = False) -> None:
         if self.ignored.pop(target_id, None) is not None:

@@ -167,7 +167,8 @@ def keypair(tmp_path_factory) -> Callable[..., KeyPair]:
 @pytest.fixture
 def start_target(request, target_image, test_network, session_id) -> Iterator[Callable[..., Target]]:
     """start_target(name, pubkey, serve_publickey=True, labels=None, env=None,
-    body_file=None, network=None, hostname=None, network_aliases=None) -> Target
+    body_file=None, network=None, hostname=None, network_aliases=None, publickey_port=8080,
+    docker_args=None) -> Target
 
     `pubkey`: a KeyPair or a public key line (None: no key at all). The container is
     named exactly `name` (Docker DNS name on the network) and has hostname `hostname`
@@ -180,11 +181,12 @@ def start_target(request, target_image, test_network, session_id) -> Iterator[Ca
               labels: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None,
               body_file: str | Path | None = None, network: str | None = None,
               hostname: str | None = None, network_aliases: Sequence[str] | None = None,
-              publickey_port: int = 8080) -> Target:
+              publickey_port: int = 8080, docker_args: Sequence[str] | None = None) -> Target:
         return run_target_container(name, pubkey, network or test_network, session_id, image=target_image,
                                     serve_publickey=serve_publickey, labels=labels, env=env,
                                     body_file=body_file, hostname=hostname, network_aliases=network_aliases,
-                                    publickey_port=publickey_port, track=started.append)
+                                    publickey_port=publickey_port, docker_args=docker_args,
+                                    track=started.append)
 
     yield start
     remove_containers(started, failed=_failed(request))

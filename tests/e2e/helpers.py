@@ -393,6 +393,7 @@ def run_target_container(name: str, pubkey: KeyPair | str | None, network: str, 
                          labels: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None,
                          body_file: str | Path | None = None, hostname: str | None = None,
                          network_aliases: Sequence[str] | None = None, publickey_port: int = 8080,
+                         docker_args: Sequence[str] | None = None,
                          track: Callable[[Target], object] | None = None) -> Target:
     """`docker run -d` of a test target (what conftest's start_target and the module
     fixtures start); returns once its sshd answers on IP:22 and, when it serves
@@ -415,7 +416,7 @@ def run_target_container(name: str, pubkey: KeyPair | str | None, network: str, 
     if body_file is not None:
         args += ["-v", f"{Path(body_file).resolve()}:{PUBLICKEY_BODY_PATH}:ro",
                  "-e", f"PUBLICKEY_BODY_FILE={PUBLICKEY_BODY_PATH}"]
-    args += [*env_args(env), image]
+    args += [*env_args(env), *(docker_args or ()), image]
     cid = docker(*args).stdout.strip()
     target = Target(name=name, id=cid, network=network, hostname=hostname or name)
     if track is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from helpers import (
     wait_for_event,
     wait_for_login,
     wait_for_status,
+    wait_until,
 )
 
 
@@ -135,3 +137,38 @@ def test_bad_key_source_stops_startup(run_proxy_expect_exit, value):
     assert len(lines) == 1, logs
     assert value in lines[0] and "'api,exec'" in lines[0] and "'exec'" in lines[0], lines[0]
     assert "sshd started" not in logs, logs
+
+
+def log_time(line: str) -> float:
+    """The Unix time of a watcher log line (`ts=2026-12-05T16:06:31.406Z ...`)."""
+    stamp = line.split(" ", 1)[0].removeprefix("ts=")
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def test_key_published_late_is_fetched_when_the_target_turns_healthy(start_target, start_proxy,
+                                                                     keypair):
+    """A target whose key appears only after the proxy gave up for now is fetched as soon as
+    Docker reports it healthy, not at its next scheduled retry (5 s, then 10, 20 ... 300)."""
+    sfx = secrets.token_hex(3)
+    key = keypair("late")
+    late = "/root/late.pub"  # does not exist until the test writes it
+    proxy = start_proxy(env={"SSH_TARGET_KEY_PATH": late, "SSH_PERMIT_TARGET_HOST": f"*-{sfx}"})
+    target = start_target(f"ks-late-{sfx}", key, serve_publickey=False,
+                          docker_args=["--health-cmd", f"test -s {late}",
+                                       "--health-interval", "500ms", "--health-retries", "1"])
+    # The first fetch gives up (its own attempts take ~12 s); the next one is 5 s later.
+    def first_failure() -> str:
+        return next((line for line in proxy.logs().splitlines()
+                     if f"target {target.name}: no key" in line and "retrying in 5s" in line), "")
+
+    assert wait_until(first_failure, 60), proxy.logs()
+    failed_line = first_failure()
+    target.exec(f"cp /root/.ssh/id_ed25519.pub {late}.tmp && mv {late}.tmp {late}", check=True)
+    wait_for_login(SshClient(proxy, key), target.name)
+    served = [line for line in proxy.logs().splitlines()
+              if f"target {target.name}: 1 key(s) via exec" in line]
+    assert served, proxy.logs()
+    # Served before the retry the failure scheduled: the health event asked for it.
+    assert log_time(served[0]) < log_time(failed_line) + 5, (failed_line, served[0])
+    row = served_fingerprints(proxy, target.name)
+    assert row["fingerprints"] == [key.fingerprint], row

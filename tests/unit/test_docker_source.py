@@ -24,7 +24,8 @@ from watcher.sources.docker_client import (
     is_running,
     own_container_id,
 )
-from watcher.sources.docker_watcher import DockerWatcher, event_action, event_container_id
+from watcher.sources.docker_watcher import (DockerWatcher, event_action, event_container_id,
+                                            event_health)
 
 WEB_ID = "3f4e8a2b1c9d" + "0123456789abcdef" * 3 + "0123"
 DB_ID = "9a8b7c6d5e4f" + "fedcba9876543210" * 3 + "3210"
@@ -327,6 +328,9 @@ class FakeSink:
     def remove(self, target_id: str) -> None:
         self.calls.append(("remove", target_id))
 
+    def ready(self, target_id: str) -> None:
+        self.calls.append(("ready", target_id))
+
     def replace_all(self, targets: list[Target]) -> None:
         self.calls.append(("replace_all", sorted(t.name for t in targets)))
 
@@ -380,6 +384,27 @@ def test_not_running_removes(state: dict) -> None:
     source, sink, _ = make_source({WEB_ID: attrs})
     source.handle_event(container_event("die", WEB_ID))
     assert sink.calls == [("remove", WEB_ID)]
+
+
+def test_healthy_event_says_ready_without_inspecting() -> None:
+    source, sink, api = make_source({WEB_ID: WEB_BRIDGE})
+    source.handle_event(container_event("health_status: healthy", WEB_ID))
+    assert sink.calls == [("ready", WEB_ID)]
+    assert api.inspected == []
+
+
+@pytest.mark.parametrize("status", ["unhealthy", "starting"])
+def test_other_health_events_change_nothing(status: str) -> None:
+    source, sink, api = make_source({WEB_ID: WEB_BRIDGE})
+    source.handle_event(container_event(f"health_status: {status}", WEB_ID))
+    assert sink.calls == [] and api.inspected == []
+
+
+def test_event_health() -> None:
+    assert event_health({"Action": "health_status: healthy"}) == "healthy"
+    assert event_health({"status": "health_status: unhealthy"}) == "unhealthy"
+    assert event_health(container_event("start", WEB_ID)) == ""
+    assert event_health({}) == ""
 
 
 def test_event_without_container_is_ignored() -> None:
@@ -631,3 +656,8 @@ def test_stream_end_reconnects_and_resyncs(monkeypatch) -> None:
     # Filtered server-side: our own key-fetch execs never come back as events.
     assert all("exec_start" not in f["event"] and f["type"] == ["container", "network"]
                for f in api.filters)
+    # health_status makes the engine match each value as a prefix of the action: none may
+    # let our own execs (or the health check's) through.
+    assert all("health_status" in f["event"] for f in api.filters)
+    for action in ("exec_create: cat -- /x", "exec_start: cat -- /x", "exec_die"):
+        assert not any(action.startswith(v) for f in api.filters for v in f["event"]), action

@@ -556,6 +556,70 @@ def test_failed_fetch_is_retried_with_growing_delay(h: Harness) -> None:
     assert h.fetch.count("web") == calls
 
 
+def test_ready_fetches_a_failed_target_now(h: Harness) -> None:
+    """A target reported ready (Docker: healthy) is fetched at once, not at its next retry."""
+    web = target("web", 1)
+    h.fetch.results["web"] = failed("GET answered HTTP 503")
+    h.rec.upsert(web)
+    h.settle()
+    entry = h.rec.entries[web.id]
+    assert entry.retry_at == pytest.approx(h.clock.now + 5)
+    h.fetch.results["web"] = ok(KA)
+    h.rec.ready(web.id)
+    h.settle()  # the fake clock has not moved: only the ready message can start a fetch
+    assert h.fetch.count("web") == 2
+    assert h.index_lines()[0].split()[0] == KA.fingerprint
+    assert entry.retry_at is None and entry.failures == 0
+
+
+def test_ready_of_a_served_or_unknown_target_fetches_nothing(h: Harness) -> None:
+    web = target("web", 1)
+    h.fetch.results["web"] = ok(KA)
+    h.rec.upsert(web)
+    h.settle()
+    h.rec.ready(web.id)  # already served: its key is fetched once per start
+    h.rec.ready("f" * 64)  # not a target (filtered out, or gone)
+    h.settle()
+    assert h.fetch.count("web") == 1
+    assert h.rec.entries[web.id].retry_at is None
+    assert set(h.rec.entries) == {web.id}
+
+
+def test_ready_while_a_fetch_waits_between_attempts() -> None:
+    """The fetch in flight may sleep seconds before its next attempt: ready starts a new one
+    at once, and the old one's late answer is dropped."""
+    harness = Harness(pool_size=2)
+    release_old = threading.Event()
+    old_started = threading.Event()
+    answers = iter([None, ok(KB)])
+
+    def fetch(t: Target) -> KeyState:
+        answer = next(answers)
+        if answer is None:  # the first fetch: still retrying when the target turns ready
+            old_started.set()
+            release_old.wait(5)
+            return ok(KA)
+        return answer
+
+    try:
+        harness.fetch.results["web"] = fetch
+        web = target("web", 1)
+        harness.rec.upsert(web)
+        harness.rec.run_once_pending()
+        assert old_started.wait(5)
+        harness.rec.ready(web.id)
+        harness.settle()  # the new fetch answered; the old one is still blocked
+        assert harness.fetch.count("web") == 2
+        assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
+        release_old.set()
+        harness.wait_for_message()
+        harness.settle()
+        assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
+    finally:
+        release_old.set()
+        harness.rec.pool.shutdown(wait=True)
+
+
 def test_failure_keeps_already_served_keys(h: Harness) -> None:
     web = target("web", 1)
     h.fetch.results["web"] = ok(KA)

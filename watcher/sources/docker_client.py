@@ -23,11 +23,14 @@ from ..targets import ProxyIdentity
 
 log = logging.getLogger(__name__)
 
-# Container actions that change whether a container is a target or how it is reached.
-# Everything else (exec_*, health_status, attach ...) is filtered out server-side, which
-# also keeps our own key-fetch execs from echoing back as events.
+# Container actions that change whether a container is a target or how it is reached, and
+# health_status (its health check passed: a key it lacked is fetched now). Everything else
+# (exec_*, attach ...) is filtered out server-side, which also keeps our own key-fetch execs
+# from echoing back as events. "health_status" makes the engine match every filter value
+# as a prefix of the action ("health_status: healthy"); none of these is a prefix of another
+# action we would not want.
 CONTAINER_EVENTS = ("start", "restart", "unpause", "pause", "die", "stop", "kill", "destroy",
-                    "rename", "update")
+                    "rename", "update", "health_status")
 NETWORK_EVENTS = ("connect", "disconnect")
 _CONTAINER_ID = re.compile(r"/(?:docker/containers|docker|containers)/([0-9a-f]{64})")
 

@@ -44,6 +44,12 @@ def event_action(event: dict[str, Any]) -> str:
     return (event.get("Action") or event.get("status") or "").split(":", 1)[0].strip()
 
 
+def event_health(event: dict[str, Any]) -> str:
+    """The status of a `health_status: <status>` event ("healthy", "unhealthy", "starting")."""
+    action = event.get("Action") or event.get("status") or ""
+    return action.split(":", 1)[1].strip() if ":" in action else ""
+
+
 RECONNECT_CAP = 3.0  # seconds: the longest wait between two reconnect attempts
 
 
@@ -160,6 +166,10 @@ class DockerWatcher:
         if not cid:
             return
         action = event_action(event)
+        if action == "health_status":
+            if event_health(event) == "healthy":
+                self.sink.ready(cid)
+            return  # unhealthy changes nothing: a served key stays served until it stops
         if action == "destroy":
             self.sink.remove(cid)
             return
