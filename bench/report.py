@@ -134,6 +134,8 @@ def plot(name: str, data: dict) -> bool:
             cdf(ax, v, f"{mode}: started -> first login")
         for how, v in data["removed"].items():
             cdf(ax, v, f"{how} -> refused")
+        for kind, v in data.get("late", {}).items():
+            cdf(ax, v, f"late key file, {kind} -> first login")
         ax.set_xlabel("seconds")
         ax.set_ylabel("fraction of targets")
     elif name == "cold_start":
