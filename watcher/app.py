@@ -122,7 +122,7 @@ class OutputWriter:
             return False
         self.on_result("ok" if changed else "unchanged", fresh)
         if changed:  # a stage of bench/propagation.py's breakdown (at WATCHER_LOG_LEVEL=debug)
-            log.debug("rendered keys written: %d key(s) served", len(self._pending.owners))
+            log.debug("rendered keys written")
         if self.error:
             log.info("rendered keys written again (the earlier error was: %s)", self.error)
             self.error = ""
