@@ -194,16 +194,19 @@ class OutputWriter:
         if not force and not self._cache_pacer.due():
             return False
         started = time.perf_counter()
-        text = rendered.cache
-        changed = self._once(self.paths.cache, text,
-                             lambda known: _write_derived(self.paths.cache, text, known))
+        # Remembered by its shards, not its text: the same shards make the same text, and
+        # the text of 100k keys (~18 MB) is then not kept between writes.
+        shards = tuple(rendered.shards.get(name, EMPTY_SHARD) for name in SHARD_NAMES)
+        changed = self._once(self.paths.cache, shards,
+                             lambda known: _write_derived(self.paths.cache, rendered.cache, known))
         self._cache_pacer.ran(started)
         self._cache_due = None
         return changed
 
-    def _once(self, path: Path, content: str, write: Callable[[bool], bool]) -> bool:
-        """`write(known)` unless this writer already wrote `content` to `path` and the file
-        has not changed since (anyone else's write to it is seen, and overwritten).
+    def _once(self, path: Path, content: object, write: Callable[[bool], bool]) -> bool:
+        """`write(known)` unless this writer already wrote `content` (the text, or what it
+        is made of) to `path` and the file has not changed since (anyone else's write to it
+        is seen, and overwritten).
         known: the file holds what this writer last wrote (no need to read it first)."""
         stamp = file_stamp(path)
         done = self._written.get(path)

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from .model import ManualLine, PublicKey, Target
+from .multimap import IdMultimap
 from .pacing import many
 from .targets import fold
 
@@ -354,7 +355,7 @@ class IncrementalRender:
         # (name, id, hosts row or "") of the served targets, sorted: a (name, id) pair
         # bisects to its entry
         self._order: list[tuple[str, str, str]] = []
-        self._by_fp: dict[str, set[str]] = {}  # fingerprint -> ids of targets with that key
+        self._by_fp = IdMultimap()  # fingerprint -> ids of targets with that key
         self._manual: dict[str, list[ManualLine]] = {}  # fingerprint -> its lines, in order
         for line in manual:
             self._manual.setdefault(line.key.fingerprint, []).append(line)
@@ -433,15 +434,12 @@ class IncrementalRender:
             if old is not None:
                 for key in old.keys:
                     fps.add(key.fingerprint)
-                    owners = self._by_fp[key.fingerprint]
-                    owners.discard(tid)
-                    if not owners:
-                        del self._by_fp[key.fingerprint]
+                    self._by_fp.discard(key.fingerprint, tid)
             if item is not None:
                 self._served[tid] = item
                 for key in item.keys:
                     fps.add(key.fingerprint)
-                    self._by_fp.setdefault(key.fingerprint, set()).add(tid)
+                    self._by_fp.add(key.fingerprint, tid)
             if row != self._rows.get(tid, ""):
                 rows_changed = True
                 if row:
@@ -507,7 +505,7 @@ class IncrementalRender:
             self._grants_before[fp] = self._grants[fp]
         if fp not in self._owners_before and fp in self._owners:
             self._owners_before[fp] = self._owners[fp]
-        items = sorted((self._served[tid] for tid in self._by_fp.get(fp, ())),
+        items = sorted((self._served[tid] for tid in self._by_fp.get(fp)),
                        key=lambda s: (s.target.name, s.target.id))
         grants = [g for g in discovered_grants(items, self.ports) if g.key.fingerprint == fp]
         manual = self._manual.get(fp, [])

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Mapping
 
 from .config import Settings
 from .model import ManualLine, Target
+from .multimap import IdMultimap
 
 # RFC 1123 labels plus '_' (Docker names and network aliases allow it). Always fullmatch:
 # with re.match, `$` also matches before a final newline ("victim\n" would pass).
@@ -40,8 +41,11 @@ _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 def fold(name: str) -> str:
     """The form names are compared in: the resolver (/etc/hosts, DNS) ignores ASCII case,
-    and only ASCII case (str.lower would also fold e.g. the Kelvin sign into 'k')."""
-    return name.translate(_ASCII_LOWER)
+    and only ASCII case (str.lower would also fold e.g. the Kelvin sign into 'k').
+    A name already folded is returned as itself: the tables keyed by folded names then
+    share the target's own string instead of holding a copy of each."""
+    folded = name.translate(_ASCII_LOWER)
+    return name if folded == name else folded
 
 
 def valid_name(name: str) -> bool:
@@ -305,11 +309,10 @@ class AliasBook:
         self.targets: dict[str, Target] = {}
         self.aliases: dict[str, tuple[str, ...]] = {}  # target id -> granted aliases
         self.refused: dict[str, tuple[tuple[str, str, str], ...]] = {}  # id -> refusals
-        # folded name -> ids claiming it. Tuples, not sets: almost every name has one
-        # claimant, and 100k targets have ~500k names (a set each would be 100+ MB).
-        self._claims: dict[str, tuple[str, ...]] = {}
-        self._auth_claims: dict[str, tuple[str, ...]] = {}
-        self._name_owners: dict[str, tuple[str, ...]] = {}
+        # folded name -> ids claiming it (100k targets have ~500k names)
+        self._claims = IdMultimap()
+        self._auth_claims = IdMultimap()
+        self._name_owners = IdMultimap()
 
     def update(self, changed: Mapping[str, Target | None]) -> set[str]:
         """Apply changed targets (None: gone); returns the ids whose outcome was re-decided."""
@@ -333,7 +336,7 @@ class AliasBook:
                 touched |= self._claim(target, add=True)
         redo |= {tid for tid in changed if tid in self.targets and tid not in same}
         for key in touched:
-            others = {*self._claims.get(key, ()), *self._name_owners.get(key, ())}
+            others = {*self._claims.get(key), *self._name_owners.get(key)}
             if others <= redo or alias_problem(key, self.proxy):
                 continue  # all re-decided anyway, or refused to every claimant (case-blind)
             redo |= others
@@ -347,7 +350,7 @@ class AliasBook:
         self.reserved = reserved
         redo: set[str] = set()
         for key in names:
-            redo.update(self._claims.get(key, ()), self._name_owners.get(key, ()))
+            redo.update(self._claims.get(key), self._name_owners.get(key))
         for tid in redo:
             self._decide(self.targets[tid])
         return redo
@@ -369,18 +372,11 @@ class AliasBook:
         return keys
 
     @staticmethod
-    def _mark(table: dict[str, tuple[str, ...]], key: str, tid: str, add: bool) -> None:
-        ids = table.get(key, ())
+    def _mark(table: IdMultimap, key: str, tid: str, add: bool) -> None:
         if add:
-            if tid not in ids:
-                table[key] = (*ids, tid)
-            return
-        if tid in ids:
-            rest = tuple(i for i in ids if i != tid)
-            if rest:
-                table[key] = rest
-            else:
-                del table[key]
+            table.add(key, tid)
+        else:
+            table.discard(key, tid)
 
     def _listed(self, ids: Iterable[str]) -> str:
         return ", ".join(sorted(self.targets[i].name for i in ids))
@@ -391,13 +387,13 @@ class AliasBook:
             # which may be any host: only the target's own IPs (from the engine) count.
             return "an address that is not the target's own"
         key = fold(alias)
-        owners = set(self._name_owners.get(key, ()))
+        owners = set(self._name_owners.get(key))
         if t.id in owners and len(owners) > 1:
             return f"ambiguous: target {self._listed(owners - {t.id})} has the same name but for case"
         if owners:
             return "" if t.id in owners else f"belongs to target {self._listed(owners)}"
-        others = set(self._claims[key]) - {t.id}
-        auth_owners = set(self._auth_claims.get(key, ()))
+        others = set(self._claims.get(key)) - {t.id}
+        auth_owners = set(self._auth_claims.get(key))
         if len(auth_owners) == 1 and t.id not in auth_owners:
             return f"belongs to target {self._listed(auth_owners)}"
         if len(auth_owners) > 1 or (not auth_owners and others):
