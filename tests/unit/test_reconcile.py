@@ -432,66 +432,69 @@ def test_restart_refetches_and_ignores_stale_result(h: Harness) -> None:
     assert [line.split()[0] for line in h.index_lines()] == [KB.fingerprint]
 
 
-def test_restart_while_old_fetch_in_flight() -> None:
-    harness = Harness(pool_size=2)
-    release_old = threading.Event()
-    old_started = threading.Event()
+class BlockedFetch:
+    """A key fetch whose first call blocks (an old fetch still in flight, maybe sleeping
+    between attempts) until released, then answers KA; every later call answers KB."""
 
-    def fetch(t: Target) -> KeyState:
-        if t.started_at == "t1":
-            old_started.set()
-            release_old.wait(5)
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self._first = True
+        self._lock = threading.Lock()
+
+    def __call__(self, t: Target) -> KeyState:
+        with self._lock:
+            first, self._first = self._first, False
+        if first:
+            self.started.set()
+            self.release.wait(5)
             return ok(KA)
         return ok(KB)
 
+
+def release_and_expect_only_kb(harness: Harness, blocked: BlockedFetch) -> None:
+    """The newer fetch served KB; the old fetch's late KA, released now, is dropped."""
+    assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
+    blocked.release.set()
+    harness.wait_for_message()
+    harness.settle()
+    assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
+
+
+def test_restart_while_old_fetch_in_flight() -> None:
+    harness = Harness(pool_size=2)
+    blocked = BlockedFetch()
     try:
-        harness.fetch.results["web"] = fetch
+        harness.fetch.results["web"] = blocked
         harness.rec.upsert(target("web", 1, started_at="t1"))
         harness.rec.run_once_pending()
-        assert old_started.wait(5)
+        assert blocked.started.wait(5)
         harness.rec.upsert(target("web", 1, started_at="t2"))
         harness.settle()  # the new fetch is done; the old one is still blocked
-        assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
-        release_old.set()
-        harness.wait_for_message()
-        harness.settle()
-        assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
+        release_and_expect_only_kb(harness, blocked)
         assert harness.snapshot.targets[0].fingerprints == (KB.fingerprint,)
     finally:
-        release_old.set()
+        blocked.release.set()
         harness.rec.pool.shutdown(wait=True)
 
 
 # Regression: a re-added entry used to start again at generation 0, like the old fetch.
 def test_stale_result_from_before_remove_and_readd_is_ignored() -> None:
     harness = Harness(pool_size=2)
-    release_old = threading.Event()
-    old_started = threading.Event()
-
-    def fetch(t: Target) -> KeyState:
-        if t.started_at == "t1":
-            old_started.set()
-            release_old.wait(5)
-            return ok(KA)
-        return ok(KB)
-
+    blocked = BlockedFetch()
     try:
-        harness.fetch.results["web"] = fetch
+        harness.fetch.results["web"] = blocked
         web1 = target("web", 1, started_at="t1")
         harness.rec.upsert(web1)
         harness.rec.run_once_pending()
-        assert old_started.wait(5)
+        assert blocked.started.wait(5)
         harness.rec.remove(web1.id)  # docker "die"
         harness.rec.run_once_pending()
         harness.rec.upsert(target("web", 1, started_at="t2"))  # docker "start"
         harness.settle()
-        assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
-        release_old.set()
-        harness.wait_for_message()
-        harness.settle()
-        assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
+        release_and_expect_only_kb(harness, blocked)
     finally:
-        release_old.set()
+        blocked.release.set()
         harness.rec.pool.shutdown(wait=True)
 
 
@@ -589,34 +592,19 @@ def test_ready_while_a_fetch_waits_between_attempts() -> None:
     """The fetch in flight may sleep seconds before its next attempt: ready starts a new one
     at once, and the old one's late answer is dropped."""
     harness = Harness(pool_size=2)
-    release_old = threading.Event()
-    old_started = threading.Event()
-    answers = iter([None, ok(KB)])
-
-    def fetch(t: Target) -> KeyState:
-        answer = next(answers)
-        if answer is None:  # the first fetch: still retrying when the target turns ready
-            old_started.set()
-            release_old.wait(5)
-            return ok(KA)
-        return answer
-
+    blocked = BlockedFetch()
     try:
-        harness.fetch.results["web"] = fetch
+        harness.fetch.results["web"] = blocked
         web = target("web", 1)
         harness.rec.upsert(web)
         harness.rec.run_once_pending()
-        assert old_started.wait(5)
+        assert blocked.started.wait(5)
         harness.rec.ready(web.id)
         harness.settle()  # the new fetch answered; the old one is still blocked
         assert harness.fetch.count("web") == 2
-        assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
-        release_old.set()
-        harness.wait_for_message()
-        harness.settle()
-        assert [line.split()[0] for line in harness.index_lines()] == [KB.fingerprint]
+        release_and_expect_only_kb(harness, blocked)
     finally:
-        release_old.set()
+        blocked.release.set()
         harness.rec.pool.shutdown(wait=True)
 
 
