@@ -28,7 +28,7 @@ next retry is 5 s later), half with a Docker HEALTHCHECK that passes once the fi
 (the proxy fetches on the `healthy` event), half without: from the file written to the first
 login.
 
-    .venv/bin/python bench/propagation.py [--targets 10] [--late 4] [--mode both|docker|kubernetes]
+    .venv/bin/python bench/propagation.py [--targets 30] [--late 4] [--mode both|docker|kubernetes]
 """
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def late_keys(run: BenchRun, count: int) -> dict[str, list[float]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", type=int, default=10)
+    parser.add_argument("--targets", type=int, default=30)
     parser.add_argument("--late", type=int, default=4, help="late-key targets (half with a HEALTHCHECK)")
     parser.add_argument("--mode", choices=("both", "docker", "kubernetes"), default="both")
     args = parser.parse_args()

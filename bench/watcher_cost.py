@@ -69,10 +69,19 @@ def fetch(target: Target) -> KeyState:
 
 
 class Observed:
-    """The real writer, plus when each awaited key was first written."""
+    """The real writer, plus when each awaited key was first written to the index (what
+    sshd reads; the hosts block is written before it, the cache for people after it)."""
 
     def __init__(self, writer: OutputWriter) -> None:
         self.writer = writer
+        write_index = writer._write_index
+
+        def index_written(rendered: Rendered) -> bool:
+            changed = write_index(rendered)
+            self._index_written(rendered, time.perf_counter())
+            return changed
+
+        writer._write_index = index_written  # type: ignore[method-assign]
         self.lock = threading.Lock()
         self.awaited: dict[str, float] = {}  # fingerprint -> when its event was posted
         self.latencies: list[float] = []
@@ -98,13 +107,14 @@ class Observed:
     def __call__(self, rendered: Rendered) -> bool:
         started = time.perf_counter()
         changed = self.writer(rendered)
-        done = time.perf_counter()
-        self.write_seconds.append(done - started)
+        self.write_seconds.append(time.perf_counter() - started)
+        return changed
+
+    def _index_written(self, rendered: Rendered, done: float) -> None:
         with self.lock:
             seen = [fp for fp in self.awaited if fp in rendered.owners]
             for fp in seen:
                 self.latencies.append(done - self.awaited.pop(fp))
-        return changed
 
 
 def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: float = 0.15) -> dict:

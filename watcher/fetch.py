@@ -5,7 +5,7 @@ request (so a neighbour spoofing the target's address cannot answer for it).
 
 Bounded everywhere: short connect/read timeouts, the body read with a byte cap (a hostile
 target cannot make the watcher buffer 10 MiB), a capped number of tenacity retries while the
-target boots. Validation is the pure `keys.parse_key_body`.
+target boots, and between them a cheap poll of GET /publickey alone. Validation is the pure `keys.parse_key_body`.
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ class FetchPolicy:
     attempts: int = 5
     max_wait: float = 4.0  # between attempts: 0.5, 1, 2, 4 s while the target boots
     max_total: float = 12.0  # no new attempt after this many seconds
+    # Between those attempts GET /publickey alone is tried this often, so a key served
+    # while the target boots is taken within this, not up to max_wait later. A GET to a
+    # port not listening yet is one refused connect; an exec is a process in the target,
+    # so exec stays on the slower schedule.
+    poll_interval: float = 0.2
 
 
 def http_get_body(url: str, policy: FetchPolicy, limit: int = MAX_BODY) -> bytes:
@@ -100,7 +105,9 @@ class KeyFetcher:
     def __init__(self, api_port: int, key_path: str, exec_reader: ExecReader | None,
                  policy: FetchPolicy = FetchPolicy(),
                  http_get: Callable[[str, FetchPolicy], bytes] = http_get_body,
-                 sources: tuple[KeySource, ...] = ("api", "exec")) -> None:
+                 sources: tuple[KeySource, ...] = ("api", "exec"),
+                 sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not sources or set(sources) - {"api", "exec"}:
             raise ValueError(f"key sources must be 'api' and/or 'exec', got {sources!r}")
         self.api_port = api_port
@@ -109,6 +116,8 @@ class KeyFetcher:
         self.policy = policy
         self.http_get = http_get
         self.sources = sources
+        self._sleep = sleep
+        self._clock = clock
 
     def fetch(self, target: Target) -> KeyState:
         try:
@@ -120,12 +129,32 @@ class KeyFetcher:
                     wait=tenacity.wait_exponential(multiplier=0.5, max=self.policy.max_wait),
                     retry=(tenacity.retry_if_exception_type(FetchError)
                            & tenacity.retry_if_not_exception_type(FetchTimeout)),
+                    sleep=lambda seconds: self._wait_polling(target, seconds),
                     reraise=True):
                 with attempt:
                     return self._fetch_once(target)
         except (FetchError, KeyRejected) as exc:
             return KeyState(status="failed", error=str(exc))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _wait_polling(self, target: Target, seconds: float) -> None:
+        """Wait `seconds` before the next attempt, but end the wait as soon as GET
+        /publickey answers (the next attempt then takes the key at once)."""
+        deadline = self._clock() + seconds
+        poll = "api" in self.sources and bool(target.address)
+        while (left := deadline - self._clock()) > 0:
+            self._sleep(min(self.policy.poll_interval, left) if poll else left)
+            if not poll or self._clock() >= deadline:
+                continue
+            started = self._clock()
+            try:
+                self._via_http(target)
+            except FetchError:
+                # Not serving yet. A booting target refuses at once; one that makes the
+                # poll wait (a hang, a dropped connect) is not polled again in this wait.
+                poll = self._clock() - started < self.policy.poll_interval
+            else:
+                return
 
     def _fetch_once(self, target: Target) -> KeyState:
         """The configured sources in order, the first with a valid key wins; all failing is a

@@ -559,3 +559,96 @@ def test_exec_only_rejected_body_names_exec(server: Server, keys) -> None:
 def test_unknown_sources_are_refused(sources: tuple[str, ...]) -> None:
     with pytest.raises(ValueError, match="'api' and/or 'exec'"):
         KeyFetcher(1, KEY_PATH, None, POLICY, sources=sources)  # type: ignore[arg-type]
+
+
+# --- between attempts: GET /publickey alone, polled --------------------------------------
+
+class VirtualTime:
+    """sleep() advances clock(): the fetcher's waits without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+    def clock(self) -> float:
+        return self.now
+
+
+class BootingHttp:
+    """GET /publickey refused until `ready_at` (virtual seconds), then the key; optionally
+    each refused GET takes `cost` seconds (a connect that is dropped, not refused)."""
+
+    def __init__(self, time_: VirtualTime, ready_at: float, body: bytes, cost: float = 0.0) -> None:
+        self.time, self.ready_at, self.body, self.cost = time_, ready_at, body, cost
+        self.calls: list[float] = []
+
+    def __call__(self, url: str, policy: FetchPolicy) -> bytes:
+        self.calls.append(self.time.now)
+        if self.time.now < self.ready_at:
+            self.time.now += self.cost
+            raise FetchError(f"GET {url} failed: ConnectionError")
+        return self.body
+
+
+def booting(ready_at: float, keys, cost: float = 0.0, sources=("api", "exec"),
+            exec_result: bytes | Exception = FetchError("exec: no such file")):
+    time_ = VirtualTime()
+    http = BootingHttp(time_, ready_at, (keys["ed1"].line + "\n").encode(), cost)
+    exec_reader = FakeExec(exec_result)
+    policy = FetchPolicy(attempts=5, max_wait=4.0, max_total=1e9, poll_interval=0.2)
+    fetcher = KeyFetcher(8080, KEY_PATH, exec_reader, policy, http_get=http, sources=sources,
+                         sleep=time_.sleep, clock=time_.clock)
+    return fetcher, time_, http, exec_reader
+
+
+def test_a_key_served_while_the_target_boots_is_taken_at_the_next_poll(keys) -> None:
+    # Attempts at 0 and 0.5 s fail; without polls the next would be at 1.5 s.
+    fetcher, time_, http, exec_reader = booting(0.6, keys)
+    state = fetcher.fetch(TARGET)
+    assert (state.status, state.via) == ("ok", "http")
+    assert time_.now == pytest.approx(0.7)  # the first poll after 0.6 s
+    assert len(exec_reader.calls) == 2  # exec only in the two full attempts, never in a poll
+    assert all(s <= 0.2 + 1e-9 for s in time_.slept)
+
+
+def test_exec_only_targets_are_not_polled(keys) -> None:
+    fetcher, time_, http, exec_reader = booting(0.0, keys, sources=("exec",))
+    state = fetcher.fetch(TARGET)
+    assert state.status == "failed"
+    assert http.calls == []
+    assert time_.slept == [0.5, 1.0, 2.0, 4.0]  # tenacity's schedule, untouched
+    assert len(exec_reader.calls) == 5
+
+
+def test_a_target_without_an_address_is_not_polled(keys) -> None:
+    fetcher, time_, http, _ = booting(0.0, keys)
+    state = fetcher.fetch(Target(id="d" * 64, name="hostnet"))
+    assert state.status == "failed"
+    assert http.calls == []
+    assert time_.slept == [0.5, 1.0, 2.0, 4.0]
+
+
+def test_a_poll_that_is_not_refused_at_once_ends_the_polls_of_that_wait(keys) -> None:
+    # Each GET costs 1 s (a dropped connect): one poll per wait, then the wait's rest slept.
+    fetcher, time_, http, _ = booting(1e9, keys, cost=1.0)
+    state = fetcher.fetch(TARGET)
+    assert state.status == "failed"
+    full_attempts = 5
+    waits = 4
+    assert len(http.calls) == full_attempts + waits
+
+
+def test_polls_stop_when_the_fetch_gives_up(keys) -> None:
+    fetcher, time_, http, exec_reader = booting(1e9, keys)
+    state = fetcher.fetch(TARGET)
+    assert state.status == "failed"
+    assert "ConnectionError" in state.error and "no such file" in state.error
+    assert len(exec_reader.calls) == 5
+    # 0.5 + 1 + 2 + 4 s of waits, GET /publickey tried at least every 0.2 s throughout
+    assert time_.now == pytest.approx(7.5)
+    gaps = [b - a for a, b in zip(http.calls, http.calls[1:])]
+    assert max(gaps) <= 0.2 + 1e-9 and len(http.calls) > 7.5 / 0.2
