@@ -31,9 +31,10 @@ from common import BENCH_DIR, REPO_ROOT, RESULTS_DIR, valid  # noqa: E402
 
 import helpers  # noqa: E402
 
-ORDER = ["keys_scale", "overhead", "burst", "watcher_cost", "propagation", "cold_start"]
+ORDER = ["keys_scale", "overhead", "burst", "watcher_cost", "propagation", "cold_start", "shutdown"]
 TITLES = {"keys_scale": "B2 keys scale", "overhead": "B3 overhead", "burst": "B4 burst",
-          "watcher_cost": "B6 watcher cost", "propagation": "B1 propagation", "cold_start": "B5 cold start"}
+          "watcher_cost": "B6 watcher cost", "propagation": "B1 propagation", "cold_start": "B5 cold start",
+          "shutdown": "Shutdown and give-up"}
 STAMP = re.compile(r"^_Run: .*_$", re.M)
 
 

@@ -4,7 +4,7 @@
 # ssh-proxy-bench=1 (bench/common.py); this script removes all of them at start and at exit,
 # also when interrupted, so nothing is left behind. The tests use ssh-proxy-test=1: neither
 # removes the other's.
-#   bench/run.sh [NAME ...]     NAME: keys_scale overhead burst watcher_cost propagation cold_start
+#   bench/run.sh [NAME ...]     NAME: keys_scale overhead burst watcher_cost propagation cold_start shutdown
 # (with NAMEs, only those run again; RESULTS.md keeps the last results of the others, each
 # section with its own date and commit)
 # Python: $BENCH_PYTHON, else .venv/bin/python (the project's requirements; matplotlib from
@@ -34,7 +34,7 @@ trap 'exit 143' TERM
 
 "$PY" -c 'import matplotlib' 2>/dev/null || "$PY" -m pip install -q -r bench/requirements.txt || exit 2
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(keys_scale overhead burst watcher_cost propagation cold_start)
+[ ${#names[@]} -gt 0 ] || names=(keys_scale overhead burst watcher_cost propagation cold_start shutdown)
 failed=()
 for name in "${names[@]}"; do
     rm -f "bench/results/$name.md" "bench/results/$name.json"  # the others' stay for the report

@@ -5,7 +5,6 @@ listens, with exit code 2 and one line naming the variable and the form it expec
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 
@@ -29,12 +28,10 @@ BAD_VALUES = [
 @pytest.mark.parametrize(("variable", "value", "expected_form"), BAD_VALUES,
                          ids=[f"{v}={x!r}" for v, x, _ in BAD_VALUES])
 def test_bad_value_stops_startup_before_sshd(run_proxy_expect_exit, variable, value, expected_form):
-    started = time.monotonic()
-    code, logs = run_proxy_expect_exit(env={variable: value}, timeout=20)
-    elapsed = time.monotonic() - started
+    # How fast it gives up is measured by bench/shutdown.py; here: that it does, by itself.
+    code, logs = run_proxy_expect_exit(env={variable: value}, timeout=60)
 
     assert code == 2, f"exit code {code} (expected 2); logs:\n{logs}"
-    assert elapsed < 15, f"took {elapsed:.1f} s to give up; logs:\n{logs}"
     lines = [line for line in logs.splitlines() if variable in line]
     assert len(lines) == 1, f"expected one line naming {variable}; logs:\n{logs}"
     assert value in lines[0], f"the message does not show the bad value {value!r}: {lines[0]}"

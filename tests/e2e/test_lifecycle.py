@@ -39,7 +39,7 @@ def exit_code(container: str) -> int:
 # ---------------------------------------------------------------- proxy lifecycle
 
 
-def test_healthy_then_sigterm_exits_0_quickly(start_target, start_proxy, keypair):
+def test_healthy_then_sigterm_exits_0_with_a_session_open(start_target, start_proxy, keypair):
     sfx = secrets.token_hex(3)
     key = keypair("ws")
     target = start_target(f"ws-term-{sfx}", key)
@@ -63,18 +63,16 @@ def test_healthy_then_sigterm_exits_0_quickly(start_target, start_proxy, keypair
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_event(proxy, event="tunnel", fp=key.fingerprint, deadline=15)
-        started = time.monotonic()
         docker("stop", "-t", "30", proxy.id, timeout=60)  # SIGTERM, SIGKILL only after 30 s
-        elapsed = time.monotonic() - started
     finally:
         session.kill()
         session.wait(timeout=10)
     assert proxy.state() == "exited"
+    # 0: it exited on SIGTERM by itself (a SIGKILL is 137); how fast: bench/shutdown.py
     assert exit_code(proxy.id) == 0, proxy.logs()
-    assert elapsed < 10, f"docker stop took {elapsed:.1f} s"
 
 
-def test_sigterm_exits_0_quickly_while_a_key_fetch_hangs(start_target, start_proxy, keypair, tmp_path):
+def test_sigterm_exits_0_while_a_key_fetch_hangs(start_target, start_proxy, keypair, tmp_path):
     """A key fetch that never finishes by itself (the key file is a FIFO) must not hold the
     shutdown up until docker's 10 s SIGKILL."""
     sfx = secrets.token_hex(3)
@@ -89,11 +87,9 @@ def test_sigterm_exits_0_quickly_while_a_key_fetch_hangs(start_target, start_pro
     assert wait_until(lambda: PUBLICKEY_BODY_PATH in hung.exec(["ps", "-eo", "args"]).stdout, 10), \
         "the proxy is not reading the hung target's key file"
 
-    started = time.monotonic()
     docker("stop", proxy.id, timeout=60)  # docker's default: SIGKILL after 10 s
-    elapsed = time.monotonic() - started
-    assert exit_code(proxy.id) == 0, f"exit code {exit_code(proxy.id)} after {elapsed:.1f} s"
-    assert elapsed < 10, f"docker stop took {elapsed:.1f} s"
+    # 0: it exited on SIGTERM by itself (a SIGKILL is 137); how fast: bench/shutdown.py
+    assert exit_code(proxy.id) == 0, f"exit code {exit_code(proxy.id)}; logs:\n{proxy.logs()}"
 
 
 def test_host_keys_persist_across_restart_and_are_not_in_the_image(start_proxy, proxy_image):
