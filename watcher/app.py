@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, TextIO
@@ -473,6 +474,11 @@ class Supervisor:
             signal.signal(sig, lambda *_: self.stop.set())
         mode = self.settings.mode
         platform = platform_for(mode)
+        # A fresh container makes its host keys (RSA: 1-2 s) while the platform's client
+        # library is imported and the first render made; sshd waits for them below.
+        keygen = ThreadPoolExecutor(max_workers=1, thread_name_prefix="host-keys")
+        host_keys = keygen.submit(ensure_host_keys, self.paths.sshd.host_key_dir)
+        keygen.shutdown(wait=False)
         client = platform.make_client(self.settings) if platform else None
         pin_names = False
         if client is None:
@@ -519,7 +525,7 @@ class Supervisor:
         # Its own stop: sshd's lines about tunnels that end during the drain still count.
         syslog_stop = threading.Event()
         self._thread(listener.serve, access, syslog_stop, name="syslog")
-        self._start_sshd()
+        self._start_sshd(host_keys)
         self._thread(reconciler.run, self.stop, name="reconcile")
         self._thread(keys.run, self.stop, name="manual-keys")
         self._thread(self.hostkeys.run, self.stop, name="hostkeys")
@@ -577,13 +583,12 @@ class Supervisor:
         else:
             log.info("no open connection: nothing to drain")
 
-    def _start_sshd(self) -> None:
+    def _start_sshd(self, host_keys: Future[list[Path]]) -> None:
         paths = self.paths.sshd
-        host_keys = ensure_host_keys(paths.host_key_dir)
         template = paths.template.read_text()
         # Atomic like every file sshd reads: a restarting sshd never sees half a config.
         atomic_write(paths.config, render_sshd_config(template, self.settings, paths,
-                                                      host_keys).encode())
+                                                      host_keys.result()).encode())
         check_config(paths)
         self.sshd.start()
 

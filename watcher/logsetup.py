@@ -51,6 +51,11 @@ def setup_logging(level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    # Library chatter (urllib3 connection pool, docker) only when asked for.
-    for noisy in ("urllib3", "docker"):
+    # Libraries' own debug chatter stays out even at WATCHER_LOG_LEVEL=debug: urllib3's
+    # connection pool, docker, kubernetes (whole response bodies), websocket, and watchdog
+    # (a line per inotify event: each index write would log dozens).
+    for noisy in NOISY_LIBRARIES:
         logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+
+
+NOISY_LIBRARIES = ("urllib3", "docker", "kubernetes", "websocket", "watchdog")

@@ -7,6 +7,7 @@ import errno
 import os
 import socket
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -205,7 +206,9 @@ def test_sshd_config_is_replaced_atomically(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setattr("watcher.app.check_config", lambda p: None)
     supervisor = Supervisor(MANUAL, paths)
     monkeypatch.setattr(supervisor.sshd, "start", lambda: None)
-    supervisor._start_sshd()
+    host_keys: Future[list[Path]] = Future()
+    host_keys.set_result(ensure_host_keys(paths.sshd.host_key_dir))
+    supervisor._start_sshd(host_keys)
     assert paths.sshd.config.stat().st_ino != old_inode
     assert "HostKey" not in "old" and paths.sshd.config.read_text() == "# empty\n"
     assert oct(paths.sshd.config.stat().st_mode & 0o777) == oct(0o644)

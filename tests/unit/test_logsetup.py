@@ -90,3 +90,23 @@ def test_plain_values_stay_bare_and_readable() -> None:
 def test_a_record_whose_args_do_not_fit_is_still_one_line() -> None:
     line = assert_one_clean_line(render("watcher", "%d items\n", "not a number\x1b"))
     assert "%d items\\n" in line and "not a number" in line
+
+
+def test_library_debug_chatter_stays_out_at_debug_level(capsys) -> None:
+    from watcher.logsetup import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("debug")
+        logging.getLogger("watchdog.observers.inotify_buffer").debug("in-event %s", "noise")
+        logging.getLogger("kubernetes.client.rest").debug("response body: %s", "noise")
+        logging.getLogger("watcher.app").debug("rendered keys written")
+        logging.getLogger("watchdog.observers").warning("inotify watch limit reached")
+        err = capsys.readouterr().err
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    assert "noise" not in err
+    assert 'msg="rendered keys written"' in err
+    assert "inotify watch limit reached" in err
