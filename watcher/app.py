@@ -525,14 +525,20 @@ class Supervisor:
         # Its own stop: sshd's lines about tunnels that end during the drain still count.
         syslog_stop = threading.Event()
         self._thread(listener.serve, access, syslog_stop, name="syslog")
-        self._start_sshd(host_keys)
+        # Targets are listed and their keys fetched while the host keys are still being
+        # made: after a cold start the index is complete that much sooner.
         self._thread(reconciler.run, self.stop, name="reconcile")
-        self._thread(keys.run, self.stop, name="manual-keys")
-        self._thread(self.hostkeys.run, self.stop, name="hostkeys")
         if platform is not None and client is not None:
             source = platform.make_watcher(client, CountingSink(reconciler, self.metrics),
                                            self.settings)
             self._thread(source.run, self.stop, name=f"{mode.value}-source")
+        try:
+            self._start_sshd(host_keys)
+        except BaseException:
+            self.stop.set()  # the source and the reconciler (its fetches cancelled) end too
+            raise
+        self._thread(keys.run, self.stop, name="manual-keys")
+        self._thread(self.hostkeys.run, self.stop, name="hostkeys")
         self._thread(self.sshd.supervise, self.stop, name="sshd")
         try:
             # Health can answer from the first second; a status that cannot be written at

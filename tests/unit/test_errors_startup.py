@@ -165,6 +165,22 @@ def test_start_up_with_a_host_key_dir_that_is_a_file_is_one_line(tmp_path: Path)
     assert str(paths.sshd.host_key_dir) in message
 
 
+def test_a_failed_sshd_start_stops_what_started_before_it(tmp_path: Path) -> None:
+    """The reconciler (and a platform's watcher) start before sshd, while the host keys are
+    made: when sshd cannot start, they are stopped too, not left running."""
+    paths = _paths(tmp_path)
+    paths.sshd.host_key_dir.write_text("a file\n")
+    before = {t.name for t in threading.enumerate()}
+    supervisor = Supervisor(MANUAL, paths)
+    with pytest.raises(WatcherError):
+        supervisor.run()
+    assert supervisor.stop.is_set()
+    reconcile = [t for t in threading.enumerate() if t.name == "reconcile" and t.name not in before]
+    for thread in reconcile:
+        thread.join(timeout=5)
+    assert not any(t.is_alive() for t in reconcile)
+
+
 def test_start_up_with_the_status_dir_a_file_is_one_line(tmp_path: Path) -> None:
     paths = _paths(tmp_path)
     paths.status.parent.write_text("a file where the status directory should be\n")
