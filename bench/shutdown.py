@@ -107,13 +107,10 @@ class Shutdown:
                                        env={"SSH_PERMIT_TARGET_PORT": "not-a-port"},
                                        docker_args=self.run.label_args()))
         try:
-            while True:
-                state = docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).stdout.split()
-                if state[0] in ("exited", "dead"):
-                    return time.perf_counter() - started, int(state[1])
-                if time.perf_counter() - started > 60:
-                    raise BenchError("a proxy with SSH_PERMIT_TARGET_PORT=not-a-port still runs after 60 s")
-                time.sleep(0.05)
+            code = helpers.wait_for_exit(name, 60, interval=0.05)
+            if code is None:
+                raise BenchError("a proxy with SSH_PERMIT_TARGET_PORT=not-a-port still runs after 60 s")
+            return time.perf_counter() - started, code
         finally:
             docker("rm", "-f", name, check=False)
 

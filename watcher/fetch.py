@@ -5,7 +5,8 @@ request (so a neighbour spoofing the target's address cannot answer for it).
 
 Bounded everywhere: short connect/read timeouts, the body read with a byte cap (a hostile
 target cannot make the watcher buffer 10 MiB), a capped number of tenacity retries while the
-target boots, and between them a cheap poll of GET /publickey alone. Validation is the pure `keys.parse_key_body`.
+target boots, and between them a cheap poll of GET /publickey alone. Validation is the pure
+`keys.parse_key_body`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-import time
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -35,6 +34,7 @@ from helpers import (
     run_proxy_container,
     run_target_container,
     unique_name,
+    wait_for_exit,
 )
 
 _timings: dict[str, float] = {}
@@ -228,18 +228,11 @@ def run_proxy_expect_exit(proxy_image, test_network, session_id) -> Iterator[Cal
         names.append(name)
         docker(*proxy_run_args(name, test_network, session_id, image=proxy_image, env=env, volumes=volumes,
                                docker_args=docker_args, docker_socket=docker_socket))
-        deadline = time.monotonic() + timeout
-        while True:
-            state = docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).stdout.split()
-            if state[0] in ("exited", "dead"):
-                code = int(state[1])
-                break
-            if time.monotonic() >= deadline:
-                logs = docker("logs", name, check=False)
-                pytest.fail(f"proxy with env {dict(env or {})} still {state[0]} after {timeout} s; "
-                            f"logs:\n{logs.stdout}{logs.stderr}", pytrace=False)
-            time.sleep(0.2)
+        code = wait_for_exit(name, timeout)
         logs = docker("logs", name, check=False)
+        if code is None:
+            pytest.fail(f"proxy with env {dict(env or {})} still running after {timeout} s; "
+                        f"logs:\n{logs.stdout}{logs.stderr}", pytrace=False)
         return code, logs.stdout + logs.stderr
 
     yield run

@@ -448,6 +448,19 @@ def proxy_run_args(name: str, network: str, session_id: str, *, image: str = PRO
             *env_args(env), *(docker_args or ()), image]
 
 
+def wait_for_exit(name: str, timeout: float, interval: float = 0.2) -> int | None:
+    """The exit code of container `name` once it has exited by itself; None if it still
+    runs after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = docker("inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", name).stdout.split()
+        if state[0] in ("exited", "dead"):
+            return int(state[1])
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(interval)
+
+
 def run_proxy_container(network: str, session_id: str, *, name: str | None = None,
                         track: Callable[[Proxy], object] | None = None, **run_args) -> Proxy:
     """Starts a proxy (proxy_run_args; `name` defaults to a unique ssh-proxy-test-…) and
