@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO_ROOT, dist, save, table  # noqa: E402,F401
 
+from watcher.allocator import fix_mmap_threshold  # noqa: E402
 from watcher.app import OutputWriter, Paths  # noqa: E402
 from watcher.cache import read_unmanaged_hosts  # noqa: E402
 from watcher.config import RunMode, load_settings  # noqa: E402
@@ -118,6 +119,7 @@ class Observed:
 
 
 def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: float = 0.15) -> dict:
+    fix_mmap_threshold()  # as the watcher does when it starts (App._run)
     tmp = Path(tempfile.mkdtemp(prefix="ssh-proxy-bench-watcher."))
     hosts = tmp / "hosts"
     hosts.write_text("127.0.0.1\tlocalhost\n")

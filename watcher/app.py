@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, TextIO
 
 from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse_datagram,
                         revoked_event)
+from .allocator import fix_mmap_threshold
 from .cache import (atomic_write, file_stamp, read_unmanaged_hosts, shrink_in_place,
                     update_hosts_block,
                     write_if_changed)
@@ -472,6 +473,7 @@ class Supervisor:
     def _run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
+        fix_mmap_threshold()
         mode = self.settings.mode
         platform = platform_for(mode)
         # A fresh container makes its host keys (RSA: 1-2 s) while the platform's client

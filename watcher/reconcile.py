@@ -28,8 +28,8 @@ import tenacity
 from . import backoff
 from .config import Settings
 from .model import KeyState, ManualLine, Target
-from .render import (GrantElement, IncrementalRender, Rendered, ServedTarget, changed_span,
-                     render)
+from .render import (IncrementalRender, Rendered, ServedTarget, Shard, changed_parts,
+                     changed_span, grants_of_parts, render)
 from .revocation import Before, Revocation, TargetRef, World, remember, revocations
 from .revocation import TARGET_DISCONNECTED, TARGET_NOT_PERMITTED
 from .snapshot import (MANUAL_KEYS_LISTED, IgnoredTarget, KeyInfo, KeyStatus, ManualKey,
@@ -159,7 +159,7 @@ class Reconciler:
         self._first_dirty: float | None = None
         self._last_dirty = 0.0
         self._lock = threading.Lock()  # guards `owners` for readers on other threads
-        self._grants: dict[str, frozenset[GrantElement]] = {}
+        self._shards_seen: Mapping[str, Shard] = {}  # the last render's index shards
         # The fast path: what changed since the last flush, and the state kept up to date
         # from it (aliases, rendered lines, revocation world, status rows). Anything that
         # may change every target's outcome (manual lines, reserved names, the proxy's
@@ -500,10 +500,12 @@ class Reconciler:
         # that lost grants cannot race a login that still sees them.
         written_at = time.time()
         before, after = self._worlds(redo, rendered)
-        old_grants = self._grants if rendered.changed is None else rendered.grants_before
-        revoked = revocations(before, after, old_grants, rendered.grants, written_at,
-                              fingerprints=rendered.changed)
-        self._grants, self._owners_seen = rendered.grants, rendered.owners
+        parts = (changed_parts(self._shards_seen, rendered.shards) if rendered.changed is None
+                 else rendered.parts_changed)
+        old_grants, new_grants = grants_of_parts(parts)
+        revoked = revocations(before, after, old_grants, new_grants, written_at,
+                              fingerprints=old_grants)
+        self._shards_seen, self._owners_seen = rendered.shards, rendered.owners
         if revoked:
             self.revoke(revoked)
         with self._lock:
@@ -549,7 +551,7 @@ class Reconciler:
         self._engine_manual = self.manual
         rendered = self._engine.update({tid: self._served(tid) for tid in self.entries})
         gone = set(self._granted) - set(self.entries)
-        return redo | gone, replace(rendered, changed=None)
+        return redo | gone, replace(rendered, changed=None, parts_changed={})
 
     def _manual_span(self) -> tuple[int, int, int] | None:
         """Where the admin lines changed since the engine saw them (see changed_span);

@@ -12,10 +12,11 @@ Three outputs, always rendered together from the same state:
 from __future__ import annotations
 
 import bisect
-import operator
 import ipaddress
+import operator
+import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from .model import ManualLine, PublicKey, Target
 from .multimap import IdMultimap
@@ -92,16 +93,18 @@ class Rendered:
     hosts_block: str
     # fingerprint -> names of the targets (or manual files) the key opens: for the access log.
     owners: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    # fingerprint -> what sshd gives the key (see grant_set): revocation compares these.
+    # fingerprint -> what sshd gives the key (see grant_set). The incremental renderer
+    # derives it from the index lines (IndexGrants) instead of keeping 100k sets.
     grants: Mapping[str, frozenset[GrantElement]] = field(default_factory=dict)
     # Fingerprints whose lines may differ from the previous render (None: any of them):
     # what the revocation diff needs to look at.
     changed: frozenset[str] | None = None
-    # For the `changed` fingerprints: their owners and grants before this render (absent:
-    # none). The incremental renderer updates `owners` and `grants` in place, so what they
-    # were is kept here for the revocation diff.
+    # For the `changed` fingerprints: their owners before this render (absent: none). The
+    # incremental renderer updates `owners` in place, so what they were is kept here.
     owners_before: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    grants_before: Mapping[str, frozenset[GrantElement]] = field(default_factory=dict)
+    # For the `changed` fingerprints whose lines did change: (index lines before, after),
+    # "" for none. The revocation diff parses the grants of these only.
+    parts_changed: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def index(self) -> str:
@@ -126,6 +129,137 @@ def shards_of(lines: Iterable[tuple[str, str]]) -> dict[str, Shard]:
         index.setdefault(index_shard(fp), []).append(f"{fp} {line}\n")
     return {name: Shard("".join(index[name]), len(index[name]))
             if name in index else EMPTY_SHARD for name in SHARD_NAMES}
+
+
+def _seek(text: str, fp: str, lo: int, hi: int) -> int:
+    """Offset of the first index line in text[lo:hi] (both line starts) whose fingerprint is
+    not below `fp`, or hi: a binary search over the lines, which are sorted by fingerprint."""
+    while lo < hi:
+        start = max(lo, text.rfind("\n", lo, (lo + hi) // 2) + 1)
+        if text[start:text.index(" ", start)] < fp:
+            lo = text.index("\n", start) + 1
+        else:
+            hi = start
+    return lo
+
+
+def _part_end(text: str, fp: str, start: int) -> int:
+    """The end of `fp`'s lines that begin at `start` (start itself when it has none)."""
+    head = fp + " "
+    while text.startswith(head, start):
+        start = text.index("\n", start) + 1
+    return start
+
+
+def part_of(shard: Shard, fp: str) -> str:
+    """A fingerprint's lines in a shard's index text ("" if it has none)."""
+    text = shard.index
+    start = _seek(text, fp, 0, len(text))
+    return text[start:_part_end(text, fp, start)]
+
+
+def splice(shard: Shard, parts: Mapping[str, str]) -> tuple[Shard, dict[str, str]]:
+    """The shard with each fingerprint's lines replaced by `parts[fp]` ("": none), and the
+    lines each had before. Lines of other fingerprints are copied, never parsed: the work
+    is one pass over the text, plus a binary search per changed fingerprint."""
+    text = shard.index
+    pieces: list[str] = []
+    before: dict[str, str] = {}
+    lines = shard.lines
+    pos = 0
+    for fp in sorted(parts):
+        start = _seek(text, fp, pos, len(text))
+        end = _part_end(text, fp, start)
+        old, new = text[start:end], parts[fp]
+        before[fp] = old
+        lines += new.count("\n") - old.count("\n")
+        pieces += (text[pos:start], new)
+        pos = end
+    pieces.append(text[pos:])
+    joined = "".join(pieces)
+    return (Shard(joined, lines) if joined else EMPTY_SHARD), before
+
+
+def changed_parts(old: Mapping[str, Shard], new: Mapping[str, Shard]) -> dict[str, tuple[str, str]]:
+    """fingerprint -> (lines in `old`, lines in `new`) for each fingerprint whose lines differ
+    between two renders ("": none). A shard that is the same object or text is skipped."""
+    out: dict[str, tuple[str, str]] = {}
+    for name in SHARD_NAMES:
+        a, b = old.get(name, EMPTY_SHARD), new.get(name, EMPTY_SHARD)
+        if a is b or a.index == b.index:
+            continue
+        was, now = _parts_by_fp(a.index), _parts_by_fp(b.index)
+        for fp in was.keys() | now.keys():
+            if was.get(fp, "") != now.get(fp, ""):
+                out[fp] = (was.get(fp, ""), now.get(fp, ""))
+    return out
+
+
+def _parts_by_fp(text: str) -> dict[str, str]:
+    parts: dict[str, list[str]] = {}
+    for line in text.splitlines(keepends=True):
+        parts.setdefault(line[:line.index(" ")], []).append(line)
+    return {fp: "".join(lines) for fp, lines in parts.items()}
+
+
+def part_grants(part: str) -> frozenset[GrantElement]:
+    """What a fingerprint's index lines give it, read back from the lines: grant_set() of
+    the grants they were rendered from (tests/unit/test_render.py holds them equal)."""
+    elements: set[GrantElement] = set()
+    for line in part.splitlines():
+        options = _split_options(line[line.index(" ") + 1:])
+        if options[1:2] != ["port-forwarding"]:
+            continue  # "restrict" alone: no tunnels
+        conditions = tuple(o for o in options[2:] if not o.startswith("permitopen="))
+        dests = [o[len("permitopen="):].strip('"') for o in options[2:] if o.startswith("permitopen=")]
+        elements.update((conditions, dest) for dest in (dests or [ANY_DEST]))
+    return frozenset(elements)
+
+
+_OPTION = re.compile(r'[^=,"\s]+(?:="(?:\\"|[^"])*")?')
+"""One option of a rendered line: a name, or name="value" (in the value, \\" is a literal
+quote, as sshd reads it)."""
+
+
+def _split_options(text: str) -> list[str]:
+    """The options field at the start of a rendered line, split at the commas between them."""
+    options: list[str] = []
+    pos = 0
+    while (match := _OPTION.match(text, pos)) is not None:
+        options.append(match.group())
+        pos = match.end()
+        if not text.startswith(",", pos):
+            break
+        pos += 1
+    return options
+
+
+def grants_of_parts(parts: Mapping[str, tuple[str, str]]) -> tuple[dict[str, frozenset[GrantElement]],
+                                                                    dict[str, frozenset[GrantElement]]]:
+    """(grants before, grants after) of the fingerprints that had lines before: of
+    changed_parts() or Rendered.parts_changed. A key without lines before lost nothing."""
+    before = {fp: part_grants(old) for fp, (old, _) in parts.items() if old}
+    return before, {fp: part_grants(parts[fp][1]) for fp in before}
+
+
+class IndexGrants(Mapping):
+    """fingerprint -> grants, read from the index lines of a render's shards on demand."""
+
+    def __init__(self, shards: Mapping[str, Shard]) -> None:
+        self.shards = shards
+
+    def __getitem__(self, fp: str) -> frozenset[GrantElement]:
+        part = part_of(self.shards.get(index_shard(fp), EMPTY_SHARD), fp)
+        if not part:
+            raise KeyError(fp)
+        return part_grants(part)
+
+    def __iter__(self) -> Iterator[str]:
+        for name in SHARD_NAMES:
+            yield from _parts_by_fp(self.shards.get(name, EMPTY_SHARD).index)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def permitopen_options(aliases: Iterable[str], ports: Iterable[str]) -> list[str]:
@@ -334,12 +468,14 @@ class IncrementalRender:
     it touches.
 
     The outputs are byte for byte what render() gives for the same state (the property
-    tests hold it to that); each shard keeps its fingerprints in order, so a shard is a
-    join, never a sort. Granted aliases are unique across targets (resolve_aliases refuses
+    tests hold it to that). A key's lines are kept only in its shard's text, where a change
+    splices them (splice): the lines are the bulk of the state at 100k keys, and a second
+    copy per key cost ~330 bytes. Grants are read back from the lines (IndexGrants) for
+    the same reason. Granted aliases are unique across targets (resolve_aliases refuses
     contested names), so a target's hosts row depends on that target and
-    `pinned_elsewhere` only. `owners` and `grants` are updated in place (copying 100k
-    entries per change would cost more than the change): a Rendered carries what the
-    changed fingerprints had before.
+    `pinned_elsewhere` only. `owners` is updated in place (copying 100k entries per change
+    would cost more than the change): a Rendered carries what the changed fingerprints
+    had before.
     """
 
     def __init__(self, ports: tuple[str, ...], scope_manual: bool = False) -> None:
@@ -363,15 +499,10 @@ class IncrementalRender:
         self._scoped = {fp for fp, lines in self._manual.items() if _is_scoped(lines)}
         self._scope: list[str] | None = [] if self.scope_manual else None
         self._scope_stale = False  # targets changed while no line needed the scope
-        # fingerprint -> its index lines, how many (joined per shard in C)
-        self._parts: dict[str, str] = {}
-        self._line_counts: dict[str, int] = {}
-        self._shard_lines: dict[str, int] = dict.fromkeys(SHARD_NAMES, 0)  # sums of the above
-        self._shard_fps: dict[str, list[str]] = {name: [] for name in SHARD_NAMES}  # sorted
         self._shards: dict[str, Shard] = dict.fromkeys(SHARD_NAMES, EMPTY_SHARD)
-        self._grants: dict[str, frozenset[GrantElement]] = {}
+        self._keys = 0  # fingerprints in the index
+        self._new_parts: dict[str, str] = {}  # this update: fingerprint -> its lines ("": none)
         self._owners: dict[str, tuple[str, ...]] = {}
-        self._grants_before: dict[str, frozenset[GrantElement]] = {}
         self._owners_before: dict[str, tuple[str, ...]] = {}
         self._rows: dict[str, str] = {}  # target id -> hosts row
         self._hosts = hosts_block(())
@@ -420,10 +551,10 @@ class IncrementalRender:
         """Apply changed targets (None, or no keys: not served) and render."""
         fps = self._pending_fps
         self._pending_fps = set()
-        self._grants_before, self._owners_before = {}, {}
+        self._owners_before, self._new_parts = {}, {}
         rows_changed = False
         # Many changes (a full render, a resync): re-sort once instead of inserting each.
-        self._bulk = many(len(changed) + len(fps), len(self._served) + len(self._parts))
+        self._bulk = many(len(changed) + len(fps), len(self._served) + self._keys)
         for tid, item in changed.items():
             old = self._served.pop(tid, None)
             if item is not None and not item.keys:
@@ -459,12 +590,13 @@ class IncrementalRender:
                 self._scope_stale = True
         for fp in fps:
             self._render_fp(fp)
-        self._rebuild_shards(fps)
+        parts_changed = self._splice_shards()
         if rows_changed:
             self._hosts = hosts_block(filter(None, map(_ROW, self._order)))
-        return Rendered(shards=dict(self._shards), hosts_block=self._hosts, owners=self._owners,
-                        grants=self._grants, changed=frozenset(fps),
-                        owners_before=self._owners_before, grants_before=self._grants_before)
+        shards = dict(self._shards)
+        return Rendered(shards=shards, hosts_block=self._hosts, owners=self._owners,
+                        grants=IndexGrants(shards), changed=frozenset(fps),
+                        owners_before=self._owners_before, parts_changed=parts_changed)
 
     def _place(self, tid: str, old: ServedTarget | None, new: ServedTarget | None, row: str) -> None:
         """Keep `_order` sorted: in place when the name stays (no shift of 100k entries)."""
@@ -480,29 +612,26 @@ class IncrementalRender:
         return permitopen_options(dict.fromkeys(
             a for _, tid, _ in self._order for a in self._served[tid].aliases), self.ports)
 
-    def _rebuild_shards(self, fps: set[str]) -> None:
-        """Join again the shards that hold a changed fingerprint."""
-        if self._bulk:
-            grouped: dict[str, list[str]] = {name: [] for name in SHARD_NAMES}
-            for fp in self._parts:
-                grouped[index_shard(fp)].append(fp)
-            for ordered in grouped.values():
-                ordered.sort()
-            self._shard_fps = grouped
-            self._shard_lines = {name: sum(map(self._line_counts.__getitem__, ordered))
-                                 for name, ordered in grouped.items()}
-            dirty = set(SHARD_NAMES)
-        else:
-            dirty = {index_shard(fp) for fp in fps}
-        for name in dirty:
-            ordered = self._shard_fps[name]
-            self._shards[name] = Shard("".join(map(self._parts.__getitem__, ordered)),
-                                       self._shard_lines[name]) if ordered else EMPTY_SHARD
+    def _splice_shards(self) -> dict[str, tuple[str, str]]:
+        """Splice this update's re-rendered lines into their shards; returns (before, after)
+        of each fingerprint whose lines changed."""
+        by_shard: dict[str, dict[str, str]] = {}
+        for fp, part in self._new_parts.items():
+            by_shard.setdefault(index_shard(fp), {})[fp] = part
+        changed: dict[str, tuple[str, str]] = {}
+        for name, parts in by_shard.items():
+            shard, before = splice(self._shards[name], parts)
+            for fp, old in before.items():
+                if old != parts[fp]:
+                    changed[fp] = (old, parts[fp])
+                    self._keys += bool(parts[fp]) - bool(old)
+            self._shards[name] = shard
+        self._new_parts = {}  # now in the shards' text: not kept twice
+        return changed
 
     def _render_fp(self, fp: str) -> None:
-        """Re-render every line of one fingerprint, as render() would."""
-        if fp not in self._grants_before and fp in self._grants:
-            self._grants_before[fp] = self._grants[fp]
+        """Re-render every line of one fingerprint, as render() would (spliced into its
+        shard by _splice_shards)."""
         if fp not in self._owners_before and fp in self._owners:
             self._owners_before[fp] = self._owners[fp]
         items = sorted((self._served[tid] for tid in self._by_fp.get(fp)),
@@ -511,22 +640,11 @@ class IncrementalRender:
         manual = self._manual.get(fp, [])
         grants += manual_grants(manual, self._scope)
         if not grants:
-            if fp in self._parts:
-                if not self._bulk:
-                    ordered = self._shard_fps[index_shard(fp)]
-                    ordered.pop(bisect.bisect_left(ordered, fp))
-                self._shard_lines[index_shard(fp)] -= self._line_counts[fp]
-                for table in (self._parts, self._line_counts, self._grants, self._owners):
-                    table.pop(fp, None)
+            self._new_parts[fp] = ""
+            self._owners.pop(fp, None)
             return
-        merged = merge_grants(grants)
-        lines = [line for _, line in sorted((not _conditions(g), g.line()) for g in merged)]
-        if fp not in self._parts and not self._bulk:
-            bisect.insort(self._shard_fps[index_shard(fp)], fp)
-        self._parts[fp] = "".join(f"{fp} {line}\n" for line in lines)
-        self._shard_lines[index_shard(fp)] += len(lines) - self._line_counts.get(fp, 0)
-        self._line_counts[fp] = len(lines)
-        self._grants[fp] = frozenset().union(*(grant_set(g) for g in merged))
+        lines = [line for _, line in sorted((not _conditions(g), g.line()) for g in merge_grants(grants))]
+        self._new_parts[fp] = "".join(f"{fp} {line}\n" for line in lines)
         names = {item.target.name for item in items if item.aliases}
         names.update(m.origin for m in manual)
         if names:

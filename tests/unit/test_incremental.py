@@ -24,7 +24,8 @@ NAMES = ["web", "db", "Web", "api", "cache"]
 SOFT = ["shared", "web", "api", "db-alias", "10.9.9.9"]
 ADDRESSES = ["", "172.18.0.50", "172.18.0.51", "fe80::1"]
 MANUAL_OPTIONS = [(), ('permitopen="web:22"',), ('from="10.0.0.0/8"',),
-                  ('from="10.0.0.0/8"', 'permitopen="api:80"')]
+                  ('from="10.0.0.0/8"', 'permitopen="api:80"'),
+                  ('from="10.0.0.0/8,!10.1.0.0/16"', 'no-agent-forwarding')]
 
 TARGET = st.tuples(st.integers(0, 5), st.sampled_from(NAMES), st.sampled_from(SOFT + [""]),
                    st.lists(st.sampled_from(SOFT), max_size=2), st.sampled_from([None, *ADDRESSES]))
