@@ -199,8 +199,8 @@ class OutputWriter:
         # Remembered by its shards, not its text: the same shards make the same text, and
         # the text of 100k keys (~18 MB) is then not kept between writes.
         shards = tuple(rendered.shards.get(name, EMPTY_SHARD) for name in SHARD_NAMES)
-        changed = self._once(self.paths.cache, shards,
-                             lambda known: _write_derived(self.paths.cache, rendered.cache, known))
+        changed = self._once(self.paths.cache, shards, lambda known: _write_cache_file(
+            self.paths.cache, rendered, known))
         self._cache_pacer.ran(started)
         self._cache_due = None
         return changed
@@ -231,6 +231,15 @@ def _write_shard(path: Path, text: str, known: bool) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def _write_cache_file(path: Path, rendered: Rendered, known: bool) -> bool:
+    """The cache, streamed shard by shard when the file holds what this writer last wrote
+    (no need to compare: the text of 100k keys is then never one string)."""
+    if known:
+        atomic_write(path, (chunk.encode() for chunk in rendered.cache_chunks()), durable=False)
+        return True
+    return _write_derived(path, rendered.cache, known)
 
 
 def _write_derived(path: Path, text: str, known: bool) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 from .render import splice_hosts_block, unmanaged_hosts_entries
 
@@ -22,14 +23,18 @@ def read_bytes(path: Path) -> bytes | None:
         return None
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> None:
+def atomic_write(path: Path, data: bytes | Iterable[bytes], mode: int = 0o644,
+                 durable: bool = True) -> None:
     """durable=False: no fsync (files rebuilt at every start; readers still never see a
-    partial file)."""
+    partial file). `data` may come in chunks, so that a big file is never one string."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            if isinstance(data, bytes):
+                handle.write(data)
+            else:
+                handle.writelines(data)
             handle.flush()
             os.fchmod(handle.fileno(), mode)
             if durable:

@@ -32,9 +32,10 @@ class DiskFull:
         def fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
             handle = real_fdopen(fd, *args, **kwargs)
             if self.full:
-                def write(data: bytes) -> int:
+                def write(data: Any) -> int:
                     raise OSError(errno.ENOSPC, "No space left on device")
                 handle.write = write  # type: ignore[method-assign]
+                handle.writelines = write  # type: ignore[method-assign]  (the cache, in chunks)
             return handle
 
         def fsync(fd: int) -> None:
@@ -48,7 +49,8 @@ class DiskFull:
 def _render(index: str, cache_text: str) -> Any:
     """What OutputWriter reads of a Rendered."""
     lines = [tuple(line.split(" ", 1)) for line in index.splitlines()]
-    return SimpleNamespace(shards=shards_of(lines), cache=cache_text, hosts_block="")
+    return SimpleNamespace(shards=shards_of(lines), cache=cache_text, hosts_block="",
+                           cache_chunks=lambda: iter([cache_text]))
 
 
 def _index(directory: Path) -> str:

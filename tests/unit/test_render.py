@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import os
 import random
 import shutil
@@ -12,9 +13,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from watcher.model import ManualLine, PublicKey, Target
 from watcher.render import (
+    _ipv4,
     BASE_OPTIONS,
     EMPTY_SHARD,
     SHARD_NAMES,
@@ -437,3 +440,15 @@ def test_read_unmanaged_hosts(tmp_path: Path) -> None:
 def test_hosts_block_row_only_for_a_plain_ipv4_address(address: str) -> None:
     t = served("web", "a", address, ("web",), (K1,))
     assert render_hosts_block([t]) == f"{HOSTS_BEGIN}\n{HOSTS_END}\n"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.ip_addresses(v=4).map(str), st.text(alphabet="0123456789.:abf \n", max_size=20),
+                 st.lists(st.integers(0, 999), min_size=3, max_size=5).map(lambda p: ".".join(map(str, p))),
+                 st.lists(st.integers(0, 255), min_size=4, max_size=4).map(lambda p: ".".join(f"{o:03d}" for o in p))))
+def test_plain_ipv4_is_what_ipaddress_writes(text: str) -> None:
+    try:
+        wanted = str(ipaddress.IPv4Address(text)) == text
+    except ValueError:
+        wanted = False
+    assert _ipv4(text) == wanted
