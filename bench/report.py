@@ -104,7 +104,8 @@ def plot(name: str, data: dict) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4))
     if name == "keys_scale":
         d = data["dist"]
-        sizes = sorted({int(k.rsplit("-", 1)[1]) for k in d if k.startswith("index-")})
+        sizes = sorted({int(k.rsplit("-", 1)[1]) for k in d
+                        if k.startswith("index-") and k.rsplit("-", 1)[1].isdigit()})
         for kind in ("index", "stock"):
             ax.plot(sizes, [d[f"{kind}-{s}"]["p50"] * 1000 for s in sizes], marker="o",
                     label=f"{kind} (p50)")
