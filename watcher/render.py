@@ -208,7 +208,7 @@ def _parts_by_fp(text: str) -> dict[str, str]:
 
 def part_grants(part: str) -> frozenset[GrantElement]:
     """What a fingerprint's index lines give it, read back from the lines: grant_set() of
-    the grants they were rendered from (tests/unit/test_render.py holds them equal)."""
+    the grants they were rendered from (tests/unit/test_shard_splice.py holds them equal)."""
     elements: set[GrantElement] = set()
     for line in part.splitlines():
         options = _split_options(line[line.index(" ") + 1:])
