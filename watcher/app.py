@@ -36,7 +36,8 @@ from .sessions import ProcFS, SessionKiller
 from .sources.manual import ManualKeySource
 from .sshd import (SshdPaths, SshdProcess, check_config, cut_connections, drain,
                    ensure_host_keys, open_connections, render_sshd_config, split_connections)
-from .snapshot import STATUS_PATH, SettingsView, StatusDocument, WatcherState, WriteErrors
+from .snapshot import (STATUS_PATH, SettingsView, StatusDocument, StatusJson, WatcherState,
+                       WriteErrors)
 from .status import write_status
 from .syslog_listener import SyslogListener, uids_of
 from .targets import ProxyIdentity
@@ -443,6 +444,7 @@ class Supervisor:
         self.settings = settings
         self.paths = paths
         self.stop = threading.Event()
+        self._status_json = StatusJson()  # keeps the targets' JSON between heartbeats
         self.snapshot: Snapshot | None = None
         self.sshd = SshdProcess(paths.sshd)
         self.threads: list[threading.Thread] = []
@@ -621,7 +623,7 @@ class Supervisor:
 
     def _write_status(self, mode: str, strict: bool = False) -> None:
         try:
-            write_status(self.paths.status, StatusDocument(
+            write_status(self.paths.status, render=self._status_json, document=StatusDocument(
                 heartbeat=time.time(), mode=mode, sshd_pid=self.sshd.pid,
                 sshd_restarts=self.sshd.restarts,
                 settings=SettingsView(

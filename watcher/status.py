@@ -7,6 +7,7 @@ The CLI never discovers on its own; it reads this file.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from .cache import atomic_write
 from .snapshot import (STALE_AFTER, SnapshotError, StatusDocument, from_json, health_problems,
@@ -16,12 +17,15 @@ __all__ = ["STALE_AFTER", "health_problems", "listening_ports", "read_status",
            "sshd_listening", "write_status"]
 
 
-def write_status(path: Path, document: StatusDocument) -> None:
-    atomic_write(path, to_json(document).encode(), 0o644)
+def write_status(path: Path, document: StatusDocument,
+                 render: Callable[[StatusDocument], str] = to_json) -> None:
+    """`render`: to_json, or a StatusJson that keeps the targets' JSON between writes."""
+    atomic_write(path, render(document).encode(), 0o644)
 
 
-def read_status(path: Path) -> StatusDocument:
-    """The document at `path`; SnapshotError when it is missing or unreadable."""
+def read_status(path: Path, targets: bool = True) -> StatusDocument:
+    """The document at `path`; SnapshotError when it is missing or unreadable.
+    targets=False: without the target rows (see from_json)."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -30,7 +34,7 @@ def read_status(path: Path) -> StatusDocument:
     except OSError as exc:
         raise SnapshotError(f"cannot read {path}: {exc.strerror}") from None
     try:
-        return from_json(text)
+        return from_json(text, targets=targets)
     except SnapshotError as exc:
         raise SnapshotError(f"{path}: {exc}") from None
 

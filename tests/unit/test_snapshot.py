@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 import jsonschema
 import pytest
 
 from watcher.snapshot import (JSON_SCHEMA, IgnoredTarget, KeyInfo, KeyStatus, ManualKey,
                               ManualStatus, RefusedName, SettingsView, SnapshotError,
-                              SourceStatus, StatusDocument, TargetStatus, WatcherState,
-                              from_json, to_json)
+                              SourceStatus, StatusDocument, StatusJson, TargetStatus,
+                              WatcherState, from_json, to_json)
 
 FP = "SHA256:" + "A" * 43
 
@@ -87,3 +88,63 @@ def test_not_json() -> None:
 def test_port_rule() -> None:
     assert SettingsView(permit_ports=("*",)).port_rule == "any port"
     assert SettingsView(permit_ports=("22", "8080")).port_rule == "22,8080"
+
+
+def test_status_json_for_the_heartbeat_is_to_json_and_makes_the_targets_once(monkeypatch) -> None:
+    """The heartbeat's writer (every 2 s) gives to_json's text, and makes the targets' JSON
+    (48 MB at 100k targets) again only for a new snapshot."""
+    from watcher import snapshot
+    made: list[str] = []
+    real = snapshot._target_json
+    monkeypatch.setattr(snapshot, "_target_json", lambda t: made.append(t.name) or real(t))
+    render = StatusJson()
+    doc = full_document()
+    assert render(doc) == to_json(doc)
+    later = replace(doc, heartbeat=doc.heartbeat + 2, sshd_restarts=3)
+    made.clear()
+    assert render(later) == to_json(later)
+    assert made == ["web", "db"]  # to_json's own, not the heartbeat writer's
+    changed = replace(doc.state.targets[0], error="changed")
+    newer = replace(doc, state=replace(doc.state, targets=(changed, doc.state.targets[1])))
+    made.clear()
+    assert render(newer) == to_json(newer)
+    assert made == ["web", "web", "db"]  # the writer: the changed row only; then to_json
+    newest = replace(doc, state=replace(doc.state, targets=(changed,)))
+    made.clear()
+    assert render(newest) == to_json(newest)
+    assert made == ["web"]  # a new snapshot of a row object already made: to_json's only
+    assert render(replace(newer, state=replace(newer.state, targets=()))) == to_json(
+        replace(newer, state=replace(newer.state, targets=())))
+
+
+def test_status_json_is_exact_when_a_value_spells_the_slot() -> None:
+    """Strings are escaped in JSON, so a value that spells the targets' slot is left alone."""
+    from watcher.snapshot import _TARGETS_SLOT
+    doc = full_document()
+    hostile = replace(doc, state=replace(doc.state, source=replace(
+        doc.state.source, error=f'"targets": "{_TARGETS_SLOT}"')))
+    text = StatusJson()(hostile)
+    assert text == to_json(hostile)
+    assert from_json(text) == hostile
+
+
+def test_without_targets_reads_everything_else_and_never_the_rows() -> None:
+    """What `watcher health` reads: at 100k targets building the rows took ~3 s of the
+    HEALTHCHECK's 10 s; a row health never looks at cannot make it fail either."""
+    doc = full_document()
+    data = json.loads(to_json(doc))
+    data["targets"][0]["key_status"] = "no such status"
+    text = json.dumps(data)
+    assert from_json(text, targets=False) == replace(doc, state=replace(doc.state, targets=()))
+    with pytest.raises(SnapshotError, match="key_status"):
+        from_json(text)
+
+
+def test_health_answers_from_a_status_whose_rows_it_does_not_read(tmp_path: Path, capsys) -> None:
+    from watcher import cli
+    doc = replace(full_document(), heartbeat=__import__("time").time())
+    data = json.loads(to_json(doc))
+    data["targets"][0]["key_status"] = "no such status"
+    (tmp_path / "status.json").write_text(json.dumps(data))
+    assert cli.main(["health", "--status", str(tmp_path / "status.json"), "--port", "1"]) == cli.EXIT_ERROR
+    assert capsys.readouterr().out == "unhealthy: sshd does not listen on port 1\n"
