@@ -170,19 +170,22 @@ _TARGETS_SLOT = "ssh-proxy: the targets array goes here"
 
 
 class StatusJson:
-    """to_json() for the heartbeat (every 2 s). The targets array is ~48 MB of JSON that
-    takes ~2.6 s to make at 100k targets: it is made again only when the snapshot's targets
-    changed (a new tuple: the reconciler publishes one per change), and then only the rows
-    that are new objects (the reconciler keeps a row object while its target is unchanged)
-    are made again; the rest of the document is small and made every time. The text equals
-    to_json()'s."""
+    """to_json() for the heartbeat (every 2 s), in pieces. The targets array is ~48 MB of
+    JSON that takes ~2.6 s to make at 100k targets: a row is made again only when it is a
+    new object (the reconciler keeps a target's row object while the target is unchanged);
+    the rest of the document is small and made every time. The pieces are written as they
+    are (write_status), so the document is never one 48 MB string; joined, they equal
+    to_json()'s text."""
 
     def __init__(self) -> None:
         self._targets: tuple[TargetStatus, ...] | None = None
-        self._array = "[]"
         self._rows: dict[int, tuple[TargetStatus, str]] = {}  # id(row) -> (row, its JSON)
+        self._array: list[str] = []
 
     def __call__(self, doc: StatusDocument) -> str:
+        return "".join(self.pieces(doc))
+
+    def pieces(self, doc: StatusDocument) -> list[str]:
         targets = doc.state.targets
         if targets is not self._targets:
             self._array = self._array_of(targets)
@@ -190,24 +193,28 @@ class StatusJson:
         text = json.dumps(_document(doc, _TARGETS_SLOT), indent=1, sort_keys=True) + "\n"
         # The key and its value as JSON writes them: inside any string value, quotes are
         # escaped, so this sequence is only ever the slot itself.
-        return text.replace(f'"targets": "{_TARGETS_SLOT}"', '"targets": ' + self._array, 1)
+        head, _, tail = text.partition(f'"targets": "{_TARGETS_SLOT}"')
+        return [head, '"targets": ', *self._array, tail]
 
-    def _array_of(self, targets: tuple[TargetStatus, ...]) -> str:
+    def _array_of(self, targets: tuple[TargetStatus, ...]) -> list[str]:
         """The array as json.dumps(indent=1) writes it as the value of a top-level key: each
         row two levels deep (a JSON string never holds a raw newline, so indenting is a
         replace). A row is looked up by identity, and checked to be that object."""
         if not targets:
-            return "[]"
+            self._rows = {}
+            return ["[]"]
         rows: dict[int, tuple[TargetStatus, str]] = {}
-        texts = []
+        pieces = []
         for row in targets:
             hit = self._rows.get(id(row))
             if hit is None or hit[0] is not row:
                 hit = (row, json.dumps(_target_json(row), indent=1, sort_keys=True).replace("\n", "\n  "))
             rows[id(row)] = hit
-            texts.append(hit[1])
+            pieces += (",\n  ", hit[1])
         self._rows = rows
-        return "[\n  " + ",\n  ".join(texts) + "\n ]"
+        pieces[0] = "[\n  "
+        pieces.append("\n ]")
+        return pieces
 
 
 def _document(doc: StatusDocument, targets: object) -> dict[str, Any]:

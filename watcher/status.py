@@ -7,20 +7,22 @@ The CLI never discovers on its own; it reads this file.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 from .cache import atomic_write
-from .snapshot import (STALE_AFTER, SnapshotError, StatusDocument, from_json, health_problems,
-                       to_json)
+from .snapshot import (STALE_AFTER, SnapshotError, StatusDocument, StatusJson, from_json,
+                       health_problems, to_json)
 
 __all__ = ["STALE_AFTER", "health_problems", "listening_ports", "read_status",
            "sshd_listening", "write_status"]
 
 
-def write_status(path: Path, document: StatusDocument,
-                 render: Callable[[StatusDocument], str] = to_json) -> None:
-    """`render`: to_json, or a StatusJson that keeps the targets' JSON between writes."""
-    atomic_write(path, render(document).encode(), 0o644)
+def write_status(path: Path, document: StatusDocument, render: StatusJson | None = None) -> None:
+    """`render`: a StatusJson that keeps the targets' JSON between writes (the heartbeat);
+    None: to_json."""
+    if render is None:
+        atomic_write(path, to_json(document).encode(), 0o644)
+    else:
+        atomic_write(path, (piece.encode() for piece in render.pieces(document)), 0o644)
 
 
 def read_status(path: Path, targets: bool = True) -> StatusDocument:

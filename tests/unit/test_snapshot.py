@@ -148,3 +148,16 @@ def test_health_answers_from_a_status_whose_rows_it_does_not_read(tmp_path: Path
     (tmp_path / "status.json").write_text(json.dumps(data))
     assert cli.main(["health", "--status", str(tmp_path / "status.json"), "--port", "1"]) == cli.EXIT_ERROR
     assert capsys.readouterr().out == "unhealthy: sshd does not listen on port 1\n"
+
+
+def test_the_heartbeat_writes_to_json_s_text_in_pieces(tmp_path: Path) -> None:
+    from watcher.status import write_status
+    render, path = StatusJson(), tmp_path / "status.json"
+    doc = full_document()
+    for beat in range(2):
+        later = replace(doc, heartbeat=doc.heartbeat + 2 * beat)
+        write_status(path, later, render=render)
+        assert path.read_text() == to_json(later)
+    empty = replace(doc, state=WatcherState())
+    write_status(path, empty, render=render)
+    assert path.read_text() == to_json(empty)
