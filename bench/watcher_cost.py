@@ -7,6 +7,9 @@ into a temporary directory: index, cache, /etc/hosts block) is timed alone; then
 R events/s for D seconds, each event a target restarted with a new key (an upsert whose new
 start time makes the reconciler fetch again): process CPU per event, and latency from the
 event to the index written with the new key (seen by a wrapper around the real writer).
+The supervisor's status heartbeat (status.json every 2 s, with the reconciler's last
+published snapshot) runs beside them, as in the app: its CPU counts, and its write time is
+reported.
 
     .venv/bin/python bench/watcher_cost.py [--sizes 1000,10000,100000] [--rate 1000] [--seconds 60]
 """
