@@ -170,51 +170,57 @@ _TARGETS_SLOT = "ssh-proxy: the targets array goes here"
 
 
 class StatusJson:
-    """to_json() for the heartbeat (every 2 s), in pieces. The targets array is ~48 MB of
-    JSON that takes ~2.6 s to make at 100k targets: a row is made again only when it is a
-    new object (the reconciler keeps a target's row object while the target is unchanged);
-    the rest of the document is small and made every time. The pieces are written as they
-    are (write_status), so the document is never one 48 MB string; joined, they equal
-    to_json()'s text."""
+    """to_json() for the heartbeat (every 2 s), as bytes in pieces. The targets array is
+    ~48 MB of JSON that takes ~2.6 s to make at 100k targets, holding the GIL the reconciler
+    needs. It is kept, encoded, between writes: for a new snapshot (the reconciler publishes
+    a new tuple per change) only the rows that are new objects are made (it keeps a target's
+    row object while the target is unchanged), the others are copied from the last array by
+    their offsets. A write is then the small rest of the document and one big write(), which
+    runs without the GIL. Joined, the pieces equal to_json()'s text."""
 
     def __init__(self) -> None:
         self._targets: tuple[TargetStatus, ...] | None = None
-        self._rows: dict[int, tuple[TargetStatus, str]] = {}  # id(row) -> (row, its JSON)
-        self._array: list[str] = []
+        self._array = b"[]"
+        self._spans: dict[int, tuple[TargetStatus, int, int]] = {}  # id(row) -> (row, start, end)
 
     def __call__(self, doc: StatusDocument) -> str:
-        return "".join(self.pieces(doc))
+        return b"".join(self.pieces(doc)).decode()
 
-    def pieces(self, doc: StatusDocument) -> list[str]:
+    def pieces(self, doc: StatusDocument) -> list[bytes]:
         targets = doc.state.targets
         if targets is not self._targets:
-            self._array = self._array_of(targets)
+            self._array, self._spans = self._array_of(targets)
             self._targets = targets
         text = json.dumps(_document(doc, _TARGETS_SLOT), indent=1, sort_keys=True) + "\n"
         # The key and its value as JSON writes them: inside any string value, quotes are
-        # escaped, so this sequence is only ever the slot itself.
+        # escaped, so this sequence is only ever the slot itself. ASCII (ensure_ascii).
         head, _, tail = text.partition(f'"targets": "{_TARGETS_SLOT}"')
-        return [head, '"targets": ', *self._array, tail]
+        return [head.encode(), b'"targets": ', self._array, tail.encode()]
 
-    def _array_of(self, targets: tuple[TargetStatus, ...]) -> list[str]:
+    def _array_of(self, targets: tuple[TargetStatus, ...]
+                  ) -> tuple[bytes, dict[int, tuple[TargetStatus, int, int]]]:
         """The array as json.dumps(indent=1) writes it as the value of a top-level key: each
         row two levels deep (a JSON string never holds a raw newline, so indenting is a
         replace). A row is looked up by identity, and checked to be that object."""
         if not targets:
-            self._rows = {}
-            return ["[]"]
-        rows: dict[int, tuple[TargetStatus, str]] = {}
-        pieces = []
+            return b"[]", {}
+        last = memoryview(self._array)
+        pieces: list[bytes | memoryview] = []
+        spans: dict[int, tuple[TargetStatus, int, int]] = {}
+        pos = 0
         for row in targets:
-            hit = self._rows.get(id(row))
-            if hit is None or hit[0] is not row:
-                hit = (row, json.dumps(_target_json(row), indent=1, sort_keys=True).replace("\n", "\n  "))
-            rows[id(row)] = hit
-            pieces += (",\n  ", hit[1])
-        self._rows = rows
-        pieces[0] = "[\n  "
-        pieces.append("\n ]")
-        return pieces
+            separator = b",\n  " if pieces else b"[\n  "
+            hit = self._spans.get(id(row))
+            if hit is not None and hit[0] is row:
+                piece: bytes | memoryview = last[hit[1]:hit[2]]
+            else:
+                piece = json.dumps(_target_json(row), indent=1, sort_keys=True).replace("\n", "\n  ").encode()
+            pos += len(separator)
+            spans[id(row)] = (row, pos, pos + len(piece))
+            pos += len(piece)
+            pieces += (separator, piece)
+        pieces.append(b"\n ]")
+        return b"".join(pieces), spans
 
 
 def _document(doc: StatusDocument, targets: object) -> dict[str, Any]:

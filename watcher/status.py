@@ -22,7 +22,7 @@ def write_status(path: Path, document: StatusDocument, render: StatusJson | None
     if render is None:
         atomic_write(path, to_json(document).encode(), 0o644)
     else:
-        atomic_write(path, (piece.encode() for piece in render.pieces(document)), 0o644)
+        atomic_write(path, render.pieces(document), 0o644)
 
 
 def read_status(path: Path, targets: bool = True) -> StatusDocument:

@@ -113,6 +113,11 @@ def test_status_json_for_the_heartbeat_is_to_json_and_makes_the_targets_once(mon
     made.clear()
     assert render(newest) == to_json(newest)
     assert made == ["web"]  # a new snapshot of a row object already made: to_json's only
+    shuffled = replace(doc, state=replace(doc.state, targets=(doc.state.targets[1], changed)))
+    render(newer)
+    made.clear()
+    assert render(shuffled) == to_json(shuffled)  # rows copied from new offsets
+    assert made == ["db", "web"]  # to_json's only
     assert render(replace(newer, state=replace(newer.state, targets=()))) == to_json(
         replace(newer, state=replace(newer.state, targets=())))
 
