@@ -7,6 +7,8 @@ from dataclasses import replace
 from pathlib import Path
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from watcher.snapshot import (JSON_SCHEMA, IgnoredTarget, KeyInfo, KeyStatus, ManualKey,
                               ManualStatus, RefusedName, SettingsView, SnapshotError,
@@ -120,6 +122,21 @@ def test_status_json_for_the_heartbeat_is_to_json_and_makes_the_targets_once(mon
     assert made == ["db", "web"]  # to_json's only
     assert render(replace(newer, state=replace(newer.state, targets=()))) == to_json(
         replace(newer, state=replace(newer.state, targets=())))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 11), st.booleans()), max_size=12), max_size=8))
+def test_status_json_equals_to_json_over_any_sequence_of_snapshots(snapshots) -> None:
+    """Rows kept, dropped, moved, repeated or new, in any order and count from one snapshot
+    to the next (the heartbeat copies runs of old rows by offset): the text is to_json's."""
+    pool = [TargetStatus(f"{i:012x}", f"t{i}" * (i % 4 + 1), f"10.0.0.{i}", (f"a{i}",) * (i % 3))
+            for i in range(12)]
+    render, doc = StatusJson(), full_document()
+    for rows in snapshots:
+        targets = tuple(replace(pool[i], since=float(i)) if fresh else pool[i] for i, fresh in rows)
+        later = replace(doc, state=replace(doc.state, targets=targets))
+        assert render(later) == to_json(later)
+        assert render(later) == to_json(later)  # the same snapshot again: kept as it is
 
 
 def test_status_json_is_exact_when_a_value_spells_the_slot() -> None:

@@ -365,10 +365,10 @@ def _send_and_exit(sock_path: Path, uid: int | None) -> bytes:
 
 
 def test_a_sender_that_exited_is_heard_only_with_a_trusted_uid(sock_path: Path) -> None:
-    with SyslogListener(sock_path, admit=SshdSenders(trusted_uids=frozenset({os.getuid()}))) as listener:
+    with SyslogListener(sock_path, admit=SshdSenders(sys.executable, frozenset({os.getuid()}))) as listener:
         line = _send_and_exit(sock_path, None)
         assert serve_once(listener, sock_path) == [line]
-    with SyslogListener(sock_path, admit=SshdSenders(trusted_uids=frozenset({os.getuid() + 1}))) as listener:
+    with SyslogListener(sock_path, admit=SshdSenders(sys.executable, frozenset({os.getuid() + 1}))) as listener:
         _send_and_exit(sock_path, None)
         assert serve_once(listener, sock_path) == []
         assert listener.dropped == 1
