@@ -183,3 +183,25 @@ def test_the_heartbeat_writes_to_json_s_text_in_pieces(tmp_path: Path) -> None:
     empty = replace(doc, state=WatcherState())
     write_status(path, empty, render=render)
     assert path.read_text() == to_json(empty)
+
+
+def test_the_heartbeat_never_waits_for_the_disk(tmp_path: Path, monkeypatch) -> None:
+    """status.json is remade every 2 s: fsyncing its ~48 MB (100k targets) would queue the
+    index writes sshd waits for behind it."""
+    from watcher.status import write_status
+    synced: list[int] = []
+    monkeypatch.setattr("os.fsync", synced.append)
+    write_status(tmp_path / "status.json", full_document(), render=StatusJson())
+    write_status(tmp_path / "status.json", full_document())
+    assert synced == [] and from_json((tmp_path / "status.json").read_text()) == full_document()
+
+
+def test_each_target_row_is_one_line_with_its_keys_sorted() -> None:
+    """One row per line (grep finds a target whole); keys sorted, as in the rest."""
+    doc = full_document()
+    text = to_json(doc)
+    rows = json.loads(text)["targets"]
+    lines = [line for line in text.splitlines() if line.startswith("  {\"address\"")]
+    assert lines == [f"  {json.dumps(row, sort_keys=True)}," for row in rows[:-1]] + [
+        f"  {json.dumps(rows[-1], sort_keys=True)}"]
+    assert json.loads(to_json(replace(doc, state=WatcherState())))["targets"] == []
