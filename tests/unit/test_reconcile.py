@@ -244,6 +244,20 @@ def test_replace_all_resync(h: Harness) -> None:
     assert h.snapshot.targets == ()
 
 
+def test_a_resync_keeps_the_status_row_of_a_target_that_did_not_change(h: Harness) -> None:
+    """The heartbeat re-encodes only rows that are new objects (~10 us each, 1 s at 100k)."""
+    a, b = target("a", 1), target("b", 2)
+    h.fetch.results.update(a=ok(KA), b=ok(KB), c=ok(KC))
+    h.rec.replace_all([a, b])
+    h.settle()
+    before = {row.name: row for row in h.snapshot.targets}
+    h.rec.replace_all([a, replace(b, name="c")])  # a full render; b renamed
+    h.settle()
+    after = {row.name: row for row in h.snapshot.targets}
+    assert after["a"] is before["a"]
+    assert set(after) == {"a", "c"} and after["c"].id == before["b"].id
+
+
 def test_not_permitted_target_is_ignored() -> None:
     harness = Harness(load_settings({"SSH_PERMIT_TARGET_HOST": "web-*",
                                      "SSH_TARGET_LABELS": "proxy=on"}))
