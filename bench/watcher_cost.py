@@ -41,9 +41,9 @@ from watcher.config import RunMode, load_settings  # noqa: E402
 from watcher.model import KeyState, PublicKey, Target  # noqa: E402
 from watcher.reconcile import Reconciler, _Fetched  # noqa: E402
 from watcher.render import SHARD_NAMES, Rendered  # noqa: E402
-from watcher.snapshot import StatusDocument, StatusJson, WatcherState  # noqa: E402
+from watcher.snapshot import StatusDocument, WatcherState  # noqa: E402
 from watcher.sshd import SshdPaths  # noqa: E402
-from watcher.status import write_status  # noqa: E402
+from watcher.status import StatusWriter, write_status  # noqa: E402
 from watcher.targets import ProxyIdentity  # noqa: E402
 
 
@@ -130,7 +130,7 @@ class Heartbeat:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.snapshot = WatcherState()
-        self.render = StatusJson()
+        self.writer = StatusWriter()
         self.costs: list[float] = []  # seconds per write
         self.written = WatcherState()  # the snapshot of the last write
 
@@ -141,7 +141,7 @@ class Heartbeat:
         while not stop.wait(2.0):
             started, state = time.perf_counter(), self.snapshot
             write_status(self.path, StatusDocument(heartbeat=time.time(), mode="docker", sshd_pid=1,
-                                                   state=state), render=self.render)
+                                                   state=state), writer=self.writer)
             self.costs.append(time.perf_counter() - started)
             self.written = state
 

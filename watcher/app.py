@@ -36,9 +36,9 @@ from .sessions import ProcFS, SessionKiller
 from .sources.manual import ManualKeySource
 from .sshd import (SshdPaths, SshdProcess, check_config, cut_connections, drain,
                    ensure_host_keys, open_connections, render_sshd_config, split_connections)
-from .snapshot import (STATUS_PATH, SettingsView, StatusDocument, StatusJson, WatcherState,
+from .snapshot import (STATUS_PATH, SettingsView, StatusDocument, WatcherState,
                        WriteErrors)
-from .status import write_status
+from .status import StatusWriter, write_status
 from .syslog_listener import SyslogListener, uids_of
 from .targets import ProxyIdentity
 
@@ -444,7 +444,7 @@ class Supervisor:
         self.settings = settings
         self.paths = paths
         self.stop = threading.Event()
-        self._status_json = StatusJson()  # keeps the targets' JSON between heartbeats
+        self._status_writer = StatusWriter()  # copies unchanged rows from its last file
         self.snapshot: Snapshot | None = None
         self.sshd = SshdProcess(paths.sshd)
         self.threads: list[threading.Thread] = []
@@ -623,7 +623,7 @@ class Supervisor:
 
     def _write_status(self, mode: str, strict: bool = False) -> None:
         try:
-            write_status(self.paths.status, render=self._status_json, document=StatusDocument(
+            write_status(self.paths.status, writer=self._status_writer, document=StatusDocument(
                 heartbeat=time.time(), mode=mode, sshd_pid=self.sshd.pid,
                 sshd_restarts=self.sshd.restarts,
                 settings=SettingsView(

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from itertools import accumulate, compress, count, repeat
-from operator import add, attrgetter, ne
+from operator import add, attrgetter, ne, sub
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -166,7 +166,9 @@ class StatusDocument:
 def to_json(doc: StatusDocument) -> str:
     """The schema-1 JSON text (state fields at the top level, beside the supervisor's): the
     document indented, keys sorted, each target's row on one line of its own."""
-    return b"".join(_pieces(doc, _array_of_rows(list(map(_row, doc.state.targets))))).decode()
+    head, tail = status_frame(doc)
+    plan = plan_array((), [0], doc.state.targets)
+    return b"".join([head, *plan.parts, tail]).decode()  # a plan from nothing has no copies
 
 
 _TARGETS_SLOT = "ssh-proxy: the targets array goes here"
@@ -178,77 +180,62 @@ _ROWS_PER_TURN = 64
 _encode_row = json.JSONEncoder().encode  # the C encoder (no indent); _target_json sorts keys
 
 
-def _pieces(doc: StatusDocument, array: bytes) -> list[bytes]:
+def status_frame(doc: StatusDocument) -> tuple[bytes, bytes]:
+    """The document's text before the targets array (up to and with `"targets": `) and
+    after it."""
     text = json.dumps(_document(doc, _TARGETS_SLOT), indent=1, sort_keys=True) + "\n"
     # The key and its value as JSON writes them: inside any string value, quotes are
     # escaped, so this sequence is only ever the slot itself. ASCII (ensure_ascii).
     head, _, tail = text.partition(f'"targets": "{_TARGETS_SLOT}"')
-    return [head.encode(), b'"targets": ', array, tail.encode()]
+    return (head + '"targets": ').encode(), tail.encode()
 
 
 def _row(t: TargetStatus) -> bytes:
     return _encode_row(_target_json(t)).encode()
 
 
-def _array_of_rows(rows: list[bytes]) -> bytes:
-    return _OPEN + _SEPARATOR.join(rows) + _CLOSE if rows else b"[]"
+class ArrayPlan(NamedTuple):
+    """The targets array as text to write (bytes) and ranges to copy from the last array
+    ((start, end) byte offsets in it), in order; and each row's size with its separator."""
+    parts: list[bytes | tuple[int, int]]
+    sizes: list[int]
 
 
-class StatusJson:
-    """to_json() for the heartbeat (every 2 s), as bytes in pieces. The targets array is
-    ~45 MB of JSON that takes ~0.6 s of the GIL to make at 100k targets, which the
-    reconciler needs. It is kept, encoded, between writes: for a new snapshot (the
-    reconciler publishes a new tuple per change) only the rows that are new objects are
-    made (it keeps a target's row object while the target is unchanged); runs of rows that
-    stand in the same order as in the last array are copied from it as one slice each. The
-    bookkeeping per row runs in C (map, zip, compress, accumulate): a Python loop over 100k
-    rows per new snapshot held the GIL for ~0.45 s. A write is then the small rest of the
-    document and one big write(), which runs without the GIL. Joined, the pieces equal
-    to_json()'s text."""
+def array_ends(sizes: list[int]) -> list[int]:
+    """Where each row's separator starts in the array, then where its closing "\\n ]" does."""
+    return list(accumulate(sizes, initial=0))
 
-    def __init__(self) -> None:
-        self._targets: tuple[TargetStatus, ...] = ()
-        self._array = b"[]"
-        self._lens: list[int] = []  # each row's length in _array, without its separator
-        self._ends: list[int] = [0]  # where each row's separator starts, then the closing "\n ]"
 
-    def __call__(self, doc: StatusDocument) -> str:
-        return b"".join(self.pieces(doc)).decode()
-
-    def pieces(self, doc: StatusDocument) -> list[bytes]:
-        targets = doc.state.targets
-        if targets is not self._targets:
-            self._array, self._lens = self._array_of(targets)
-            self._ends = list(accumulate(map(add, self._lens, repeat(4)), initial=0))
-            self._targets = targets
-        return _pieces(doc, self._array)
-
-    def _array_of(self, targets: tuple[TargetStatus, ...]) -> tuple[bytes, list[int]]:
-        """_array_of_rows of the targets' rows, and their lengths. Every separator is 4
-        bytes, so a row's place in the last array follows from the lengths before it."""
-        if not targets:
-            return b"[]", []
-        last, ends = memoryview(self._array), self._ends
-        # The last array's place of each row, by identity: the last tuple is still held, so
-        # an id found there is that very object. A new row is -2, which always starts a run.
-        where = dict(zip(map(id, self._targets), count()))
-        at = list(map(where.get, map(id, targets), repeat(-2)))
-        lens = list(map([*self._lens, 0, 0].__getitem__, at))  # a new row's is set below
-        starts = list(compress(count(1), map(ne, at[1:], map(add, at[:-1], repeat(1)))))
-        pieces: list[bytes | memoryview] = []
-        made = 0
-        for first, stop in zip([0, *starts], [*starts, len(at)]):
-            pieces.append(_SEPARATOR if first else _OPEN)
-            if at[first] == -2:
-                pieces.append(_row(targets[first]))
-                lens[first] = len(pieces[-1])
-                made += 1
-                if not made % _ROWS_PER_TURN:
-                    time.sleep(0)  # hands the GIL to a thread that waits for it
-            else:  # old rows at[first] .. at[first] + (stop - first) - 1, with their separators
-                pieces.append(last[ends[at[first]] + 4:ends[at[first] + stop - first]])
-        pieces.append(_CLOSE)
-        return b"".join(pieces), lens
+def plan_array(last: tuple[TargetStatus, ...], last_ends: list[int],
+               targets: tuple[TargetStatus, ...]) -> ArrayPlan:
+    """The targets array ("[\\n  " row ",\\n  " row ... "\\n ]", or "[]"), given the last
+    array (of the rows `last`, array_ends `last_ends`): only rows that are new objects are
+    encoded (the reconciler keeps a target's row object while it is unchanged); runs of rows
+    that stand in the same order as in the last array become one copy each. The bookkeeping
+    per row runs in C (map, zip, compress, accumulate): a Python loop over 100k rows per
+    snapshot held the GIL for ~0.45 s."""
+    if not targets:
+        return ArrayPlan([b"[]"], [])
+    # The last array's place of each row, by identity: the caller still holds the last
+    # tuple, so an id found there is that very object. A new row is -2: it starts a run.
+    where = dict(zip(map(id, last), count()))
+    at = list(map(where.get, map(id, targets), repeat(-2)))
+    sizes = list(map([*map(sub, last_ends[1:], last_ends), 0, 0].__getitem__, at))  # new: below
+    starts = list(compress(count(1), map(ne, at[1:], map(add, at[:-1], repeat(1)))))
+    parts: list[bytes | tuple[int, int]] = []
+    made = 0
+    for first, stop in zip([0, *starts], [*starts, len(at)]):
+        parts.append(_SEPARATOR if first else _OPEN)
+        if at[first] == -2:
+            parts.append(_row(targets[first]))
+            sizes[first] = len(parts[-1]) + 4
+            made += 1
+            if not made % _ROWS_PER_TURN:
+                time.sleep(0)  # hands the GIL to a thread that waits for it
+        else:  # last rows at[first] .. at[first] + (stop - first) - 1, with their separators
+            parts.append((last_ends[at[first]] + 4, last_ends[at[first] + stop - first]))
+    parts.append(_CLOSE)
+    return ArrayPlan(parts, sizes)
 
 
 def _document(doc: StatusDocument, targets: object) -> dict[str, Any]:

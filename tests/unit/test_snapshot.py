@@ -7,12 +7,10 @@ from dataclasses import replace
 from pathlib import Path
 import jsonschema
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from watcher.snapshot import (JSON_SCHEMA, IgnoredTarget, KeyInfo, KeyStatus, ManualKey,
                               ManualStatus, RefusedName, SettingsView, SnapshotError,
-                              SourceStatus, StatusDocument, StatusJson, TargetStatus,
+                              SourceStatus, StatusDocument, TargetStatus,
                               WatcherState, from_json, to_json)
 
 FP = "SHA256:" + "A" * 43
@@ -92,64 +90,6 @@ def test_port_rule() -> None:
     assert SettingsView(permit_ports=("22", "8080")).port_rule == "22,8080"
 
 
-def test_status_json_for_the_heartbeat_is_to_json_and_makes_the_targets_once(monkeypatch) -> None:
-    """The heartbeat's writer (every 2 s) gives to_json's text, and makes the targets' JSON
-    (48 MB at 100k targets) again only for a new snapshot."""
-    from watcher import snapshot
-    made: list[str] = []
-    real = snapshot._target_json
-    monkeypatch.setattr(snapshot, "_target_json", lambda t: made.append(t.name) or real(t))
-    render = StatusJson()
-    doc = full_document()
-    assert render(doc) == to_json(doc)
-    later = replace(doc, heartbeat=doc.heartbeat + 2, sshd_restarts=3)
-    made.clear()
-    assert render(later) == to_json(later)
-    assert made == ["web", "db"]  # to_json's own, not the heartbeat writer's
-    changed = replace(doc.state.targets[0], error="changed")
-    newer = replace(doc, state=replace(doc.state, targets=(changed, doc.state.targets[1])))
-    made.clear()
-    assert render(newer) == to_json(newer)
-    assert made == ["web", "web", "db"]  # the writer: the changed row only; then to_json
-    newest = replace(doc, state=replace(doc.state, targets=(changed,)))
-    made.clear()
-    assert render(newest) == to_json(newest)
-    assert made == ["web"]  # a new snapshot of a row object already made: to_json's only
-    shuffled = replace(doc, state=replace(doc.state, targets=(doc.state.targets[1], changed)))
-    render(newer)
-    made.clear()
-    assert render(shuffled) == to_json(shuffled)  # rows copied from new offsets
-    assert made == ["db", "web"]  # to_json's only
-    assert render(replace(newer, state=replace(newer.state, targets=()))) == to_json(
-        replace(newer, state=replace(newer.state, targets=())))
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.integers(0, 11), st.booleans()), max_size=12), max_size=8))
-def test_status_json_equals_to_json_over_any_sequence_of_snapshots(snapshots) -> None:
-    """Rows kept, dropped, moved, repeated or new, in any order and count from one snapshot
-    to the next (the heartbeat copies runs of old rows by offset): the text is to_json's."""
-    pool = [TargetStatus(f"{i:012x}", f"t{i}" * (i % 4 + 1), f"10.0.0.{i}", (f"a{i}",) * (i % 3))
-            for i in range(12)]
-    render, doc = StatusJson(), full_document()
-    for rows in snapshots:
-        targets = tuple(replace(pool[i], since=float(i)) if fresh else pool[i] for i, fresh in rows)
-        later = replace(doc, state=replace(doc.state, targets=targets))
-        assert render(later) == to_json(later)
-        assert render(later) == to_json(later)  # the same snapshot again: kept as it is
-
-
-def test_status_json_is_exact_when_a_value_spells_the_slot() -> None:
-    """Strings are escaped in JSON, so a value that spells the targets' slot is left alone."""
-    from watcher.snapshot import _TARGETS_SLOT
-    doc = full_document()
-    hostile = replace(doc, state=replace(doc.state, source=replace(
-        doc.state.source, error=f'"targets": "{_TARGETS_SLOT}"')))
-    text = StatusJson()(hostile)
-    assert text == to_json(hostile)
-    assert from_json(text) == hostile
-
-
 def test_without_targets_reads_everything_else_and_never_the_rows() -> None:
     """What `watcher health` reads: at 100k targets building the rows took ~3 s of the
     HEALTHCHECK's 10 s; a row health never looks at cannot make it fail either."""
@@ -170,30 +110,6 @@ def test_health_answers_from_a_status_whose_rows_it_does_not_read(tmp_path: Path
     (tmp_path / "status.json").write_text(json.dumps(data))
     assert cli.main(["health", "--status", str(tmp_path / "status.json"), "--port", "1"]) == cli.EXIT_ERROR
     assert capsys.readouterr().out == "unhealthy: sshd does not listen on port 1\n"
-
-
-def test_the_heartbeat_writes_to_json_s_text_in_pieces(tmp_path: Path) -> None:
-    from watcher.status import write_status
-    render, path = StatusJson(), tmp_path / "status.json"
-    doc = full_document()
-    for beat in range(2):
-        later = replace(doc, heartbeat=doc.heartbeat + 2 * beat)
-        write_status(path, later, render=render)
-        assert path.read_text() == to_json(later)
-    empty = replace(doc, state=WatcherState())
-    write_status(path, empty, render=render)
-    assert path.read_text() == to_json(empty)
-
-
-def test_the_heartbeat_never_waits_for_the_disk(tmp_path: Path, monkeypatch) -> None:
-    """status.json is remade every 2 s: fsyncing its ~48 MB (100k targets) would queue the
-    index writes sshd waits for behind it."""
-    from watcher.status import write_status
-    synced: list[int] = []
-    monkeypatch.setattr("os.fsync", synced.append)
-    write_status(tmp_path / "status.json", full_document(), render=StatusJson())
-    write_status(tmp_path / "status.json", full_document())
-    assert synced == [] and from_json((tmp_path / "status.json").read_text()) == full_document()
 
 
 def test_each_target_row_is_one_line_with_its_keys_sorted() -> None:
