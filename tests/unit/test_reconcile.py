@@ -905,3 +905,14 @@ def test_snapshot_says_since_when_and_the_last_source_event(h: Harness,
     h.rec.upsert(target("web", 1, started_at="2024-01-02T00:00:00Z"))  # restarted
     h.settle()
     assert h.snapshot.last_event == 4000.0 and h.snapshot.targets[0].since == 4000.0
+
+
+def test_a_batch_waits_at_most_as_long_as_the_last_flush_took(h: Harness) -> None:
+    """Under a steady stream the batch is cut after BATCH_SHARE x the last flush's cost,
+    within [min_wait, max_wait]: at 1k targets every min_wait, at 100k about every flush."""
+    from watcher.reconcile import BATCH_SHARE
+    rec = h.rec
+    for cost, bound in ((0.0, rec.min_wait), (0.3, 0.3 * BATCH_SHARE), (1e6, rec.max_wait)):
+        rec._flush_cost = cost
+        assert rec._batch_bound() == pytest.approx(max(rec.min_wait, min(rec.max_wait, bound)))
+    assert rec.min_wait < 0.3 * BATCH_SHARE < rec.max_wait
