@@ -19,7 +19,7 @@ from enum import StrEnum
 from itertools import accumulate, compress, count, repeat
 from operator import add, attrgetter, ne, sub
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from .errors import WatcherError
 
@@ -196,8 +196,10 @@ def _row(t: TargetStatus) -> bytes:
 
 class ArrayPlan(NamedTuple):
     """The targets array as text to write (bytes) and ranges to copy from the last array
-    ((start, end) byte offsets in it), in order; and each row's size with its separator."""
-    parts: list[bytes | tuple[int, int]]
+    ((start, end) byte offsets in it), in order, made as they are taken (after a load at
+    100k the new rows are ~45 MB: written as they come, never all held); and each row's
+    size with its separator, complete once `parts` is exhausted."""
+    parts: Iterator[bytes | tuple[int, int]]
     sizes: list[int]
 
 
@@ -215,27 +217,31 @@ def plan_array(last: tuple[TargetStatus, ...], last_ends: list[int],
     per row runs in C (map, zip, compress, accumulate): a Python loop over 100k rows per
     snapshot held the GIL for ~0.45 s."""
     if not targets:
-        return ArrayPlan([b"[]"], [])
+        return ArrayPlan(iter([b"[]"]), [])
     # The last array's place of each row, by identity: the caller still holds the last
     # tuple, so an id found there is that very object. A new row is -2: it starts a run.
     where = dict(zip(map(id, last), count()))
     at = list(map(where.get, map(id, targets), repeat(-2)))
     sizes = list(map([*map(sub, last_ends[1:], last_ends), 0, 0].__getitem__, at))  # new: below
     starts = list(compress(count(1), map(ne, at[1:], map(add, at[:-1], repeat(1)))))
-    parts: list[bytes | tuple[int, int]] = []
+    return ArrayPlan(_array_parts(targets, at, starts, last_ends, sizes), sizes)
+
+
+def _array_parts(targets: tuple[TargetStatus, ...], at: list[int], starts: list[int],
+                 last_ends: list[int], sizes: list[int]) -> Iterator[bytes | tuple[int, int]]:
     made = 0
     for first, stop in zip([0, *starts], [*starts, len(at)]):
-        parts.append(_SEPARATOR if first else _OPEN)
+        yield _SEPARATOR if first else _OPEN
         if at[first] == -2:
-            parts.append(_row(targets[first]))
-            sizes[first] = len(parts[-1]) + 4
+            row = _row(targets[first])
+            sizes[first] = len(row) + 4
+            yield row
             made += 1
             if not made % _ROWS_PER_TURN:
                 time.sleep(0)  # hands the GIL to a thread that waits for it
         else:  # last rows at[first] .. at[first] + (stop - first) - 1, with their separators
-            parts.append((last_ends[at[first]] + 4, last_ends[at[first] + stop - first]))
-    parts.append(_CLOSE)
-    return ArrayPlan(parts, sizes)
+            yield last_ends[at[first]] + 4, last_ends[at[first] + stop - first]
+    yield _CLOSE
 
 
 def _document(doc: StatusDocument, targets: object) -> dict[str, Any]:

@@ -64,14 +64,17 @@ class StatusWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
-            pending = [head]
+            pending, size = [head], len(head)
             for part in plan.parts:
                 if isinstance(part, bytes):
                     pending.append(part)
-                    continue
+                    size += len(part)
+                    if size < _PENDING_BYTES:
+                        continue
                 _write_all(fd, b"".join(pending))
-                pending = []
-                self._copy(fd, self._array_at + part[0], part[1] - part[0])
+                pending, size = [], 0
+                if isinstance(part, tuple):
+                    self._copy(fd, self._array_at + part[0], part[1] - part[0])
             _write_all(fd, b"".join([*pending, tail]))
             os.fchmod(fd, 0o644)
             os.replace(tmp, path)
@@ -98,6 +101,9 @@ class StatusWriter:
             if not done:
                 raise _LastFileChanged
             offset, count = offset + done, count - done
+
+
+_PENDING_BYTES = 1 << 20  # new rows are written in chunks of about this much
 
 
 class _LastFileChanged(Exception):

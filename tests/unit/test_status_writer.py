@@ -158,3 +158,18 @@ def test_no_targets_is_an_empty_array(tmp_path: Path) -> None:
     empty = replace(doc, state=WatcherState())
     assert beat(empty) == to_json(empty) and from_json(beat(empty)) == empty
     assert beat(doc) == to_json(doc)
+
+
+def test_new_rows_are_written_in_chunks_and_the_text_is_the_same(tmp_path: Path, monkeypatch) -> None:
+    """After a load the new rows (~45 MB at 100k) go out in chunks, never held all at once."""
+    from watcher import status
+    writes: list[int] = []
+    real_write = os.write
+    monkeypatch.setattr(status, "_PENDING_BYTES", 1)
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(len(data)) or real_write(fd, data))
+    beat, doc = Beat(tmp_path), full_document()
+    web, db = doc.state.targets
+    assert beat(doc) == to_json(doc)
+    assert len(writes) > 3  # head, each row and separator: more than head, array and tail
+    changed = replace(db, error="changed")
+    assert beat(with_targets(doc, web, changed)) == to_json(with_targets(doc, web, changed))
