@@ -8,6 +8,7 @@ import os
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -68,14 +69,16 @@ def test_the_text_is_to_json_s_over_any_sequence_of_snapshots(snapshots) -> None
     pool = [TargetStatus(f"{i:012x}", f"t{i}" * (i % 4 + 1), f"10.0.0.{i}", (f"a{i}",) * (i % 3))
             for i in range(12)]
     doc = full_document()
-    with tempfile.TemporaryDirectory() as directory:
-        beat = Beat(Path(directory))
-        for n, rows in enumerate(snapshots):
-            targets = tuple(replace(pool[i], since=float(i)) if fresh else pool[i] for i, fresh in rows)
-            later = replace(doc, heartbeat=doc.heartbeat + n, state=replace(doc.state, targets=targets))
-            assert beat(later) == to_json(later)
-            assert beat(later) == to_json(later)  # the same snapshot again
-        beat.writer.close()
+    for in_place in (snapshot._IN_PLACE_SHARE, 0):  # 0: rows compared in place at every equal count
+        with tempfile.TemporaryDirectory() as directory, \
+                mock.patch.object(snapshot, "_IN_PLACE_SHARE", in_place):
+            beat = Beat(Path(directory))
+            for n, rows in enumerate(snapshots):
+                targets = tuple(replace(pool[i], since=float(i)) if fresh else pool[i] for i, fresh in rows)
+                later = replace(doc, heartbeat=doc.heartbeat + n, state=replace(doc.state, targets=targets))
+                assert beat(later) == to_json(later)
+                assert beat(later) == to_json(later)  # the same snapshot again
+            beat.writer.close()
 
 
 def test_a_value_that_spells_the_slot_is_left_alone(tmp_path: Path) -> None:
