@@ -34,3 +34,85 @@ def test_the_cache_file_is_the_render_s_cache_in_every_write(tmp_path: Path) -> 
     third = render([served("t0", "0", "172.18.0.2", keys[0])], ("22",))
     assert writer(third)  # not known: compared, then replaced
     assert writer.paths.cache.read_text() == third.cache
+
+
+def _renders(count: int) -> list:
+    keys = [make_key(("writer", n)) for n in range(20)]
+    return [render([served(f"t{n}", str(n % 10), f"172.18.0.{n + 2}", key)
+                    for n, key in enumerate(keys[:20 - r])], ("22",)) for r in range(count)]
+
+
+def _costly(writer: OutputWriter, wait: float) -> None:
+    """As at 100k keys: the last cache write took long, so it is paced and written aside."""
+    writer._cache_pacer.cost = 1.0
+    writer._cache_pacer.done_at = writer._cache_pacer.clock() - 10.0 + wait  # due in `wait` s
+
+
+def _eventually(check, timeout: float = 5.0) -> bool:
+    import time
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_costly_cache_is_written_by_its_own_thread_after_the_index(tmp_path: Path, monkeypatch) -> None:
+    """The index write returns without waiting for the cache (for people); the cache
+    follows, never ahead of the index, and ends as the newest render's."""
+    import threading
+    from watcher import app
+    writers: list[str] = []
+    real = app._write_cache_file
+    monkeypatch.setattr(app, "_write_cache_file",
+                        lambda *a: writers.append(threading.current_thread().name) or real(*a))
+    writer = _writer(tmp_path)
+    first, second = _renders(2)
+    writer(first)  # cheap so far: written at once, by the caller
+    assert writers == [threading.current_thread().name]
+    _costly(writer, wait=0.0)
+    assert writer(second)
+    assert _eventually(lambda: writer.paths.cache.read_text() == second.cache)
+    assert writers[1:] == ["cache-writer"]
+    writer.close()
+
+
+def test_close_writes_the_cache_that_is_still_due(tmp_path: Path) -> None:
+    writer = _writer(tmp_path)
+    first, second, third = _renders(3)
+    writer(first)
+    _costly(writer, wait=60.0)  # not due for a minute
+    writer(second)
+    writer(third)
+    assert writer.paths.cache.read_text() == first.cache
+    index = "".join(p.read_text() for p in sorted(writer.paths.sshd.index_dir.iterdir()))
+    assert index == third.index  # the index is written at once; the cache waits its turn
+    writer.close()
+    assert writer.paths.cache.read_text() == third.cache
+    assert writer._cache_thread is not None and not writer._cache_thread.is_alive()
+
+
+def test_a_failed_cache_write_aside_is_logged_and_retried(tmp_path: Path, monkeypatch, caplog) -> None:
+    import errno
+    from watcher import app
+    real = app._write_cache_file
+    failures = [OSError(errno.ENOSPC, "No space left on device")]
+
+    def flaky(*args):
+        if failures:
+            raise failures.pop()
+        return real(*args)
+
+    writer = _writer(tmp_path)
+    first, second = _renders(2)
+    writer(first)
+    assert writer.paths.cache.read_text() == first.cache
+    monkeypatch.setattr(app, "_write_cache_file", flaky)
+    _costly(writer, wait=0.0)
+    writer(second)
+    assert _eventually(lambda: "No space left on device" in caplog.text)
+    assert writer.paths.cache.read_text() == first.cache
+    writer.retry()  # the supervisor's heartbeat
+    assert writer.paths.cache.read_text() == second.cache
+    writer.close()
