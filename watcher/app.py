@@ -186,8 +186,7 @@ class OutputWriter:
             self._cache_wake.wait()
             self._cache_wake.clear()
             while not self._closing.is_set() and not self._cache_pacer.due():
-                self._closing.wait(max(0.01, self._cache_pacer.done_at + self._cache_pacer.wait()
-                                       - self._cache_pacer.clock()))
+                self._closing.wait(max(0.01, self._cache_pacer.until_due()))
             if self._closing.is_set():
                 return  # close() writes what is due
             try:

@@ -8,10 +8,11 @@ AuthorizedKeysCommandUser could not read), fsync, rename over the old one, fsync
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .render import splice_hosts_block, unmanaged_hosts_entries
 
@@ -27,24 +28,32 @@ def atomic_write(path: Path, data: bytes | Iterable[bytes], mode: int = 0o644,
                  durable: bool = True) -> None:
     """durable=False: no fsync (files rebuilt at every start; readers still never see a
     partial file). `data` may come in chunks, so that a big file is never one string."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    with replacing(path, mode, durable) as fd:
+        with os.fdopen(fd, "wb", closefd=False) as handle:
             if isinstance(data, bytes):
                 handle.write(data)
             else:
                 handle.writelines(data)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            if durable:
-                os.fsync(handle.fileno())
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def replacing(path: Path, mode: int = 0o644, durable: bool = True) -> Iterator[int]:
+    """A new file, written through the fd yielded, that replaces `path` whole when the block
+    ends (see atomic_write); if the block raises, it is removed and `path` is left as it
+    was. The fd stays open after the rename: the caller closes it (or keeps reading it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        yield fd
+        os.fchmod(fd, mode)
+        if durable:
+            os.fsync(fd)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     if not durable:
         return

@@ -22,7 +22,11 @@ class Pacer:
         return 0.0 if self.cost < CHEAP else SHARE * self.cost
 
     def due(self) -> bool:
-        return self.clock() >= self.done_at + self.wait()
+        return self.until_due() <= 0
+
+    def until_due(self) -> float:
+        """Seconds until the next run is due (<= 0: it is)."""
+        return self.done_at + self.wait() - self.clock()
 
     def ran(self, started: float) -> None:
         """Record a run that began at perf_counter() `started`."""

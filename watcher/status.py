@@ -6,13 +6,11 @@ The CLI never discovers on its own; it reads this file.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import tempfile
 from pathlib import Path
 
-from .cache import atomic_write
+from .cache import atomic_write, replacing
 from .snapshot import (STALE_AFTER, ArrayPlan, SnapshotError, StatusDocument, TargetStatus,
                        array_ends, from_json, health_problems, plan_array, status_frame, to_json)
 
@@ -61,9 +59,7 @@ class StatusWriter:
 
     def _write(self, path: Path, document: StatusDocument, plan: ArrayPlan) -> None:
         head, tail = status_frame(document)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
+        with replacing(path, 0o644, durable=False) as fd:
             pending, size = [head], len(head)
             for part in plan.parts:
                 if isinstance(part, bytes):
@@ -76,13 +72,6 @@ class StatusWriter:
                 if isinstance(part, tuple):
                     self._copy(fd, self._array_at + part[0], part[1] - part[0])
             _write_all(fd, b"".join([*pending, tail]))
-            os.fchmod(fd, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         self.close()
         self._last, self._array_at = fd, len(head)
         self._targets, self._ends = document.state.targets, array_ends(plan.sizes)
