@@ -18,9 +18,8 @@ from typing import Any, Callable, Mapping, TextIO
 from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse_datagram,
                         revoked_event)
 from .allocator import fix_mmap_threshold
-from .cache import (atomic_write, file_stamp, read_unmanaged_hosts, shrink_in_place,
-                    update_hosts_block,
-                    write_if_changed)
+from .cache import (ShardFiles, atomic_write, file_stamp, read_bytes, read_unmanaged_hosts,
+                    shrink_in_place, update_hosts_block, write_if_changed)
 from .config import RunMode, Settings
 from .errors import WatcherError, explain_os_error
 from .fetch import KeyFetcher
@@ -30,7 +29,7 @@ from .model import KeyState
 from .pacing import CHEAP, Pacer
 from .platforms import platform_for
 from .reconcile import Reconciler, Snapshot
-from .render import EMPTY_SHARD, SHARD_NAMES, SHARD_SET, Rendered, Shard
+from .render import EMPTY_SHARD, SHARD_NAMES, Rendered, Shard
 from .revocation import RecentRevocations, Revocation
 from .sessions import ProcFS, SessionKiller
 from .sources.manual import ManualKeySource
@@ -82,6 +81,7 @@ class OutputWriter:
         self._cache_due: Rendered | None = None  # written to the index, not yet to the cache
         self._cache_pacer = Pacer()
         self._index_ready = False
+        self._shard_files = ShardFiles(paths.sshd.index_dir)
         # The shards of the render last written whole: a shard object that is still the
         # same is not looked at again (no stat per shard per flush).
         self._shards_on_disk: Mapping[str, Shard] = {}
@@ -207,13 +207,7 @@ class OutputWriter:
     def _write_index(self, rendered: Rendered) -> bool:
         directory = self.paths.sshd.index_dir
         if not self._index_ready:
-            # sshd's AuthorizedKeysCommandUser (nobody) reads it; a file of an earlier run
-            # that is not a shard (a temp file, a stray) is removed once.
-            directory.mkdir(parents=True, exist_ok=True)
-            directory.chmod(0o755)
-            for entry in os.scandir(directory):
-                if entry.name not in SHARD_SET:
-                    os.unlink(entry.path)
+            self._shard_files.prepare()
             self._index_ready = True
         on_disk, self._shards_on_disk = self._shards_on_disk, {}  # unknown until written
         changed = False
@@ -222,7 +216,8 @@ class OutputWriter:
             if on_disk.get(name) is shard:
                 continue
             path = directory / name
-            changed |= self._once(path, shard.index, lambda known: _write_shard(path, shard.index, known))
+            changed |= self._once(path, shard.index,
+                                  lambda known: _write_shard(self._shard_files, name, shard.index, known))
         self._shards_on_disk = rendered.shards
         return changed
 
@@ -263,15 +258,16 @@ class OutputWriter:
         return changed
 
 
-def _write_shard(path: Path, text: str, known: bool) -> bool:
-    """One index shard; no file for a shard without keys (the keys command reads a missing
-    shard as empty): a small deployment keeps a few files, not 64 mostly empty ones."""
-    if text:
-        return _write_derived(path, text, known)
-    try:
-        path.unlink()
-    except FileNotFoundError:
+def _write_shard(files: ShardFiles, name: str, text: str, known: bool) -> bool:
+    """One index shard (not fsynced, as _write_derived says); no file for a shard without
+    keys (the keys command reads a missing shard as empty): a small deployment keeps a few
+    files, not 64 mostly empty ones."""
+    if not text:
+        return files.remove(name)
+    data = text.encode()
+    if not known and read_bytes(files.directory / name) == data:
         return False
+    files.write(name, data)
     return True
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from watcher.cache import atomic_write, read_bytes, update_hosts_block, write_if_changed
+from watcher.cache import (SHARD_DATA, ShardFiles, atomic_write, read_bytes, update_hosts_block,
+                           write_if_changed)
 from watcher.render import HOSTS_BEGIN, HOSTS_END
 
 
@@ -185,3 +186,75 @@ def test_unmanaged_entries_after_a_block_update_equal_a_fresh_parse(tmp_path: Pa
         assert read_unmanaged_hosts(hosts) == fresh
         assert ("10.0.0.1", ("admin",)) in fresh and all(a != "172.18.0.5" for a, _ in fresh)
         _unmanaged_memo.clear()  # and parsed again from the file
+
+
+def _versions(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory / SHARD_DATA))
+
+
+def test_a_shard_is_a_link_to_its_version_and_the_one_before_is_kept(tmp_path: Path, strict_umask) -> None:
+    files = ShardFiles(tmp_path / "index.d")
+    files.prepare()
+    files.write("A", b"SHA256:A1 one\n")
+    first = os.readlink(tmp_path / "index.d" / "A")
+    files.write("A", b"SHA256:A1 two\n")
+    second = os.readlink(tmp_path / "index.d" / "A")
+    assert (tmp_path / "index.d" / "A").read_bytes() == b"SHA256:A1 two\n"
+    assert first != second and second.startswith(SHARD_DATA + "/")
+    # The version before stays for a reader that resolved the link just before the swap.
+    assert _versions(tmp_path / "index.d") == sorted(v.rpartition("/")[2] for v in (first, second))
+    files.write("A", b"SHA256:A1 three\n")
+    assert first.rpartition("/")[2] not in _versions(tmp_path / "index.d")
+    assert len(_versions(tmp_path / "index.d")) == 2
+    # sshd's AuthorizedKeysCommandUser (nobody) reads them, whatever the umask.
+    assert mode_of(tmp_path / "index.d" / "A") == 0o644
+    assert mode_of(tmp_path / "index.d") == mode_of(tmp_path / "index.d" / SHARD_DATA) == 0o755
+    assert sorted(os.listdir(tmp_path / "index.d")) == [SHARD_DATA, "A"]  # no link left aside
+
+
+def test_a_removed_shard_takes_its_versions_with_it(tmp_path: Path) -> None:
+    files = ShardFiles(tmp_path)
+    files.prepare()
+    files.write("b", b"SHA256:b1 x\n")
+    files.write("b", b"SHA256:b1 y\n")
+    assert files.remove("b")
+    assert not (tmp_path / "b").exists() and _versions(tmp_path) == []
+    assert not files.remove("b")
+
+
+def test_prepare_removes_what_is_no_shard_and_versions_no_shard_links_to(tmp_path: Path) -> None:
+    earlier = ShardFiles(tmp_path)
+    earlier.prepare()
+    earlier.write("c", b"SHA256:c1 kept\n")
+    earlier.write("d", b"SHA256:d1 old\n")
+    earlier.write("d", b"SHA256:d1 new\n")  # leaves the old version of d behind
+    (tmp_path / "authorized_keys.index").write_text("stale\n")
+    (tmp_path / ".e.link").symlink_to("nowhere")
+    (tmp_path / "stray-dir").mkdir()
+    (tmp_path / "e").write_text("SHA256:e1 a shard file of an older layout\n")
+    (tmp_path / SHARD_DATA / "orphan").write_text("x")
+    files = ShardFiles(tmp_path)
+    files.prepare()
+    linked = sorted(os.readlink(tmp_path / n).rpartition("/")[2] for n in ("c", "d"))
+    assert sorted(os.listdir(tmp_path)) == [SHARD_DATA, "c", "d", "e"]
+    assert _versions(tmp_path) == linked
+    assert (tmp_path / "d").read_bytes() == b"SHA256:d1 new\n"
+    files.write("e", b"SHA256:e1 now a link\n")  # the older layout's file is replaced
+    assert (tmp_path / "e").is_symlink() and (tmp_path / "e").read_bytes() == b"SHA256:e1 now a link\n"
+
+
+def test_a_failed_shard_write_leaves_the_shard_and_no_temp_file(tmp_path: Path, monkeypatch) -> None:
+    import errno
+    files = ShardFiles(tmp_path)
+    files.prepare()
+    files.write("f", b"SHA256:f1 served\n")
+    real = os.symlink
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "symlink", full)
+    with pytest.raises(OSError):
+        files.write("f", b"SHA256:f1 lost\n")
+    monkeypatch.setattr(os, "symlink", real)
+    assert (tmp_path / "f").read_bytes() == b"SHA256:f1 served\n"
+    assert sorted(os.listdir(tmp_path)) == [SHARD_DATA, "f"] and len(_versions(tmp_path)) == 1

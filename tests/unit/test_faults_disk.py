@@ -53,6 +53,18 @@ def _render(index: str, cache_text: str) -> Any:
                            cache_chunks=lambda: iter([cache_text]))
 
 
+def _shards(directory: Path) -> list[str]:
+    """What `ls` shows: the shards (their versions live in the hidden .data)."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+
+
+def _leftovers(directory: Path) -> set[str]:
+    """Hidden entries other than .data, and versions in .data that no shard links to."""
+    linked = {os.readlink(directory / name).rpartition("/")[2] for name in _shards(directory)}
+    return ({p.name for p in directory.iterdir() if p.name.startswith(".") and p.name != cache.SHARD_DATA}
+            | {p.name for p in (directory / cache.SHARD_DATA).iterdir() if p.name not in linked})
+
+
 def _index(directory: Path) -> str:
     """The index as sshd sees it: every shard, in order."""
     return "".join((directory / name).read_text() for name in SHARD_NAMES if (directory / name).exists())
@@ -77,7 +89,7 @@ def test_disk_full_keeps_the_previous_files_logs_once_and_resumes(writer, monkey
     writer.retry()
     writer.retry()
     assert _index(index) == "SHA256:a line-a\n" and cache_path.read_text() == "old cache\n"
-    assert [p.name for p in index.iterdir() if p.name.startswith(".")] == []  # no temp left
+    assert _leftovers(index) == set()  # no temp file or link left, no version unlinked
     assert "No space left" in writer.error
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "sshd keeps serving the previous" in errors[0].getMessage()
@@ -101,10 +113,11 @@ def test_writer_removes_files_that_are_no_shard_and_writes_shards_with_keys(writ
     (directory / "authorized_keys.index").write_text("SHA256:z stale\n")
     (directory / ".a.tmp123").write_text("half")
     assert writer(_render("SHA256:a line-a\n", "cache\n"))
-    assert sorted(p.name for p in directory.iterdir()) == ["a"]  # no file for an empty shard
+    assert _shards(directory) == ["a"]  # no file for an empty shard
     assert _index(directory) == "SHA256:a line-a\n"
     assert writer(_render("SHA256:b line-b\n", "cache\n"))  # a shard left without keys goes
-    assert sorted(p.name for p in directory.iterdir()) == ["b"]
+    assert _shards(directory) == ["b"]
+    assert _leftovers(directory) == set()  # the versions of "a" went with it
     assert oct(directory.stat().st_mode & 0o777) == oct(0o755)
 
 

@@ -112,3 +112,36 @@ def test_a_one_line_manual_edit_renders_only_that_key() -> None:
     assert h.last.index == h.rec.full_render().index and h.last.keys_served == 300
     assert h.rec.owners_of(lines[149].key.fingerprint) == ()
     assert h.rec.owners_of(edited.key.fingerprint) == ("/k/a.pub:150",)
+
+
+def test_hosts_block_kept_in_chunks_equals_a_full_render_through_inserts_renames_and_removals() -> None:
+    """Hundreds of targets (several chunks of rows): each step adds, removes, renames or
+    changes the address of a few, or takes their keys away; the block kept chunk by chunk
+    equals the one rendered from scratch."""
+    from watcher.model import Target
+    from watcher.render import IncrementalRender, ServedTarget, render
+
+    rng = random.Random(11)
+    keys = [make_key(("hosts-chunks", n)) for n in range(8)]
+    served: dict[str, ServedTarget] = {}
+
+    def item(n: int) -> ServedTarget:
+        name = f"t{rng.randrange(1000):03d}-{n}"  # granted names are unique (resolve_aliases)
+        address = rng.choice([f"172.18.{n // 250}.{n % 250 + 1}", "", "fe80::1"])
+        target = Target(id=f"{n:064x}", name=name, address=address)
+        return ServedTarget(target, (name, f"{name}-alias"), (rng.choice(keys),) if rng.random() < 0.9 else ())
+
+    engine = IncrementalRender(("22",))
+    for step in range(60):
+        changed: dict[str, ServedTarget | None] = {}
+        for _ in range(300 if step == 0 else rng.randrange(1, 12)):
+            n = rng.randrange(400)
+            tid = f"{n:064x}"
+            changed[tid] = None if tid in served and rng.random() < 0.3 else item(n)
+        for tid, new in changed.items():
+            if new is None:
+                served.pop(tid, None)
+            else:
+                served[tid] = new
+        got = engine.update(changed).hosts_block
+        assert got == render(list(served.values()), ("22",)).hosts_block, f"step {step}"

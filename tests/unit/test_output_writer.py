@@ -86,7 +86,7 @@ def test_close_writes_the_cache_that_is_still_due(tmp_path: Path) -> None:
     writer(second)
     writer(third)
     assert writer.paths.cache.read_text() == first.cache
-    index = "".join(p.read_text() for p in sorted(writer.paths.sshd.index_dir.iterdir()))
+    index = "".join(p.read_text() for p in sorted(writer.paths.sshd.index_dir.glob("[!.]*")))
     assert index == third.index  # the index is written at once; the cache waits its turn
     writer.close()
     assert writer.paths.cache.read_text() == third.cache

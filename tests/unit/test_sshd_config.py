@@ -15,6 +15,7 @@ from typing import Iterator
 
 import pytest
 
+from watcher.cache import ShardFiles
 from watcher.config import RunMode, Settings, load_settings
 from watcher.errors import WatcherError
 from watcher.model import ManualLine, PublicKey
@@ -286,13 +287,16 @@ def test_keys_command_runs_from_its_safe_copy(sshd_dir: Path) -> None:
 
 @pytest.mark.parametrize("first", ["A", "z", "0", "/", "+"])
 def test_keys_command_reads_the_fingerprints_shard(sshd_dir: Path, first: str) -> None:
-    """Each fingerprint is looked up in the shard render.index_shard names, and only there."""
+    """Each fingerprint is looked up in the shard render.index_shard names, and only there
+    (written as the watcher writes it: a link to its current version)."""
     paths = _render_to(sshd_dir, Settings())
     fp = f"SHA256:{first}{'b' * 42}"
     rendered = render_keys([], ("22",), [ManualLine("f:1", (), _key_with_fingerprint(fp))])
-    paths.index_dir.mkdir()
+    files = ShardFiles(paths.index_dir)
+    files.prepare()
     for name, shard in rendered.shards.items():
-        (paths.index_dir / name).write_text(shard.index)
+        if shard.index:
+            files.write(name, shard.index.encode())
     assert [n for n, s in rendered.shards.items() if s.lines] == [index_shard(fp)]
     out = subprocess.run([str(paths.keys_command), str(paths.index_dir), fp], capture_output=True,
                          text=True, timeout=10)
