@@ -412,8 +412,9 @@ def hosts_block(rows: Iterable[str]) -> str:
 
 
 HOSTS_CHUNK = 64
-"""Rows per chunk of the hosts block kept joined (IncrementalRender): under churn at 100k
-targets a flush changes a few hundred rows, re-joining a fifth of the chunks."""
+"""Targets per chunk of the hosts block kept joined (IncrementalRender; up to twice as many
+before a chunk is split): under churn at 100k targets a flush touches a few hundred rows,
+re-joining about a fifth of the chunks."""
 
 
 def _rows_text(rows: Mapping[str, str], ids: Iterable[str]) -> str:
@@ -520,13 +521,13 @@ class IncrementalRender:
         self._owners: dict[str, tuple[str, ...]] = {}
         self._owners_before: dict[str, tuple[str, ...]] = {}
         self._rows: dict[str, str] = {}  # target id -> hosts row
-        # The hosts block's rows in chunks of HOSTS_CHUNK positions of `_order`, each chunk's
-        # text kept: a changed row re-joins its chunk, not the 100k rows of the block (~30 ms
-        # per change at 100k). A chunk from `_stale_from` on is stale (the order shifted
-        # there), and so is each in `_stale`.
+        # The hosts block's rows in chunks of about HOSTS_CHUNK targets of `_order`, each
+        # chunk's text kept: a change re-joins the chunks of the targets it touched, not the
+        # 100k rows of the block (~30 ms per flush at 100k). Chunk i holds the targets whose
+        # order key is in [_bounds[i-1], _bounds[i]): bounds are keys, not positions, so a
+        # target inserted or removed leaves the other chunks as they are.
+        self._bounds: list[tuple[str, str]] | None = None  # None: chunk everything again
         self._chunks: list[str] = []
-        self._stale: set[int] = set()
-        self._stale_from = 0
         self._hosts = hosts_block(())
         self._pending_fps: set[str] = set(self._manual)
         self._bulk = False
@@ -575,7 +576,7 @@ class IncrementalRender:
         self._pending_fps = set()
         self._owners_before = {}
         rows_changed = False
-        moved_rows: list[str] = []  # served targets whose hosts row changed
+        touched: list[tuple[str, str]] = []  # order keys of the hosts rows added, moved or gone
         # Many changes (a full render, a resync): re-sort once instead of inserting each.
         self._bulk = many(len(changed) + len(fps), len(self._served) + self._keys)
         for tid, item in changed.items():
@@ -595,17 +596,17 @@ class IncrementalRender:
                 for key in item.keys:
                     fps.add(key.fingerprint)
                     self._by_fp.add(key.fingerprint, tid)
-            if row != self._rows.get(tid, ""):
+            was = self._rows.get(tid, "")
+            if row != was or (row and (old is None or old.target.name != item.target.name)):
                 rows_changed = True
+                touched += [(t.target.name, tid) for t in (old, item) if t is not None]
                 if row:
                     self._rows[tid] = row
-                else:
+                elif was:
                     del self._rows[tid]
-                if item is not None:
-                    moved_rows.append(tid)
         if self._bulk:
             self._order = sorted(self._served, key=self._order_key)
-            self._stale_from = 0
+            self._bounds = None
         if self._scope is not None and changed:
             if self._scoped:
                 scope = self._current_scope()
@@ -616,9 +617,7 @@ class IncrementalRender:
                 self._scope_stale = True
         parts_changed = self._render_shards(fps)
         if rows_changed:
-            if not self._bulk:  # (positions are known only now: the order is final)
-                self._stale.update(self._position(tid) // HOSTS_CHUNK for tid in moved_rows)
-            self._hosts = self._join_hosts()
+            self._hosts = self._join_hosts(touched)
         shards = dict(self._shards)
         return Rendered(shards=shards, hosts_block=self._hosts, owners=self._owners,
                         grants=IndexGrants(shards), changed=frozenset(fps),
@@ -627,33 +626,34 @@ class IncrementalRender:
     def _order_key(self, tid: str) -> tuple[str, str]:
         return self._served[tid].target.name, tid
 
-    def _position(self, tid: str) -> int:
-        return bisect.bisect_left(self._order, self._order_key(tid), key=self._order_key)
-
     def _place(self, tid: str, old: ServedTarget | None, new: ServedTarget | None) -> None:
         """Keep `_order` sorted; untouched when the name stays (no shift of 100k entries)."""
         if old is not None and new is not None and old.target.name == new.target.name:
             return
         if old is not None:
-            at = bisect.bisect_left(self._order, (old.target.name, tid), key=self._order_key)
-            del self._order[at]
-            self._stale_from = min(self._stale_from, at // HOSTS_CHUNK)
+            del self._order[bisect.bisect_left(self._order, (old.target.name, tid), key=self._order_key)]
         if new is not None:
-            at = bisect.bisect_left(self._order, (new.target.name, tid), key=self._order_key)
-            self._order.insert(at, tid)
-            self._stale_from = min(self._stale_from, at // HOSTS_CHUNK)
+            self._order.insert(bisect.bisect_left(self._order, (new.target.name, tid), key=self._order_key), tid)
 
-    def _join_hosts(self) -> str:
-        """The hosts block, re-joining only the stale chunks of rows."""
-        order, rows, size = self._order, self._rows, HOSTS_CHUNK
-        count = -(-len(order) // size)
-        chunks = self._chunks[:min(self._stale_from, count)]
-        for i in self._stale:
-            if i < len(chunks):
-                chunks[i] = _rows_text(rows, order[i * size:(i + 1) * size])
-        chunks += [_rows_text(rows, order[i * size:(i + 1) * size]) for i in range(len(chunks), count)]
-        self._chunks, self._stale, self._stale_from = chunks, set(), count
-        return f"{HOSTS_BEGIN}\n{''.join(chunks)}{HOSTS_END}\n"
+    def _join_hosts(self, touched: Iterable[tuple[str, str]]) -> str:
+        """The hosts block, re-joining only the chunks that hold a `touched` order key."""
+        order, rows, size, key = self._order, self._rows, HOSTS_CHUNK, self._order_key
+        if self._bounds is None:
+            self._bounds = [key(tid) for tid in order[size::size]]
+            self._chunks = [_rows_text(rows, order[at:at + size]) for at in range(0, len(order), size)] or [""]
+        else:
+            bounds, chunks = self._bounds, self._chunks
+            # From the last chunk down: a split inserts chunks after the lower ones.
+            for i in sorted({bisect.bisect_right(bounds, k) for k in touched}, reverse=True):
+                lo = bisect.bisect_left(order, bounds[i - 1], key=key) if i else 0
+                hi = bisect.bisect_left(order, bounds[i], key=key) if i < len(bounds) else len(order)
+                ids = order[lo:hi]
+                if len(ids) > 2 * size:  # grown by inserts: split
+                    bounds[i:i] = [key(tid) for tid in ids[size::size]]
+                    chunks[i:i + 1] = [_rows_text(rows, ids[at:at + size]) for at in range(0, len(ids), size)]
+                else:
+                    chunks[i] = _rows_text(rows, ids)
+        return f"{HOSTS_BEGIN}\n{''.join(self._chunks)}{HOSTS_END}\n"
 
     def _current_scope(self) -> list[str]:
         return permitopen_options(dict.fromkeys(

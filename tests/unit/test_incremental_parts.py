@@ -114,12 +114,17 @@ def test_a_one_line_manual_edit_renders_only_that_key() -> None:
     assert h.rec.owners_of(edited.key.fingerprint) == ("/k/a.pub:150",)
 
 
-def test_hosts_block_kept_in_chunks_equals_a_full_render_through_inserts_renames_and_removals() -> None:
-    """Hundreds of targets (several chunks of rows): each step adds, removes, renames or
-    changes the address of a few, or takes their keys away; the block kept chunk by chunk
-    equals the one rendered from scratch."""
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_hosts_block_kept_in_chunks_equals_a_full_render_through_inserts_renames_and_removals(
+        chunk: int, monkeypatch) -> None:
+    """Hundreds of targets (several chunks of rows; with chunks of 3, chunks split often):
+    each step adds, removes, renames or changes the address of a few, or takes their keys
+    away; the block kept chunk by chunk equals the one rendered from scratch."""
+    from watcher import render as render_module
     from watcher.model import Target
     from watcher.render import IncrementalRender, ServedTarget, render
+
+    monkeypatch.setattr(render_module, "HOSTS_CHUNK", chunk)
 
     rng = random.Random(11)
     keys = [make_key(("hosts-chunks", n)) for n in range(8)]
@@ -127,12 +132,15 @@ def test_hosts_block_kept_in_chunks_equals_a_full_render_through_inserts_renames
 
     def item(n: int) -> ServedTarget:
         name = f"t{rng.randrange(1000):03d}-{n}"  # granted names are unique (resolve_aliases)
-        address = rng.choice([f"172.18.{n // 250}.{n % 250 + 1}", "", "fe80::1"])
+        address = rng.choice([f"172.18.{n // 250}.{n % 250 + 1}"] * 4 + ["", "fe80::1"])
         target = Target(id=f"{n:064x}", name=name, address=address)
-        return ServedTarget(target, (name, f"{name}-alias"), (rng.choice(keys),) if rng.random() < 0.9 else ())
+        # Some keep their row through a rename (its names are not the target's name): the
+        # row moves in the order without changing.
+        aliases = (name, f"{name}-alias") if rng.random() < 0.5 else (f"fixed-{n}",)
+        return ServedTarget(target, aliases, (rng.choice(keys),) if rng.random() < 0.9 else ())
 
     engine = IncrementalRender(("22",))
-    for step in range(60):
+    for step in range(80):
         changed: dict[str, ServedTarget | None] = {}
         for _ in range(300 if step == 0 else rng.randrange(1, 12)):
             n = rng.randrange(400)
