@@ -29,9 +29,9 @@ from .heap import StateFreezer
 from .model import KeyState, ManualLine, Target
 from .render import (IncrementalRender, Rendered, ServedTarget, Shard, changed_parts,
                      changed_span, grants_of_parts, render)
-from .revocation import Before, Revocation, TargetRef, World, remember, revocations
+from .revocation import Before, Revocation, World, remember, revocations
 from .revocation import TARGET_DISCONNECTED, TARGET_NOT_PERMITTED
-from .snapshot import (MANUAL_KEYS_LISTED, IgnoredTarget, KeyInfo, KeyStatus, ManualKey,
+from .snapshot import (MANUAL_KEYS_LISTED, IgnoredTarget, KeyStatus, ManualKey,
                        ManualStatus, RefusedName, SourceStatus, TargetStatus, WatcherState)
 from .pacing import Pacer, many
 from .targets import (AliasBook, ManualReservations, ProxyIdentity, ReservedNames,
@@ -173,7 +173,7 @@ class Reconciler:
         self._book = AliasBook(proxy, pin_names)
         self._engine = IncrementalRender(settings.permit_ports, settings.mode.discovers)
         self._granted: dict[str, tuple[str, ...]] = {}  # target id -> aliases as last written
-        self._refs: dict[str, TargetRef] = {}
+        self._refs: dict[str, Target] = {}  # target id -> the target as last rendered
         self._hosts_map: dict[str, str] = {}  # granted alias -> target id
         self._engine_manual: tuple[ManualLine, ...] = ()  # the admin lines the engine has
         self._manual_fps: set[str] = set()  # keys whose admin lines this flush edited
@@ -654,7 +654,7 @@ class Reconciler:
                 if entry is None:
                     continue
                 t = entry.target
-                self._refs[tid] = TargetRef(tid, t.name, t.address, t.started_at)
+                self._refs[tid] = t
                 aliases = self._book.aliases.get(tid, ())
                 self._granted[tid] = aliases
                 for alias in aliases:
@@ -714,7 +714,7 @@ class Reconciler:
         if bulk:
             self._row_order = sorted(self._rows, key=self._row_key)
         refused_rows = sorted(self._refused_rows, key=self._row_key)
-        ignored = tuple(IgnoredTarget(t.id[:12], t.name, r)
+        ignored = tuple(IgnoredTarget(t.short_id, t.name, r)
                         for t, r in sorted(self.ignored.values(), key=lambda v: v[0].name))
         manual_keys = tuple(ManualKey(m.origin, m.key.key_type, m.key.fingerprint, m.options)
                             for m in self.manual[:MANUAL_KEYS_LISTED])
@@ -741,9 +741,9 @@ def _target_status(entry: TargetEntry, aliases: tuple[str, ...]) -> TargetStatus
     if state is KeyStatus.PENDING and entry.fetching:
         state = KeyStatus.FETCHING
     return TargetStatus(
-        id=entry.target.id[:12], name=entry.target.name, address=entry.target.address,
+        id=entry.target.short_id, name=entry.target.name, address=entry.target.address,
         aliases=tuple(aliases), key_status=state, via=keys.via,
-        keys=tuple(KeyInfo(k.key_type, k.fingerprint, k.bits) for k in keys.keys),
+        keys=keys.keys,
         error=keys.error, rejected=tuple(keys.rejected), since=entry.since)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import AbstractSet, Iterable, Iterator, Mapping, Sequence
 
 from .model import ManualLine, PublicKey, Target
 from .multimap import IdMultimap
@@ -68,17 +68,15 @@ class Shard:
 
     index: str = ""
     lines: int = 0
-    _cache: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def cache(self) -> str:
-        """The same lines as the cache shows them (no fingerprint): derived when the cache
-        is written (paced), not at every render, and kept: a shard no change touched since
-        is not derived again."""
-        if self._cache is None:
-            text = "\n".join([line[line.index(" ") + 1:] for line in self.index.split("\n")[:-1]])
-            object.__setattr__(self, "_cache", text + "\n" if self.index else "")
-        return self._cache or ""
+        """The same lines as the cache shows them (no fingerprint): derived each time the
+        cache is written (paced, a shard at a time), not kept: at 100k keys the kept copy
+        was ~19 MB, and under churn every shard had changed by the next write anyway."""
+        if not self.index:
+            return ""
+        return "\n".join([line[line.index(" ") + 1:] for line in self.index.split("\n")[:-1]]) + "\n"
 
 
 EMPTY_SHARD = Shard()
@@ -399,9 +397,9 @@ def render_hosts_block(served: Iterable[ServedTarget],
     case): names already pinned outside the block (`pinned_elsewhere`, folded) are left out.
     """
     rows = []
-    written = set(pinned_elsewhere)
+    written: set[str] = set()
     for item in sorted(served, key=lambda s: (s.target.name, s.target.id)):
-        row = hosts_row(item, written)
+        row = hosts_row(item, written, pinned_elsewhere)
         if row:
             rows.append(row)
     return hosts_block(rows)
@@ -417,19 +415,16 @@ before a chunk is split): under churn at 100k targets a flush touches a few hund
 re-joining about a fifth of the chunks."""
 
 
-def _rows_text(rows: Mapping[str, str], ids: Iterable[str]) -> str:
-    return "".join([row + "\n" for row in map(rows.get, ids) if row])
-
-
-def hosts_row(item: ServedTarget, written: set[str]) -> str:
-    """One target's hosts line ("" for none), leaving out names in `written` (folded), to
-    which the names it writes are added."""
+def hosts_row(item: ServedTarget, written: set[str], pinned: AbstractSet[str] = frozenset()) -> str:
+    """One target's hosts line ("" for none), leaving out names in `written` or `pinned`
+    (folded); the names it writes are added to `written`."""
     if not (_ipv4(item.target.address) and item.keys):
         return ""  # no address, or one that is not plainly an IPv4 address: no row
     names = []
     for alias in item.aliases:
-        if not _looks_like_ip(alias) and fold(alias) not in written:
-            written.add(fold(alias))
+        folded = fold(alias)
+        if not _looks_like_ip(alias) and folded not in written and folded not in pinned:
+            written.add(folded)
             names.append(alias)
     return f"{item.target.address}\t{' '.join(names)}" if names else ""
 
@@ -520,7 +515,6 @@ class IncrementalRender:
         self._keys = 0  # fingerprints in the index
         self._owners: dict[str, tuple[str, ...]] = {}
         self._owners_before: dict[str, tuple[str, ...]] = {}
-        self._rows: dict[str, str] = {}  # target id -> hosts row
         # The hosts block's rows in chunks of about HOSTS_CHUNK targets of `_order`, each
         # chunk's text kept: a change re-joins the chunks of the targets it touched, not the
         # 100k rows of the block (~30 ms per flush at 100k). Chunk i holds the targets whose
@@ -583,7 +577,6 @@ class IncrementalRender:
             old = self._served.get(tid)
             if item is not None and not item.keys:
                 item = None
-            row = hosts_row(item, set(self.pinned_elsewhere)) if item is not None else ""
             if not self._bulk:
                 self._place(tid, old, item)  # while _served still has `old`: the order's key
             if old is not None:
@@ -596,14 +589,13 @@ class IncrementalRender:
                 for key in item.keys:
                     fps.add(key.fingerprint)
                     self._by_fp.add(key.fingerprint, tid)
-            was = self._rows.get(tid, "")
+            if self._bulk:
+                rows_changed = True  # every chunk is joined again below
+                continue
+            row, was = self._row(item), self._row(old)
             if row != was or (row and (old is None or old.target.name != item.target.name)):
                 rows_changed = True
                 touched += [(t.target.name, tid) for t in (old, item) if t is not None]
-                if row:
-                    self._rows[tid] = row
-                elif was:
-                    del self._rows[tid]
         if self._bulk:
             self._order = sorted(self._served, key=self._order_key)
             self._bounds = None
@@ -637,10 +629,10 @@ class IncrementalRender:
 
     def _join_hosts(self, touched: Iterable[tuple[str, str]]) -> str:
         """The hosts block, re-joining only the chunks that hold a `touched` order key."""
-        order, rows, size, key = self._order, self._rows, HOSTS_CHUNK, self._order_key
+        order, size, key, rows_text = self._order, HOSTS_CHUNK, self._order_key, self._rows_text
         if self._bounds is None:
             self._bounds = [key(tid) for tid in order[size::size]]
-            self._chunks = [_rows_text(rows, order[at:at + size]) for at in range(0, len(order), size)] or [""]
+            self._chunks = [rows_text(order[at:at + size]) for at in range(0, len(order), size)] or [""]
         else:
             bounds, chunks = self._bounds, self._chunks
             # From the last chunk down: a split inserts chunks after the lower ones.
@@ -650,10 +642,19 @@ class IncrementalRender:
                 ids = order[lo:hi]
                 if len(ids) > 2 * size:  # grown by inserts: split
                     bounds[i:i] = [key(tid) for tid in ids[size::size]]
-                    chunks[i:i + 1] = [_rows_text(rows, ids[at:at + size]) for at in range(0, len(ids), size)]
+                    chunks[i:i + 1] = [rows_text(ids[at:at + size]) for at in range(0, len(ids), size)]
                 else:
-                    chunks[i] = _rows_text(rows, ids)
+                    chunks[i] = rows_text(ids)
         return f"{HOSTS_BEGIN}\n{''.join(self._chunks)}{HOSTS_END}\n"
+
+    def _row(self, item: ServedTarget | None) -> str:
+        """A served target's hosts row: made again when its chunk is joined, not kept (a
+        pure function of the target and the names pinned elsewhere, fixed until reset)."""
+        return hosts_row(item, set(), self.pinned_elsewhere) if item is not None else ""
+
+    def _rows_text(self, ids: Iterable[str]) -> str:
+        served, row_of = self._served, self._row
+        return "".join([row + "\n" for row in (row_of(served[tid]) for tid in ids) if row])
 
     def _current_scope(self) -> list[str]:
         return permitopen_options(dict.fromkeys(

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
+from .model import Target
 from .render import ANY_DEST, GrantElement
 
 GrantSets = Mapping[str, frozenset[GrantElement]]
@@ -60,21 +61,11 @@ def lost_grants(old: GrantSets, new: GrantSets,
     return lost
 
 
-@dataclass(frozen=True, slots=True)
-class TargetRef:
-    """A target as one render saw it (enough to tell what became of it)."""
-
-    id: str
-    name: str
-    address: str = ""
-    started_at: str = ""
-
-
 @dataclass(frozen=True)
 class World:
     """What a render was made from, as far as explaining a revocation needs."""
 
-    targets: Mapping[str, TargetRef] = field(default_factory=dict)  # id -> every known target
+    targets: Mapping[str, Target] = field(default_factory=dict)  # id -> every target, as rendered
     hosts: Mapping[str, str] = field(default_factory=dict)  # granted alias -> target id
     excluded: Mapping[str, str] = field(default_factory=dict)  # target id -> reason (not served)
     manual: Mapping[str, frozenset[tuple[str, ...]]] = field(default_factory=dict)  # fp -> options

@@ -19,7 +19,7 @@ from enum import StrEnum
 from itertools import accumulate, compress, count, repeat
 from operator import add, attrgetter, is_not, ne, sub
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple, Protocol
 
 from .errors import WatcherError
 
@@ -40,6 +40,19 @@ class KeyStatus(StrEnum):
     FAILED = "failed"  # no key; `error` says why, retried with backoff
 
 
+class KeyFacts(Protocol):
+    """What a status row says of a key: a KeyInfo (read from status.json), or the served
+    PublicKey itself (the reconciler's rows share the key state's tuple: at 100k targets a
+    KeyInfo and a tuple per target were ~10 MB)."""
+
+    @property
+    def key_type(self) -> str: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def bits(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class KeyInfo:
     key_type: str  # "ssh-ed25519", ...
@@ -55,7 +68,7 @@ class TargetStatus:
     aliases: tuple[str, ...] = ()  # names granted (after conflict resolution)
     key_status: KeyStatus = KeyStatus.PENDING
     via: str = ""  # "http" (the key API) or "exec"
-    keys: tuple[KeyInfo, ...] = ()
+    keys: tuple[KeyFacts, ...] = ()
     error: str = ""
     rejected: tuple[str, ...] = ()  # reasons for key lines refused
     since: float = 0.0  # epoch seconds of the last change of key_status
@@ -296,7 +309,7 @@ def _target_json(t: TargetStatus) -> dict[str, Any]:
             "name": t.name, "rejected": t.rejected, "since": t.since, "via": t.via}
 
 
-def _key_json(k: KeyInfo) -> dict[str, Any]:
+def _key_json(k: KeyFacts) -> dict[str, Any]:
     return {"bits": k.bits, "fingerprint": k.fingerprint, "key_type": k.key_type}
 
 

@@ -17,7 +17,7 @@ from watcher.model import KeyState, ManualLine, PublicKey, Target
 from watcher.reconcile import Reconciler, Snapshot, _Fetched, retry_delay
 from watcher.render import Rendered
 from watcher.revocation import Revocation
-from watcher.snapshot import IgnoredTarget, KeyInfo, KeyStatus, SourceStatus, TargetStatus
+from watcher.snapshot import IgnoredTarget, KeyStatus, SourceStatus, TargetStatus
 from watcher.targets import ProxyIdentity
 
 PROXY = ProxyIdentity(names=frozenset({"ssh-proxy"}), addresses=frozenset({"172.18.0.2"}))
@@ -158,7 +158,7 @@ def test_upsert_fetch_render(h: Harness) -> None:
     [row] = h.snapshot.targets
     assert row == TargetStatus(id=web.id[:12], name="web", address="172.18.0.11",
                                aliases=("web", web.id[:12], "172.18.0.11"), key_status=KeyStatus.OK,
-                               via="http", keys=(KeyInfo(KA.key_type, KA.fingerprint, KA.bits),),
+                               via="http", keys=(KA,),
                                since=row.since)
     assert h.snapshot.keys_served == 1
     assert h.snapshot.ignored == ()

@@ -23,7 +23,7 @@ from watcher.render import ANY_DEST, ServedTarget, render
 from watcher.revocation import (GRANT_WITHDRAWN, MANUAL_LINE_REMOVED, TARGET_DISCONNECTED,
                                 TARGET_NOT_PERMITTED, TARGET_READDRESSED, TARGET_REMOVED,
                                 TARGET_RENAMED, TARGET_RESTARTED, RecentRevocations, Revocation,
-                                TargetRef, World, lost_grants, revocations)
+                                World, lost_grants, revocations)
 from watcher.sessions import ProcFS, SessionKiller
 
 
@@ -128,7 +128,7 @@ def test_shared_key_loses_the_removed_target() -> None:
 
 # --- why --------------------------------------------------------------------------------
 
-WEB = TargetRef("id-web", "web", "172.18.0.11", "t1")
+WEB = Target("id-web", "web", "172.18.0.11", started_at="t1")
 BEFORE = World(targets={WEB.id: WEB}, hosts={"web": WEB.id, "172.18.0.11": WEB.id},
                owners={"fp": ("web",)})
 LOST_WEB = ({"fp": frozenset({((), "web:22"), ((), "172.18.0.11:22")})}, {"fp": frozenset()})
@@ -138,9 +138,9 @@ LOST_WEB = ({"fp": frozenset({((), "web:22"), ((), "172.18.0.11:22")})}, {"fp": 
     (World(), TARGET_REMOVED),
     (World(excluded={WEB.id: TARGET_NOT_PERMITTED}), TARGET_NOT_PERMITTED),
     (World(excluded={WEB.id: TARGET_DISCONNECTED}), TARGET_DISCONNECTED),
-    (World(targets={WEB.id: TargetRef(WEB.id, "web2", WEB.address, "t1")}), TARGET_RENAMED),
-    (World(targets={WEB.id: TargetRef(WEB.id, "web", "172.18.0.99", "t1")}), TARGET_READDRESSED),
-    (World(targets={WEB.id: TargetRef(WEB.id, "web", WEB.address, "t2")}), TARGET_RESTARTED),
+    (World(targets={WEB.id: Target(WEB.id, "web2", WEB.address, started_at="t1")}), TARGET_RENAMED),
+    (World(targets={WEB.id: Target(WEB.id, "web", "172.18.0.99", started_at="t1")}), TARGET_READDRESSED),
+    (World(targets={WEB.id: Target(WEB.id, "web", WEB.address, started_at="t2")}), TARGET_RESTARTED),
     (World(targets={WEB.id: WEB}), GRANT_WITHDRAWN),
 ])
 def test_reason_follows_the_target_the_destination_belonged_to(after: World, reason: str) -> None:
@@ -162,9 +162,9 @@ def test_manual_line_naming_a_target_removed_names_the_target() -> None:
 
 
 def test_several_reasons_are_all_given() -> None:
-    db = TargetRef("id-db", "db", "172.18.0.12", "t1")
+    db = Target("id-db", "db", "172.18.0.12", started_at="t1")
     before = World(targets={WEB.id: WEB, db.id: db}, hosts={"web": WEB.id, "db": db.id})
-    after = World(targets={db.id: TargetRef(db.id, "db2", db.address, "t1")})
+    after = World(targets={db.id: Target(db.id, "db2", db.address, started_at="t1")})
     [revocation] = revocations(before, after, {"fp": frozenset({((), "web:22"), ((), "db:22")})}, {})
     assert revocation.reason == f"{TARGET_REMOVED},{TARGET_RENAMED}"
     assert revocation.targets == ("db", "web")
