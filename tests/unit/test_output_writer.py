@@ -36,6 +36,20 @@ def test_the_cache_file_is_the_render_s_cache_in_every_write(tmp_path: Path) -> 
     assert writer.paths.cache.read_text() == third.cache
 
 
+def test_a_render_of_the_same_sizes_but_other_lines_is_written_and_an_equal_one_is_not(tmp_path: Path) -> None:
+    # The writer remembers what it wrote by each shard's length and hash, not its text.
+    writer = _writer(tmp_path)
+    key = make_key(("writer", "same"))
+    first = render([served("web", "1", "172.18.0.2", key)], ("22",))
+    other = render([served("wex", "1", "172.18.0.2", key)], ("22",))  # the same lengths
+    assert [len(s.index) for s in first.shards.values()] == [len(s.index) for s in other.shards.values()]
+    assert writer(first)
+    assert writer(other)
+    assert writer.paths.cache.read_text() == other.cache
+    assert not writer(render([served("wex", "1", "172.18.0.2", key)], ("22",)))  # equal, new objects
+    assert writer.paths.cache.read_text() == other.cache
+
+
 def _renders(count: int) -> list:
     keys = [make_key(("writer", n)) for n in range(20)]
     return [render([served(f"t{n}", str(n % 10), f"172.18.0.{n + 2}", key)
