@@ -312,9 +312,11 @@ class AliasBook:
         self.targets: dict[str, Target] = {}
         self.aliases: dict[str, tuple[str, ...]] = {}  # target id -> granted aliases
         self.refused: dict[str, tuple[tuple[str, str, str], ...]] = {}  # id -> refusals
-        # folded name -> ids claiming it (100k targets have ~500k names)
-        self._claims = IdMultimap()
+        # folded name -> ids claiming it (100k targets have ~500k names), as their own
+        # (name, id, IPs) or softly (hostname, network aliases): each claim in one table
+        # (a name, id and IP in both were ~20 MB more at 100k targets)
         self._auth_claims = IdMultimap()
+        self._soft_claims = IdMultimap()
         self._name_owners = IdMultimap()
 
     def update(self, changed: Mapping[str, Target | None]) -> set[str]:
@@ -339,7 +341,7 @@ class AliasBook:
                 touched |= self._claim(target, add=True)
         redo |= {tid for tid in changed if tid in self.targets and tid not in same}
         for key in touched:
-            others = {*self._claims.get(key), *self._name_owners.get(key)}
+            others = {*self._claimants(key), *self._name_owners.get(key)}
             if others <= redo or alias_problem(key, self.proxy):
                 continue  # all re-decided anyway, or refused to every claimant (case-blind)
             redo |= others
@@ -353,7 +355,7 @@ class AliasBook:
         self.reserved = reserved
         redo: set[str] = set()
         for key in names:
-            redo.update(self._claims.get(key), self._name_owners.get(key))
+            redo.update(self._claimants(key), self._name_owners.get(key))
         for tid in redo:
             self._decide(self.targets[tid])
         return redo
@@ -369,10 +371,12 @@ class AliasBook:
         for alias, auth in _candidates(t):
             key = fold(alias)
             keys.add(key)
-            self._mark(self._claims, key, t.id, add)
-            if auth:
-                self._mark(self._auth_claims, key, t.id, add)
+            self._mark(self._auth_claims if auth else self._soft_claims, key, t.id, add)
         return keys
+
+    def _claimants(self, key: str) -> set[str]:
+        """Ids claiming a folded name, either way."""
+        return {*self._auth_claims.get(key), *self._soft_claims.get(key)}
 
     @staticmethod
     def _mark(table: IdMultimap, key: str, tid: str, add: bool) -> None:
@@ -395,7 +399,7 @@ class AliasBook:
             return f"ambiguous: target {self._listed(owners - {t.id})} has the same name but for case"
         if owners:
             return "" if t.id in owners else f"belongs to target {self._listed(owners)}"
-        others = set(self._claims.get(key)) - {t.id}
+        others = self._claimants(key) - {t.id}
         auth_owners = set(self._auth_claims.get(key))
         if len(auth_owners) == 1 and t.id not in auth_owners:
             return f"belongs to target {self._listed(auth_owners)}"
