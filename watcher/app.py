@@ -12,8 +12,8 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from itertools import repeat
+from pathlib import Path
 from typing import Any, Callable, Mapping, TextIO
 
 from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse_datagram,
