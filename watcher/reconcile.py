@@ -150,7 +150,6 @@ class Reconciler:
         self.manual: tuple[ManualLine, ...] = ()
         self.status: dict[str, dict] = {"source": {}, "manual": {}}
         self.owners: dict[str, tuple[str, ...]] = {}
-        self.alias_owners: dict[str, str] = {}
         self.writes = 0
         self.last_write = 0.0
         self.last_event = 0.0  # wall clock of the source's last change (for `watcher status`)
@@ -174,7 +173,7 @@ class Reconciler:
         self._engine = IncrementalRender(settings.permit_ports, settings.mode.discovers)
         self._granted: dict[str, tuple[str, ...]] = {}  # target id -> aliases as last written
         self._refs: dict[str, Target] = {}  # target id -> the target as last rendered
-        self._hosts_map: dict[str, str] = {}  # granted alias -> target id
+        self._hosts_map: dict[str, str] = {}  # granted alias (folded) -> target id
         self._engine_manual: tuple[ManualLine, ...] = ()  # the admin lines the engine has
         self._manual_fps: set[str] = set()  # keys whose admin lines this flush edited
         # The revocation world, kept up to date in place (see _worlds).
@@ -226,7 +225,8 @@ class Reconciler:
     def alias_owner(self, alias: str) -> str:
         """The name of the target a granted alias leads to ("" if none)."""
         with self._lock:
-            return self.alias_owners.get(fold(alias), "")
+            target = self._refs.get(self._hosts_map.get(fold(alias), ""))
+            return target.name if target is not None else ""
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -626,10 +626,10 @@ class Reconciler:
         old_refs: dict = {}
         old_hosts: dict = {}
         old_manual: dict = {}
-        if rendered.changed is None:
+        full = rendered.changed is None
+        if full:
             before = World(targets=self._refs, hosts=self._hosts_map, excluded=self._excluded,
                            manual=self._manual_options, owners=self._owners_seen)
-            self._refs, self._hosts_map, self._granted = {}, {}, {}
             self._manual_options = {}
             redo = set(self.entries)
             manual_fps: Iterable[str] = self._engine.manual_fingerprints()
@@ -638,15 +638,14 @@ class Reconciler:
                            excluded=self._excluded, manual=Before(old_manual, self._manual_options),
                            owners=rendered.owners_before)
             manual_fps = self._manual_fps
-        with self._lock:
-            if rendered.changed is None:
-                self.alias_owners = {}
+        with self._lock:  # alias_owner reads these from other threads
+            if full:
+                self._refs, self._hosts_map, self._granted = {}, {}, {}
             for tid in redo:
-                for alias in self._granted.pop(tid, ()):
+                for alias in map(fold, self._granted.pop(tid, ())):
                     if self._hosts_map.get(alias) == tid:
                         remember(old_hosts, self._hosts_map, alias)
                         del self._hosts_map[alias]
-                    self.alias_owners.pop(fold(alias), None)
                 remember(old_refs, self._refs, tid)
                 self._refs.pop(tid, None)
             for tid in redo:
@@ -657,10 +656,9 @@ class Reconciler:
                 self._refs[tid] = t
                 aliases = self._book.aliases.get(tid, ())
                 self._granted[tid] = aliases
-                for alias in aliases:
+                for alias in map(fold, aliases):
                     remember(old_hosts, self._hosts_map, alias)
                     self._hosts_map[alias] = tid
-                    self.alias_owners[fold(alias)] = t.name
         for fp in manual_fps:
             remember(old_manual, self._manual_options, fp)
             options = frozenset(line.options for line in self._engine.manual_lines(fp))

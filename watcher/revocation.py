@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 from .model import Target
 from .render import ANY_DEST, GrantElement
+from .targets import fold
 
 GrantSets = Mapping[str, frozenset[GrantElement]]
 
@@ -66,7 +67,7 @@ class World:
     """What a render was made from, as far as explaining a revocation needs."""
 
     targets: Mapping[str, Target] = field(default_factory=dict)  # id -> every target, as rendered
-    hosts: Mapping[str, str] = field(default_factory=dict)  # granted alias -> target id
+    hosts: Mapping[str, str] = field(default_factory=dict)  # granted alias (folded) -> target id
     excluded: Mapping[str, str] = field(default_factory=dict)  # target id -> reason (not served)
     manual: Mapping[str, frozenset[tuple[str, ...]]] = field(default_factory=dict)  # fp -> options
     owners: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # fp -> names (access log)
@@ -142,7 +143,7 @@ def revocations(before: World, after: World, old: GrantSets, new: GrantSets,
 def _explain(fp: str, element: GrantElement, before: World, after: World) -> tuple[str, str]:
     """(reason, name of the target the destination belonged to or "") for one lost element."""
     _, dest = element
-    tid = before.hosts.get(dest.rsplit(":", 1)[0]) if dest != ANY_DEST else None
+    tid = before.hosts.get(fold(dest.rsplit(":", 1)[0])) if dest != ANY_DEST else None
     was = before.targets.get(tid) if tid is not None else None
     name = was.name if was is not None else ""
     if was is not None:

@@ -148,6 +148,16 @@ def test_reason_follows_the_target_the_destination_belonged_to(after: World, rea
     assert revocation == Revocation("fp", reason, ("web",), 5.0)
 
 
+def test_a_destination_is_found_whatever_its_case() -> None:
+    # The reconciler keys the granted names by their folded form; a grant keeps the case the
+    # target's name has.
+    web = Target("id-web", "Web", "172.18.0.11", started_at="t1")
+    before = World(targets={web.id: web}, hosts={"web": web.id})
+    after = World(targets={web.id: Target(web.id, "Web2", web.address, started_at="t1")})
+    [revocation] = revocations(before, after, {"fp": frozenset({((), "Web:22")})}, {})
+    assert (revocation.reason, revocation.targets) == (TARGET_RENAMED, ("Web",))
+
+
 def test_manual_line_removed() -> None:
     before = World(manual={"fp": frozenset({('permitopen="db:5432"',)})}, owners={"fp": ("admin.pub:1",)})
     [revocation] = revocations(before, World(), {"fp": frozenset({((), "db:5432")})}, {})
