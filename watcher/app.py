@@ -12,7 +12,6 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
 from typing import Any, Callable, Mapping, TextIO
 
@@ -237,7 +236,7 @@ class OutputWriter:
             # is made from (~23 MB, a generation behind under churn) is kept between writes. A
             # str keeps its hash: only a new shard is hashed (~20 ms for all at 100k keys).
             shards = tuple((len(shard.index), hash(shard.index))
-                           for shard in map(rendered.shards.get, SHARD_NAMES, repeat(EMPTY_SHARD)))
+                           for shard in (rendered.shards.get(name, EMPTY_SHARD) for name in SHARD_NAMES))
             changed = self._once(self.paths.cache, shards, lambda known: _write_cache_file(
                 self.paths.cache, rendered, known))
             self._cache_pacer.ran(started)
