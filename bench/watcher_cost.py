@@ -32,7 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO_ROOT, dist, save, table  # noqa: E402,F401
+from stats import REPO_ROOT, dist, save, table  # noqa: E402,F401
+
+sys.path.insert(0, str(REPO_ROOT))
 
 from watcher.allocator import fix_mmap_threshold  # noqa: E402
 from watcher.app import OutputWriter, Paths  # noqa: E402

@@ -311,7 +311,7 @@ class AliasBook:
         self.reserved = reserved
         self.targets: dict[str, Target] = {}
         self.aliases: dict[str, tuple[str, ...]] = {}  # target id -> granted aliases
-        self.refused: dict[str, tuple[tuple[str, str, str], ...]] = {}  # id -> refusals
+        self.refused: dict[str, tuple[tuple[str, str, str], ...]] = {}  # id -> refusals (if any)
         # folded name -> ids claiming it (100k targets have ~500k names), as their own
         # (name, id, IPs) or softly (hostname, network aliases): each claim in one table
         # (a name, id and IP in both were ~20 MB more at 100k targets)
@@ -363,7 +363,7 @@ class AliasBook:
     def plan(self) -> AliasPlan:
         order = sorted(self.targets.values(), key=lambda t: (t.name, t.id))
         return AliasPlan(aliases={t.id: self.aliases[t.id] for t in order},
-                         refused=tuple(r for t in order for r in self.refused[t.id]))
+                         refused=tuple(r for t in order for r in self.refused.get(t.id, ())))
 
     def _claim(self, t: Target, add: bool) -> set[str]:
         keys = {fold(t.name)}
@@ -426,7 +426,10 @@ class AliasBook:
                 granted.append(alias)
                 seen.add(fold(alias))
         self.aliases[t.id] = tuple(granted)
-        self.refused[t.id] = tuple(refused)
+        if refused:
+            self.refused[t.id] = tuple(refused)
+        else:  # most targets have none: no entry (a 100k-entry table is ~4 MB)
+            self.refused.pop(t.id, None)
 
 
 def _claim_view(t: Target) -> tuple:

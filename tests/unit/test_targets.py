@@ -10,6 +10,7 @@ from dataclasses import replace
 from watcher.config import Settings, load_settings
 from watcher.model import ManualLine, PublicKey, Target
 from watcher.targets import (
+    AliasBook,
     AliasPlan,
     ProxyIdentity,
     Reservation,
@@ -176,6 +177,19 @@ def test_ip_shaped_soft_alias_never_granted(field: str) -> None:
     plan = resolve_aliases([t], PROXY)
     assert plan.aliases[t.id] == ("evil", "aaaaaaaaaaaa", "172.18.0.5")
     assert plan.refused == (("evil", "172.17.0.4", "an address that is not the target's own"),)
+
+
+def test_alias_book_keeps_refusals_only_for_targets_that_have_some() -> None:
+    # At 100k targets an entry per target (nearly all without a refusal) was a 4 MB table.
+    owner = target("db", "a", address="172.18.0.5")
+    borrower = target("evil", "b", address="172.18.0.6", hostname="db")
+    book = AliasBook(PROXY)
+    book.update({owner.id: owner, borrower.id: borrower})
+    assert book.refused == {borrower.id: (("evil", "db", "belongs to target db"),)}
+    assert book.plan().refused == (("evil", "db", "belongs to target db"),)
+    book.update({borrower.id: replace(borrower, hostname="")})  # it no longer asks for "db"
+    assert book.refused == {}
+    assert book.plan() == resolve_aliases([owner, replace(borrower, hostname="")], PROXY)
 
 
 def test_target_without_address() -> None:
