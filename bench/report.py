@@ -126,7 +126,8 @@ def plot(name: str, data: dict) -> bool:
         ax.set_ylabel("fraction")
     elif name == "watcher_cost":
         for size, r in data.items():
-            cdf(ax, r["latencies"], f"{int(size):,} targets")
+            if isinstance(r, dict):  # a size's run (python_speed_M_per_s is a number)
+                cdf(ax, r["latencies"], f"{int(size):,} targets")
         ax.set_xscale("log")
         ax.set_xlabel("event -> index written, s")
         ax.set_ylabel("fraction of events")
