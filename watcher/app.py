@@ -150,7 +150,7 @@ class OutputWriter:
             path = self.paths.sshd.index_dir / name
             self._written.pop(path, None)
             try:
-                if shrink_in_place(path, rendered.shards.get(name, EMPTY_SHARD).index.encode()):
+                if shrink_in_place(path, rendered.shards.get(name, EMPTY_SHARD).data):
                     log.warning("withdrew revoked grants from %s in place while the disk is full", path)
             except OSError as exc:
                 log.error("cannot withdraw revoked grants from %s (%s): emptying it", path, exc)
@@ -216,8 +216,8 @@ class OutputWriter:
             if on_disk.get(name) is shard:
                 continue
             path = directory / name
-            changed |= self._once(path, shard.index,
-                                  lambda known: _write_shard(self._shard_files, name, shard.index, known))
+            changed |= self._once(path, shard.data,
+                                  lambda known: _write_shard(self._shard_files, name, shard.data, known))
         self._shards_on_disk = rendered.shards
         return changed
 
@@ -234,8 +234,8 @@ class OutputWriter:
             # Remembered by its shards' lengths and hashes, not their text: the same shards
             # make the same text, and neither the cache (~18 MB at 100k keys) nor the index it
             # is made from (~23 MB, a generation behind under churn) is kept between writes. A
-            # str keeps its hash: only a new shard is hashed (~20 ms for all at 100k keys).
-            shards = tuple((len(shard.index), hash(shard.index))
+            # bytes object keeps its hash: only a new shard is hashed (~20 ms for all at 100k keys).
+            shards = tuple((len(shard.data), hash(shard.data))
                            for shard in (rendered.shards.get(name, EMPTY_SHARD) for name in SHARD_NAMES))
             changed = self._once(self.paths.cache, shards, lambda known: _write_cache_file(
                 self.paths.cache, rendered, known))
@@ -261,13 +261,12 @@ class OutputWriter:
         return changed
 
 
-def _write_shard(files: ShardFiles, name: str, text: str, known: bool) -> bool:
+def _write_shard(files: ShardFiles, name: str, data: bytes, known: bool) -> bool:
     """One index shard (not fsynced, as _write_derived says); no file for a shard without
     keys (the keys command reads a missing shard as empty): a small deployment keeps a few
     files, not 64 mostly empty ones."""
-    if not text:
+    if not data:
         return files.remove(name)
-    data = text.encode()
     if not known and read_bytes(files.directory / name) == data:
         return False
     files.write(name, data)
@@ -278,7 +277,7 @@ def _write_cache_file(path: Path, rendered: Rendered, known: bool) -> bool:
     """The cache, streamed shard by shard when the file holds what this writer last wrote
     (no need to compare: the text of 100k keys is then never one string)."""
     if known:
-        atomic_write(path, (chunk.encode() for chunk in rendered.cache_chunks()), durable=False)
+        atomic_write(path, rendered.cache_chunks(), durable=False)
         return True
     return _write_derived(path, rendered.cache, known)
 

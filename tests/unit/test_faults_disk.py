@@ -50,7 +50,7 @@ def _render(index: str, cache_text: str) -> Any:
     """What OutputWriter reads of a Rendered."""
     lines = [tuple(line.split(" ", 1)) for line in index.splitlines()]
     return SimpleNamespace(shards=shards_of(lines), cache=cache_text, hosts_block="",
-                           cache_chunks=lambda: iter([cache_text]))
+                           cache_chunks=lambda: iter([cache_text.encode()]))
 
 
 def _shards(directory: Path) -> list[str]:

@@ -24,7 +24,7 @@ def text_of(parts: dict[str, list[str]]) -> str:
 
 def shard_of(parts: dict[str, list[str]]) -> Shard:
     text = text_of(parts)
-    return Shard(text, text.count("\n")) if text else EMPTY_SHARD
+    return Shard(text.encode(), text.count("\n")) if text else EMPTY_SHARD
 
 
 @settings(max_examples=300, deadline=None)
