@@ -262,7 +262,7 @@ class OutputWriter:
 
 
 def _write_shard(files: ShardFiles, name: str, data: bytes, known: bool) -> bool:
-    """One index shard (not fsynced, as _write_derived says); no file for a shard without
+    """One index shard (not fsynced, as _write_cache_file says); no file for a shard without
     keys (the keys command reads a missing shard as empty): a small deployment keeps a few
     files, not 64 mostly empty ones."""
     if not data:
@@ -274,23 +274,15 @@ def _write_shard(files: ShardFiles, name: str, data: bytes, known: bool) -> bool
 
 
 def _write_cache_file(path: Path, rendered: Rendered, known: bool) -> bool:
-    """The cache, streamed shard by shard when the file holds what this writer last wrote
-    (no need to compare: the text of 100k keys is then never one string)."""
+    """The cache: atomic, not fsynced. Like the index shards it is written again from the
+    state at every start, before sshd starts, so a flush to disk would buy nothing after a
+    crash; readers see a whole file either way (rename). Streamed shard by shard when the
+    file holds what this writer last wrote (no need to compare: the 100k keys' cache is
+    then never one string)."""
     if known:
         atomic_write(path, rendered.cache_chunks(), durable=False)
         return True
-    return _write_derived(path, rendered.cache, known)
-
-
-def _write_derived(path: Path, text: str, known: bool) -> bool:
-    """A file the watcher derives (index shards, cache): atomic, not fsynced. Both are
-    written again from the state at every start, before sshd starts, so a flush to disk
-    would buy nothing after a crash; readers see a whole file either way (rename)."""
-    data = text.encode()
-    if known:
-        atomic_write(path, data, durable=False)
-        return True
-    return write_if_changed(path, data, durable=False)
+    return write_if_changed(path, b"".join(rendered.cache_chunks()), durable=False)
 
 
 def hosts_writable(path: Path) -> bool:

@@ -87,10 +87,6 @@ class Shard:
             return b""
         return b"\n".join([line[line.index(b" ") + 1:] for line in self.data.split(b"\n")[:-1]]) + b"\n"
 
-    @property
-    def cache(self) -> str:
-        return self.cache_data.decode()
-
 
 EMPTY_SHARD = Shard()
 
