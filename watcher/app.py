@@ -230,16 +230,16 @@ class OutputWriter:
                 return False
             if not force and not self._cache_pacer.due():
                 return False
-            started = time.perf_counter()
-            # Remembered by its shards' lengths and hashes, not their text: the same shards
-            # make the same text, and neither the cache (~18 MB at 100k keys) nor the index it
-            # is made from (~23 MB, a generation behind under churn) is kept between writes. A
-            # bytes object keeps its hash: only a new shard is hashed (~20 ms for all at 100k keys).
-            shards = tuple((len(shard.data), hash(shard.data))
-                           for shard in (rendered.shards.get(name, EMPTY_SHARD) for name in SHARD_NAMES))
-            changed = self._once(self.paths.cache, shards, lambda known: _write_cache_file(
-                self.paths.cache, rendered, known))
-            self._cache_pacer.ran(started)
+            with self._cache_pacer.timed():
+                # Remembered by its shards' lengths and hashes, not their text: the same shards
+                # make the same text, and neither the cache (~18 MB at 100k keys) nor the index
+                # it is made from (~23 MB, a generation behind under churn) is kept between
+                # writes. A bytes object keeps its hash: only a new shard is hashed (~20 ms for
+                # all at 100k keys).
+                shards = tuple((len(shard.data), hash(shard.data)) for shard in
+                               (rendered.shards.get(name, EMPTY_SHARD) for name in SHARD_NAMES))
+                changed = self._once(self.paths.cache, shards, lambda known: _write_cache_file(
+                    self.paths.cache, rendered, known))
             with self._due_lock:
                 if self._cache_due is rendered:  # else a newer render became due meanwhile
                     self._cache_due = None

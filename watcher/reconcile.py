@@ -675,9 +675,8 @@ class Reconciler:
     def _publish(self) -> None:
         rendered = self._unpublished
         assert rendered is not None
-        started = time.perf_counter()
-        self.publish(self._snapshot(rendered))
-        self._publish_pacer.ran(started)
+        with self._publish_pacer.timed():
+            self.publish(self._snapshot(rendered))
         self._unpublished = None
 
     def _row_key(self, tid: str) -> tuple[str, str]:

@@ -574,8 +574,10 @@ def wait_for_status(proxy: Proxy, predicate: Callable[[dict], object], deadline:
         return bool(doc) and bool(predicate(doc))
 
     if not wait_until(check, deadline, interval=0.5):
-        pytest.fail(f"status.json did not get there within {deadline} s:\n{json.dumps(doc, indent=1)}",
-                    pytrace=False)
+        # The proxy's last lines at the end: a CI report keeps the end of a long message.
+        logs = docker("logs", "--tail", "60", proxy.id, check=False)
+        pytest.fail(f"status.json did not get there within {deadline} s:\n{json.dumps(doc, indent=1)}"
+                    f"\n--- the proxy's last log lines:\n{logs.stdout}{logs.stderr}", pytrace=False)
     return doc
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import pytest
 
 from watcher.pacing import Pacer, many
 
@@ -15,23 +15,60 @@ class Clock:
         return self.now
 
 
+def _run(pacer: Pacer, wall: Clock, cpu: Clock, cpu_seconds: float, wall_seconds: float) -> None:
+    """One paced run that used `cpu_seconds` of its thread's CPU over `wall_seconds`."""
+    with pacer.timed():
+        cpu.now += cpu_seconds
+        wall.now += wall_seconds
+
+
 def test_cheap_work_is_always_due() -> None:
-    pacer = Pacer(Clock())
+    wall, cpu = Clock(), Clock()
+    pacer = Pacer(wall, cpu)
     assert pacer.due()
-    pacer.ran(time.perf_counter())  # ~0 s
+    _run(pacer, wall, cpu, 0.001, 0.001)
     assert pacer.wait() == 0.0 and pacer.due()
 
 
 def test_costly_work_waits_ten_times_its_cost() -> None:
-    clock = Clock()
-    pacer = Pacer(clock)
-    pacer.ran(time.perf_counter() - 0.05)  # took 50 ms
-    assert 0.5 <= pacer.wait() < 0.6
+    wall, cpu = Clock(), Clock()
+    pacer = Pacer(wall, cpu)
+    _run(pacer, wall, cpu, 0.05, 0.05)  # took 50 ms
+    assert pacer.wait() == pytest.approx(0.5)
     assert not pacer.due()
-    clock.now += 0.49
+    wall.now += 0.49
     assert not pacer.due()
-    clock.now += 0.2
+    wall.now += 0.02
     assert pacer.due()
+
+
+def test_a_stalled_machine_does_not_defer_cheap_work() -> None:
+    """A 1 ms snapshot that took 3 s of wall time on a loaded machine (seen under CI load:
+    the thread waited for a core) costs 1 ms: the next one is due at once, not in 30 s."""
+    wall, cpu = Clock(), Clock()
+    pacer = Pacer(wall, cpu)
+    _run(pacer, wall, cpu, 0.001, 3.0)
+    assert pacer.cost == pytest.approx(0.001)
+    assert pacer.due()
+
+
+def test_the_cost_is_recorded_when_the_work_fails() -> None:
+    wall, cpu = Clock(), Clock()
+    pacer = Pacer(wall, cpu)
+    with pytest.raises(OSError), pacer.timed():
+        cpu.now += 0.2
+        raise OSError("disk full")
+    assert pacer.cost == pytest.approx(0.2) and pacer.done_at == wall.now
+    assert pacer.until_due() == pytest.approx(2.0)
+
+
+def test_the_default_cost_is_this_threads_cpu_time() -> None:
+    """Sleeping (waiting for the disk, a lock or a core) is not cost."""
+    import time
+    pacer = Pacer()
+    with pacer.timed():
+        time.sleep(0.05)
+    assert pacer.cost < 0.005 and pacer.due()
 
 
 def test_many_changes() -> None:
