@@ -272,7 +272,16 @@ def _index_text(paths: Paths) -> str:
 
 
 def _served(paths: Paths) -> int:
-    return _index_text(paths).count("\n")
+    """Lines in the index, a shard at a time: polled every 0.2 s while loading, and reading
+    the whole index into one string (~23 MB at 100k keys) counted in the peak RSS reported
+    as the watcher's (up to ~20 MiB of it)."""
+    lines = 0
+    for name in SHARD_NAMES:
+        try:
+            lines += (paths.sshd.index_dir / name).read_bytes().count(b"\n")
+        except FileNotFoundError:
+            pass
+    return lines
 
 
 def _served_bytes(paths: Paths) -> int:
