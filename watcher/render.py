@@ -420,10 +420,13 @@ def hosts_block(rows: Iterable[str]) -> str:
     return "\n".join([HOSTS_BEGIN, *rows, HOSTS_END]) + "\n"
 
 
-HOSTS_CHUNK = 64
-"""Targets per chunk of the hosts block kept joined (IncrementalRender; up to twice as many
-before a chunk is split): under churn at 100k targets a flush touches a few hundred rows,
-re-joining about a fifth of the chunks."""
+HOSTS_CHUNK = 8
+"""Targets per group of the hosts block kept joined (IncrementalRender; up to twice as many
+before a group is split). A target that restarts leaves the block (its key is gone) and
+comes back a flush or more later (its new key fetched): each time its group's rows are made
+again. At 100k targets and 480 such restarts per flush, the loop's CPU per flush was ~480 ms
+with 64 and one list of every id, ~250 ms with groups of 16, ~150-170 ms with 8 (4: no
+better); bench/ANALYSIS.md, round 11."""
 
 
 def hosts_row(item: ServedTarget, written: set[str], pinned: AbstractSet[str] = frozenset()) -> str:
@@ -451,7 +454,8 @@ def _ipv4(text: str) -> bool:
 
 
 def _looks_like_ip(text: str) -> bool:
-    return all(part.isdigit() for part in text.split(".")) and text.count(".") == 3
+    # The count first: most names have no three dots, and it is one pass in C.
+    return text.count(".") == 3 and all(part.isdigit() for part in text.split("."))
 
 
 def render(served: Iterable[ServedTarget], ports: tuple[str, ...],
@@ -511,9 +515,6 @@ class IncrementalRender:
         and grants maps are new objects: a Rendered handed out before keeps its own."""
         self.pinned_elsewhere = pinned_elsewhere
         self._served: dict[str, ServedTarget] = {}
-        # The ids of the served targets, sorted by (name, id) (bisected through _order_key):
-        # ids, not (name, id, row) tuples, which cost ~150 bytes per target at 100k.
-        self._order: list[str] = []
         self._by_fp = IdMultimap()  # fingerprint -> ids of targets with that key
         self._manual: dict[str, list[ManualLine]] = {}  # fingerprint -> its lines, in order
         for line in manual:
@@ -526,13 +527,17 @@ class IncrementalRender:
         self._keys = 0  # fingerprints in the index
         self._owners: dict[str, tuple[str, ...]] = {}
         self._owners_before: dict[str, tuple[str, ...]] = {}
-        # The hosts block's rows in chunks of about HOSTS_CHUNK targets of `_order`, each
-        # chunk's text kept: a change re-joins the chunks of the targets it touched, not the
-        # 100k rows of the block (~30 ms per flush at 100k). Chunk i holds the targets whose
-        # order key is in [_bounds[i-1], _bounds[i]): bounds are keys, not positions, so a
-        # target inserted or removed leaves the other chunks as they are.
-        self._bounds: list[tuple[str, str]] | None = None  # None: chunk everything again
-        self._chunks: list[str] = []
+        # The served targets in order of (name, id), in groups of about HOSTS_CHUNK, and
+        # the hosts block's rows of each group joined (`_chunks`): a change re-joins the
+        # groups of the targets it touched, not the 100k rows of the block (~30 ms per
+        # flush at 100k), and a target that leaves or joins shifts its group's list, not a
+        # list of 100k ids (~20 us each, twice per restart). Group i holds the targets
+        # whose order key is in [_bounds[i-1], _bounds[i]): bounds are keys, not
+        # positions, so the other groups stay as they are. Ids, not (name, id, row)
+        # tuples, which cost ~150 bytes per target at 100k.
+        self._groups: list[list[str]] = [[]]
+        self._bounds: list[tuple[str, str]] = []
+        self._chunks: list[str] = [""]
         self._hosts = hosts_block(())
         self._pending_fps: set[str] = set(self._manual)
         self._bulk = False
@@ -603,13 +608,15 @@ class IncrementalRender:
             if self._bulk:
                 rows_changed = True  # every chunk is joined again below
                 continue
+            if (old is not None and item is not None and old.target.name == item.target.name
+                    and old.target.address == item.target.address and old.aliases == item.aliases):
+                continue  # the same row in the same place (a new key): nothing to re-join
             row, was = self._row(item), self._row(old)
             if row != was or (row and (old is None or old.target.name != item.target.name)):
                 rows_changed = True
                 touched += [(t.target.name, tid) for t in (old, item) if t is not None]
         if self._bulk:
-            self._order = sorted(self._served, key=self._order_key)
-            self._bounds = None
+            self._regroup()
         if self._scope is not None and changed:
             if self._scoped:
                 scope = self._current_scope()
@@ -630,33 +637,41 @@ class IncrementalRender:
         return self._served[tid].target.name, tid
 
     def _place(self, tid: str, old: ServedTarget | None, new: ServedTarget | None) -> None:
-        """Keep `_order` sorted; untouched when the name stays (no shift of 100k entries)."""
+        """Keep the groups in order; untouched when the name stays."""
         if old is not None and new is not None and old.target.name == new.target.name:
             return
         if old is not None:
-            del self._order[bisect.bisect_left(self._order, (old.target.name, tid), key=self._order_key)]
+            at = (old.target.name, tid)
+            group = self._groups[bisect.bisect_right(self._bounds, at)]
+            del group[bisect.bisect_left(group, at, key=self._order_key)]
         if new is not None:
-            self._order.insert(bisect.bisect_left(self._order, (new.target.name, tid), key=self._order_key), tid)
+            at = (new.target.name, tid)
+            group = self._groups[bisect.bisect_right(self._bounds, at)]
+            group.insert(bisect.bisect_left(group, at, key=self._order_key), tid)
+
+    def _regroup(self) -> None:
+        """Every served target sorted again and grouped, every group's rows joined."""
+        order, size = sorted(self._served, key=self._order_key), HOSTS_CHUNK
+        self._groups = [order[at:at + size] for at in range(0, len(order), size)] or [[]]
+        self._bounds = [self._order_key(group[0]) for group in self._groups[1:]]
+        self._chunks = [self._rows_text(group) for group in self._groups]
 
     def _join_hosts(self, touched: Iterable[tuple[str, str]]) -> str:
-        """The hosts block, re-joining only the chunks that hold a `touched` order key."""
-        order, size, key, rows_text = self._order, HOSTS_CHUNK, self._order_key, self._rows_text
-        if self._bounds is None:
-            self._bounds = [key(tid) for tid in order[size::size]]
-            self._chunks = [rows_text(order[at:at + size]) for at in range(0, len(order), size)] or [""]
-        else:
-            bounds, chunks = self._bounds, self._chunks
-            # From the last chunk down: a split inserts chunks after the lower ones.
-            for i in sorted({bisect.bisect_right(bounds, k) for k in touched}, reverse=True):
-                lo = bisect.bisect_left(order, bounds[i - 1], key=key) if i else 0
-                hi = bisect.bisect_left(order, bounds[i], key=key) if i < len(bounds) else len(order)
-                ids = order[lo:hi]
-                if len(ids) > 2 * size:  # grown by inserts: split
-                    bounds[i:i] = [key(tid) for tid in ids[size::size]]
-                    chunks[i:i + 1] = [rows_text(ids[at:at + size]) for at in range(0, len(ids), size)]
-                else:
-                    chunks[i] = rows_text(ids)
-        return f"{HOSTS_BEGIN}\n{''.join(self._chunks)}{HOSTS_END}\n"
+        """The hosts block, re-joining only the groups that hold a `touched` order key."""
+        groups, bounds, chunks, size = self._groups, self._bounds, self._chunks, HOSTS_CHUNK
+        # From the last group down: a split or a removal changes the indexes after it only.
+        for i in sorted({bisect.bisect_right(bounds, k) for k in touched}, reverse=True):
+            ids = groups[i]
+            if len(ids) > 2 * size:  # grown by inserts: split
+                parts = [ids[at:at + size] for at in range(0, len(ids), size)]
+                groups[i:i + 1] = parts
+                bounds[i:i] = [self._order_key(part[0]) for part in parts[1:]]
+                chunks[i:i + 1] = [self._rows_text(part) for part in parts]
+            elif not ids and i:  # emptied: its keys fall to the group before it again
+                del groups[i], bounds[i - 1], chunks[i]
+            else:
+                chunks[i] = self._rows_text(ids)
+        return f"{HOSTS_BEGIN}\n{''.join(chunks)}{HOSTS_END}\n"
 
     def _row(self, item: ServedTarget | None) -> str:
         """A served target's hosts row: made again when its chunk is joined, not kept (a
@@ -669,7 +684,7 @@ class IncrementalRender:
 
     def _current_scope(self) -> list[str]:
         return permitopen_options(dict.fromkeys(
-            a for tid in self._order for a in self._served[tid].aliases), self.ports)
+            a for group in self._groups for tid in group for a in self._served[tid].aliases), self.ports)
 
     def _render_shards(self, fps: set[str]) -> dict[str, tuple[str, str]]:
         """Re-render the lines of `fps` and splice them into their shards, a shard at a time

@@ -43,8 +43,10 @@ def fold(name: str) -> str:
     """The form names are compared in: the resolver (/etc/hosts, DNS) ignores ASCII case,
     and only ASCII case (str.lower would also fold e.g. the Kelvin sign into 'k').
     A name already folded is returned as itself: the tables keyed by folded names then
-    share the target's own string instead of holding a copy of each."""
-    folded = name.translate(_ASCII_LOWER)
+    share the target's own string instead of holding a copy of each. An ASCII name (every
+    valid one) is lowered by str.lower, which is ASCII folding there and 5-10x faster than
+    translate: this runs for every name of every target a change touches."""
+    folded = name.lower() if name.isascii() else name.translate(_ASCII_LOWER)
     return name if folded == name else folded
 
 

@@ -153,3 +153,14 @@ def test_hosts_block_kept_in_chunks_equals_a_full_render_through_inserts_renames
                 served[tid] = new
         got = engine.update(changed).hosts_block
         assert got == render(list(served.values()), ("22",)).hosts_block, f"step {step}"
+    # Nearly all go, a few at a time (groups empty and are dropped), then come back.
+    for step, tids in enumerate([list(served)[at:at + 7] for at in range(0, len(served) - 5, 7)]):
+        for tid in tids:
+            del served[tid]
+        got = engine.update(dict.fromkeys(tids)).hosts_block
+        assert got == render(list(served.values()), ("22",)).hosts_block, f"removal {step}"
+    for step in range(40):
+        changed = {f"{n:064x}": item(n) for n in rng.sample(range(400), 9)}
+        served.update(changed)
+        got = engine.update(changed).hosts_block
+        assert got == render(list(served.values()), ("22",)).hosts_block, f"return {step}"

@@ -266,6 +266,15 @@ def test_hosts_block_contents() -> None:
     assert render([web, db, no_keys, no_addr, only_ips], ("22",)).hosts_block == block
 
 
+def test_hosts_block_leaves_out_only_names_spelled_as_four_numbers() -> None:
+    # A name of four dotted numbers would read as an address in /etc/hosts; any other
+    # dotted name is a name.
+    names = ("web", "10.1.0.5", "1.2.3", "1.2.3.4.5", "a.b.c.d", "1.2.3.x", "1..2.3", "db.internal")
+    web = served("web", "a", "172.18.0.5", names, (K1,))
+    assert render_hosts_block([web]) == (
+        f"{HOSTS_BEGIN}\n172.18.0.5\tweb 1.2.3 1.2.3.4.5 a.b.c.d 1.2.3.x 1..2.3 db.internal\n{HOSTS_END}\n")
+
+
 def test_splice_appends_when_absent_and_keeps_other_lines() -> None:
     hosts = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n172.18.0.2\tproxy\n"
     block = f"{HOSTS_BEGIN}\n172.18.0.5\tweb\n{HOSTS_END}\n"

@@ -418,6 +418,11 @@ def test_own_name_in_another_case_is_granted_once() -> None:
 
 def test_fold() -> None:
     assert fold("WS-A.Example") == "ws-a.example"
+    already = "ws-a.example"
+    assert fold(already) is already  # tables keyed by folded names share the target's string
+    # Not ASCII: only the ASCII letters fold (the resolver's rule), whatever str.lower does.
+    assert fold("\u212aEY-\u00c9") == "\u212aey-\u00c9"
+    assert fold("\u0130X") == "\u0130x"  # str.lower would give "i\u0307x"
 
 
 # --- issue 15.3: names seen elsewhere (ReservedNames) -----------------------------------
