@@ -117,7 +117,7 @@ class Reconciler:
                  publish: Callable[[Snapshot], None] = lambda s: None,
                  revoke: Callable[[list[Revocation]], None] = lambda r: None,
                  pin_names: bool = True, pool_size: int = 16,
-                 min_wait: float = 0.1, max_wait: float = 0.5, coalesce: float = 0.005,
+                 min_wait: float = 0.1, max_wait: float = 0.5,
                  clock: Callable[[], float] = time.monotonic,
                  unmanaged_hosts: Callable[[], HostsEntries] = lambda: (),
                  local_names: frozenset[str] = frozenset(),
@@ -132,7 +132,6 @@ class Reconciler:
         self.pin_names = pin_names
         self.min_wait = min_wait
         self.max_wait = max_wait
-        self.coalesce = min(coalesce, min_wait)  # seconds a first message waits for the rest
         self._flush_cost = max_wait  # seconds the last flush took (none yet: batch fully)
         self.clock = clock
         self.unmanaged_hosts = unmanaged_hosts  # hosts-file lines outside the managed block
@@ -240,12 +239,6 @@ class Reconciler:
                 except queue.Empty:
                     message = None
                 if message is not None:
-                    # Let a burst queue up before draining it: one wake-up of this thread
-                    # per burst instead of two per event (the event, then its key), each a
-                    # hand-over of the GIL and a context switch (bench/ANALYSIS.md, round 11).
-                    # Every change waits for min_wait anyway: this is a small part of it.
-                    if self.coalesce:
-                        stop.wait(self.coalesce)
                     self._apply(message)
                     # Drain what is already queued before deciding to render.
                     while True:

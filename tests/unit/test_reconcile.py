@@ -753,28 +753,6 @@ def test_debounced_loop_coalesces_a_burst() -> None:
     assert rec.writes == len(writes)
 
 
-def test_loop_stops_at_once_while_it_lets_a_burst_queue_up() -> None:
-    """The loop waits a moment after a first message so that a burst is drained in one
-    go; a stop during that wait is not delayed by it, and the wait never exceeds the
-    quiet period every change waits for anyway."""
-    assert Reconciler(Settings(), PROXY, FakeFetch(), lambda r: True, min_wait=0.01,
-                      coalesce=1.0).coalesce == 0.01
-    rec = Reconciler(Settings(), PROXY, FakeFetch(), lambda r: True, min_wait=30.0,
-                     max_wait=60.0, coalesce=30.0)
-    stop = threading.Event()
-    loop = threading.Thread(target=rec.run, args=(stop,), daemon=True)
-    loop.start()
-    rec.upsert(target("web", 1))
-    deadline = time.monotonic() + 5
-    while not rec.inbox.empty() and time.monotonic() < deadline:
-        time.sleep(0.005)  # taken off the queue: the loop now waits for the rest
-    time.sleep(0.05)
-    started = time.monotonic()
-    stop.set()
-    loop.join(5)
-    assert not loop.is_alive() and time.monotonic() - started < 2
-
-
 def test_loop_retries_on_its_own() -> None:
     """run() starts a retry once it is due and renders what it fetched."""
     fetch = FakeFetch()
