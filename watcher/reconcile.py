@@ -144,8 +144,7 @@ class Reconciler:
         # answer (each bounded by the fetch deadline) do not hold the others behind them
         # (B5: 10 targets answering after 2 s held fast ones 2-4 s with 8 workers).
         self.pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="keyfetch")
-        # C-implemented (a put from a source or a key fetch is ~10x cheaper than queue.Queue's)
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox: queue.Queue = queue.Queue()
         self.entries: dict[str, TargetEntry] = {}
         self.ignored: dict[str, tuple[Target, str]] = {}
         self.manual: tuple[ManualLine, ...] = ()
