@@ -263,17 +263,24 @@ class Target:
 
 def wait_for_target_sshd(target: Target, deadline: float = 90) -> None:
     # Generous: on a loaded 2-core machine 20 containers starting at once take a while.
+    last = {"banner": ""}
+
     def ready() -> bool:
         if target.state() not in ("running", "created", "restarting"):
             pytest.fail(f"target {target.name} is {target.state() or 'gone'} instead of running; logs:\n"
                         f"{target.logs()}", pytrace=False)
         if not target.ip:
             target.refresh_ip()
-        return bool(target.ip) and read_banner(target.ip, 22).startswith("SSH-2.0-")
+        last["banner"] = read_banner(target.ip, 22) if target.ip else ""
+        return last["banner"].startswith("SSH-2.0-")
 
     if not wait_until(ready, deadline):
+        # What the target was still doing (its entrypoint starts sshd last) and what the
+        # port said: a slow start and a broken network read differently here.
+        ps = target.exec(["ps", "-eo", "pid,etime,time,stat,args"], timeout=20)
         pytest.fail(f"target {target.name} ({target.ip or 'no IP'}): sshd did not answer on port 22 "
-                    f"within {deadline} s; logs:\n{target.logs()}", pytrace=False)
+                    f"within {deadline} s (last answer: {last['banner']!r}); its processes:\n"
+                    f"{ps.stdout}{ps.stderr}\nlogs:\n{target.logs()}", pytrace=False)
 
 
 @dataclass

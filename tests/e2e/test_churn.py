@@ -196,15 +196,29 @@ def hosts_block(hosts: str) -> list[tuple[str, list[str]]]:
     return rows
 
 
-def watcher_view(proxy: Proxy, truth: dict[str, dict]) -> str:
-    """The status rows of the expected targets (what the watcher thinks of each)."""
+def watcher_view(proxy: Proxy, truth: dict[str, dict], index: str) -> str:
+    """What the watcher thinks of each expected target whose key is not served: its status
+    row or its ignored row (matched by container id, whatever name the watcher has), and
+    the watcher's log lines about it."""
     try:
         doc = json.loads(proxy.read_file("/run/ssh-proxy/status.json"))
     except ValueError as exc:
         return f"(no status: {exc})"
-    names = {t["name"] for t in truth.values()}
-    rows = [json.dumps(row) for row in doc.get("targets", []) if row.get("name") in names]
-    return "\n".join(rows) or "(none of them in the status)"
+    served = blobs(index)
+    missing = [t for blob, t in truth.items() if blob not in served]
+    rows = {row.get("id", ""): ("target", row) for row in doc.get("targets", [])}
+    rows.update({row.get("id", ""): ("ignored", row) for row in doc.get("ignored", [])})
+    log_lines = proxy.logs().splitlines()
+    out = [f"status: heartbeat {doc.get('heartbeat')}, last event {doc.get('last_event')}, "
+           f"last write {doc.get('last_write')}, writes {doc.get('writes')}, now {time.time():.1f}"]
+    for t in missing:
+        kind, row = next(((k, r) for i, (k, r) in rows.items() if i and t["id"].startswith(i)),
+                         ("absent", {}))
+        out.append(f"{t['name']} ({t['id'][:12]}, {t['ip']}): {kind} {json.dumps(row)}")
+        slot = re.compile(rf"ch[px]-{re.escape(t['name'].split('-')[1].rstrip('r'))}r?-")
+        about = [line for line in log_lines if t["id"][:12] in line or slot.search(line)]
+        out.extend(f"    {line}" for line in about[-30:])
+    return "\n".join(out)
 
 
 def mismatches(truth: dict[str, dict], index: str, cache: str, hosts: str, sfx: str) -> list[str]:
@@ -289,7 +303,8 @@ def test_churn_settles_to_ground_truth(start_proxy, test_network, session_id, ta
 
         assert wait_until(settled, SETTLE_DEADLINE, interval=2.0), \
             (f"not settled after {SETTLE_DEADLINE} s:\n" + "\n".join(state["problems"][:40])
-             + "\nwatcher's view of the expected targets:\n" + watcher_view(proxy, state["truth"]))
+             + "\nwatcher's view of the missing targets:\n"
+             + watcher_view(proxy, state["truth"], state["index"]))
         truth = state["truth"]
         assert truth, "churn left no served target: nothing was checked"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import queue
 from typing import Any, Iterator
 
 import docker.errors
@@ -661,3 +662,167 @@ def test_stream_end_reconnects_and_resyncs(monkeypatch) -> None:
     assert all("health_status" in f["event"] for f in api.filters)
     for action in ("exec_create: cat -- /x", "exec_start: cat -- /x", "exec_die"):
         assert not any(action.startswith(v) for f in api.filters for v in f["event"]), action
+
+
+# --- the stream is drained by its own thread; containers are inspected by others ------------
+
+class _LiveStream:
+    """An events stream fed by the test: `put` an event, `end()` it; counts what was read."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self.read = 0
+
+    def put(self, event: dict[str, Any]) -> None:
+        self.queue.put(event)
+
+    def end(self) -> None:
+        self.queue.put(None)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        while (event := self.queue.get()) is not None:
+            self.read += 1
+            yield event
+
+    def close(self) -> None:
+        self.end()
+
+
+class _GatedAPI(_StreamingAPI):
+    """Inspects of `gated` ids wait for `gate` (an engine slow to answer); `fail` makes
+    the next inspect of a gated id raise it (once)."""
+
+    def __init__(self, containers: dict[str, dict[str, Any]], streams: list[Any]) -> None:
+        super().__init__(containers, streams)
+        self.gate = threading.Event()
+        self.gated: set[str] = set()
+        self.waiting = threading.Semaphore(0)  # released once per inspect that waits
+        self.fail: Exception | None = None
+
+    def inspect_container(self, cid: str) -> dict[str, Any]:
+        if cid in self.gated:
+            self.waiting.release()
+            assert self.gate.wait(10)
+        if self.fail is not None and cid in self.gated:
+            fail, self.fail = self.fail, None
+            raise fail
+        attrs = super().inspect_container(cid)
+        return copy.deepcopy(attrs)
+
+
+def _follow(api: _GatedAPI, sink: FakeSink,
+            monkeypatch: pytest.MonkeyPatch) -> tuple[DockerWatcher, threading.Event, threading.Thread]:
+    monkeypatch.setattr(docker_source, "_read", lambda path: "")  # not in a container
+    source = DockerWatcher(DockerClient(client_factory=lambda: _PingingClient(api)), sink,
+                           ping_interval=3600)
+    stop = threading.Event()
+    runner = threading.Thread(target=source.run, args=(stop,), daemon=True)
+    runner.start()
+    assert _wait(lambda: any(c[0] == "status" and c[1]["connected"] for c in sink.calls))
+    return source, stop, runner
+
+
+def _wait(condition: Any, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return condition()
+
+
+def _stop(stop: threading.Event, runner: threading.Thread, *streams: _LiveStream) -> None:
+    stop.set()
+    for stream in streams:
+        stream.end()
+    runner.join(10)
+    assert not runner.is_alive()
+
+
+def test_events_are_read_while_inspects_wait(monkeypatch) -> None:
+    # The engine drops events for a subscriber that lags (1,024 buffered, then 100 ms): the
+    # stream is read on while every inspect waits, and a burst about one container is one
+    # inspect once the engine answers.
+    stream = _LiveStream()
+    api = _GatedAPI({WEB_ID: WEB_BRIDGE, DB_ID: DB_USER_NET}, [stream])
+    sink = FakeSink()
+    source, stop, runner = _follow(api, sink, monkeypatch)
+    relisted = len(api.inspected)
+    api.gated = {WEB_ID, DB_ID}
+    for i in range(3000):
+        stream.put(container_event("start" if i % 2 else "die", WEB_ID if i % 3 else DB_ID))
+    assert _wait(lambda: stream.read == 3000), stream.read  # all read, none inspected yet
+    assert api.inspected[relisted:] == []
+    api.gate.set()
+    assert _wait(lambda: sum(c[0] == "upsert" for c in sink.calls) >= 2)
+    _stop(stop, runner, stream)
+    # At most: the inspect under way when the burst began, then one after it.
+    assert 2 <= len(api.inspected) - relisted <= 4
+    upserts = {c[1].id: c[1] for c in sink.calls if c[0] == "upsert"}
+    assert set(upserts) == {WEB_ID, DB_ID}
+
+
+def test_an_event_during_an_inspect_is_inspected_again(monkeypatch) -> None:
+    stream = _LiveStream()
+    api = _GatedAPI({WEB_ID: WEB_BRIDGE}, [stream])
+    sink = FakeSink()
+    source, stop, runner = _follow(api, sink, monkeypatch)
+    api.gated = {WEB_ID}
+    stream.put(container_event("start", WEB_ID))
+    assert api.waiting.acquire(timeout=10)  # the inspect is under way (old name)...
+    renamed = copy.deepcopy(WEB_BRIDGE)
+    renamed["Name"] = "/web-renamed"
+    api.containers_by_id[WEB_ID] = renamed
+    stream.put(container_event("rename", WEB_ID))  # ...when the container is renamed
+    assert _wait(lambda: stream.read == 2)
+    api.gate.set()
+    assert _wait(lambda: any(c[0] == "upsert" and c[1].name == "web-renamed" for c in sink.calls))
+    _stop(stop, runner, stream)
+    last = [c for c in sink.calls if c[0] in ("upsert", "remove")][-1]
+    assert last[0] == "upsert" and last[1].name == "web-renamed"
+
+
+def test_a_destroy_during_an_inspect_is_the_last_word(monkeypatch) -> None:
+    stream = _LiveStream()
+    api = _GatedAPI({WEB_ID: WEB_BRIDGE}, [stream])
+    sink = FakeSink()
+    source, stop, runner = _follow(api, sink, monkeypatch)
+    api.gated = {WEB_ID}
+    stream.put(container_event("start", WEB_ID))
+    assert api.waiting.acquire(timeout=10)  # inspected while it still runs...
+    stream.put(container_event("destroy", WEB_ID))  # ...and destroyed meanwhile
+    assert _wait(lambda: stream.read == 2)
+    api.gate.set()
+    assert _wait(lambda: ("remove", WEB_ID) in sink.calls)
+    _stop(stop, runner, stream)
+    changes = [c for c in sink.calls if c[0] in ("upsert", "remove")]
+    assert changes[-1] == ("remove", WEB_ID)  # the running state read before never follows it
+    assert source._destroyed == set()
+
+
+def test_events_during_the_relist_are_inspected_after_it(monkeypatch) -> None:
+    stream = _LiveStream()
+    stream.put(container_event("start", DB_ID))  # came while the proxy listed
+    api = _GatedAPI({WEB_ID: WEB_BRIDGE, DB_ID: DB_USER_NET}, [stream])
+    sink = FakeSink()
+    source, stop, runner = _follow(api, sink, monkeypatch)
+    assert _wait(lambda: any(c[0] == "upsert" for c in sink.calls))
+    _stop(stop, runner, stream)
+    kinds = [c[0] for c in sink.calls if c[0] != "identity"]
+    assert kinds[:3] == ["replace_all", "status", "upsert"]
+
+
+def test_an_inspect_that_fails_reconnects_and_relists(monkeypatch) -> None:
+    first, second = _LiveStream(), _LiveStream()
+    api = _GatedAPI({WEB_ID: WEB_BRIDGE, DB_ID: DB_USER_NET}, [first, second])
+    sink = FakeSink()
+    source, stop, runner = _follow(api, sink, monkeypatch)
+    api.gated = {WEB_ID}
+    api.fail = docker.errors.APIError("500 Server Error: engine overloaded")
+    api.gate.set()
+    first.put(container_event("start", WEB_ID))
+    assert _wait(lambda: sum(c[0] == "replace_all" for c in sink.calls) == 2)
+    _stop(stop, runner, first, second)
+    lost = [c[1] for c in sink.calls if c[0] == "status" and not c[1]["connected"]]
+    assert lost and lost[0]["reconnects"] == 1
+    assert source.reconnects == 1

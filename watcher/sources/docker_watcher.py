@@ -4,6 +4,11 @@ docker-py's `events()` generator ends silently when the daemon goes away and has
 timeout, so a half-open socket would hang it: a pinger closes the stream when the daemon
 stops answering, and every (re)connect is followed by a full relist (level-triggered).
 
+The stream is read by one thread that only notes which containers an event is about
+(`DirtyKeys`); INSPECTORS threads inspect them, each container by one thread at a time and
+again if an event came during its inspect. The engine drops the events of a subscriber
+that reads too slowly, so the reader never waits on an inspect.
+
 Outages: reconnects back off to at most RECONNECT_CAP seconds, so an engine that comes back
 is followed within seconds. A restarted engine makes a new socket file; a bind mount of the
 old file never sees it, so an engine that stays unreachable for `outage_limit` seconds ends
@@ -25,6 +30,7 @@ import tenacity
 from ..config import Settings
 from ..errors import SourceError
 from .base import TargetSink
+from .dirty import DirtyKeys
 from .docker_client import DockerClient
 from .outage import Outage
 
@@ -51,6 +57,8 @@ def event_health(event: dict[str, Any]) -> str:
 
 
 RECONNECT_CAP = 3.0  # seconds: the longest wait between two reconnect attempts
+INSPECTORS = 4  # containers inspected at once after their events (each waits on the engine)
+RELIST = "relist"  # the dirty key that relists everything (not a container id: not hex)
 
 
 class DockerWatcher:
@@ -66,6 +74,10 @@ class DockerWatcher:
         self.clock = clock
         self._sleep = sleep
         self._stream: Any = None
+        self._failure: Exception | None = None  # what ended the current stream's threads
+        self._failure_lock = threading.Lock()
+        self._destroyed: set[str] = set()  # ids destroyed and not yet removed by an inspector
+        self.inspectors = INSPECTORS
         self.connected = False
         self.reconnects = 0
 
@@ -123,9 +135,25 @@ class DockerWatcher:
         # makes the state exact, and later events only refine it.
         stream = self.client.events()
         self._stream = stream
+        self._failure = None
+        self._destroyed = set()  # the relist below has the rest right
+        dirty = DirtyKeys()
+        # The stream is drained from the start, by a thread that only notes which
+        # containers changed: the engine buffers 1,024 events for a subscriber and then
+        # drops what it cannot deliver within 100 ms (moby's pubsub), so a reader that
+        # inspected each container itself fell minutes behind under churn on a loaded
+        # host and lost events for good.
+        reader = threading.Thread(target=self._read_events, args=(stream, dirty, stop),
+                                  daemon=True, name="docker-events")
+        inspectors = [threading.Thread(target=self._inspect_loop, args=(dirty, stream),
+                                       daemon=True, name=f"docker-inspect-{i}")
+                      for i in range(self.inspectors)]
         pinger = threading.Thread(target=self._ping_loop, args=(stream, stop),
                                   daemon=True, name="docker-ping")
+        started: list[threading.Thread] = []
         try:
+            reader.start()
+            started.append(reader)
             self.sink.set_proxy_identity(self.client.discover_identity())
             self.sink.replace_all(self.client.list_targets())
             self.connected = True
@@ -137,16 +165,54 @@ class DockerWatcher:
                                          "state": "connected",
                                          "reconnects": self.reconnects,
                                          "since": time.time()})
+            # Only now: what changed during the relist is inspected after it, never
+            # before it (an older inspect posted after the list would undo it).
+            for thread in inspectors:
+                thread.start()
+                started.append(thread)
             pinger.start()
-            for event in stream:
-                if stop.is_set():
-                    return
-                self.handle_event(event)
+            reader.join()
         finally:
             self._stream = None
             _close_quietly(stream)
+            dirty.close()
+            # Before the next relist: an inspect of this stream posted after it could
+            # bring back a container that the relist no longer has.
+            for thread in started:
+                thread.join()
+        if self._failure is not None and not stop.is_set():
+            raise self._failure
         if not stop.is_set():
             raise _StreamEnded("events stream ended")
+
+    def _read_events(self, stream: Any, dirty: DirtyKeys, stop: threading.Event) -> None:
+        try:
+            for event in stream:
+                if stop.is_set():
+                    return
+                key = self._key_of(event)
+                if key:
+                    dirty.mark(key)
+        except Exception as exc:  # closed under us, or the engine went away
+            self._fail(exc, stream)
+
+    def _inspect_loop(self, dirty: DirtyKeys, stream: Any) -> None:
+        while (key := dirty.take()) is not None:
+            try:
+                self._refresh(key)
+            except Exception as exc:  # the engine does not answer: reconnect and relist
+                self._fail(exc, stream)
+                return
+            finally:
+                dirty.done(key)
+
+    def _fail(self, exc: Exception, stream: Any) -> None:
+        """The first failure of a stream's threads ends the stream (and is raised by
+        `_follow_once`, which reconnects and relists); the later ones are its echoes."""
+        with self._failure_lock:
+            if self._failure is None and self._stream is stream:
+                self._failure = exc
+        _close_quietly(stream)
 
     def _ping_loop(self, stream: Any, stop: threading.Event) -> None:
         while not stop.wait(self.ping_interval):
@@ -161,26 +227,42 @@ class DockerWatcher:
         _close_quietly(stream)  # stop requested: unblock the reader
 
     def handle_event(self, event: dict[str, Any]) -> None:
-        """One event touches one target: re-inspect it and upsert or remove."""
+        """One event, handled now: re-inspect the container it is about and upsert or
+        remove it (the stream goes through `_key_of` and the inspectors instead)."""
+        key = self._key_of(event)
+        if key:
+            self._refresh(key)
+
+    def _key_of(self, event: dict[str, Any]) -> str:
+        """What to read again after this event: a container id, RELIST, or "" (nothing;
+        a health event is passed on here, it needs no inspect)."""
         cid = event_container_id(event)
         if not cid:
-            return
+            return ""
         action = event_action(event)
         if action == "health_status":
             if event_health(event) == "healthy":
                 self.sink.ready(cid)
-            return  # unhealthy changes nothing: a served key stays served until it stops
+            return ""  # unhealthy changes nothing: a served key stays served until it stops
         if action == "destroy":
-            self.sink.remove(cid)
-            return
+            self._destroyed.add(cid)  # ids are never reused: gone for good, no inspect
         if event.get("Type") == "network" and cid == self.client.identity.container_id:
             # The proxy itself joined or left a network: which targets it shares changes.
+            return RELIST
+        return cid
+
+    def _refresh(self, key: str) -> None:
+        if key == RELIST:
             self.sink.set_proxy_identity(self.client.discover_identity())
             self.sink.replace_all(self.client.list_targets())
             return
-        target = self.client.inspect_target(cid)
+        if key in self._destroyed:
+            self._destroyed.discard(key)
+            self.sink.remove(key)
+            return
+        target = self.client.inspect_target(key)
         if target is None:
-            self.sink.remove(cid)
+            self.sink.remove(key)
         else:
             self.sink.upsert(target)
 
