@@ -21,6 +21,7 @@ import argparse
 import base64
 import hashlib
 import json
+import os
 import queue
 import resource
 import struct
@@ -171,9 +172,9 @@ def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: 
                      unmanaged_hosts=lambda: read_unmanaged_hosts(hosts),  # as the app does
                      publish=status.publish)
     beating = threading.Event()
-    threading.Thread(target=status.run, args=(beating,), daemon=True).start()
+    threading.Thread(target=status.run, args=(beating,), name=HEARTBEAT, daemon=True).start()
     stop = threading.Event()
-    loop = threading.Thread(target=rec.run, args=(stop,), daemon=True)
+    loop = threading.Thread(target=rec.run, args=(stop,), name=LOOP, daemon=True)
 
     # 1. all targets at once, until the index has every key
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -209,7 +210,7 @@ def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: 
     # event -> index written with the new key, the figure the issue's 1.5x goal is about
     rec.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="keyfetch")  # run() shut the last
     stop = threading.Event()
-    loop = threading.Thread(target=rec.run, args=(stop,), daemon=True)
+    loop = threading.Thread(target=rec.run, args=(stop,), name=LOOP, daemon=True)
     loop.start()
     writer.reset()
     for n in range(isolated):
@@ -225,8 +226,13 @@ def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: 
     writer.reset()
 
     # 4. churn: `rate` restarts per second for `seconds`
+    # CPU: the process's, less this thread's own (pacing the events, making the targets,
+    # computing the keys it awaits, waiting at the end), plus the upserts it makes, which
+    # are the source's hand-off to the reconciler (a source thread makes them in the app).
     events = int(rate * seconds)
-    cpu0, wall0 = time.process_time(), time.perf_counter()
+    upsert_cpu = 0.0
+    stages0 = thread_cpu()
+    cpu0, own0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
     for n in range(events):
         due = wall0 + n / rate
         delay = due - time.perf_counter()
@@ -235,13 +241,19 @@ def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: 
         i = (n * 7919) % size
         target = make_target(i, f"churn-{n}")
         writer.await_key(i, fetch(target).keys[0].fingerprint, time.perf_counter())
+        started = time.thread_time()
         rec.upsert(target)
+        upsert_cpu += time.thread_time() - started
     posting = time.perf_counter() - wall0
     deadline = time.perf_counter() + 120
     while writer.awaited and time.perf_counter() < deadline:
         time.sleep(0.1)
     churn_wall = time.perf_counter() - wall0
-    churn_cpu = time.process_time() - cpu0
+    process_cpu = time.process_time() - cpu0
+    churn_cpu = process_cpu - (time.thread_time() - own0) + upsert_cpu
+    stages = {name: cpu - stages0.get(name, 0.0) for name, cpu in thread_cpu().items()
+              if name != MAIN_STAGE}
+    stages["source hand-off (upserts)"] = upsert_cpu
     stop.set()
     loop.join()
     beating.set()
@@ -262,10 +274,36 @@ def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: 
             "index_bytes": index_bytes, "split_flushes": split_flushes,
             "events": events, "posting_seconds": posting, "churn_wall": churn_wall,
             "churn_cpu": churn_cpu, "cpu_per_event": churn_cpu / events,
+            "process_cpu_per_event": process_cpu / events, "stage_cpu": stages,
             "latencies": writer.latencies, "never_written": len(writer.awaited),
             "superseded": writer.superseded, "isolated": isolated_latencies,
             "cache_correct": cache_correct, "index_correct": index_correct,
             "peak_rss_mib": peak_rss_mib, "status_writes": status.costs}
+
+
+LOOP = "reconciler"
+HEARTBEAT = "status-heartbeat"
+MAIN_STAGE = "bench (posting the events)"
+_STAGES = {LOOP: "reconciler loop", HEARTBEAT: "status heartbeat", "keyfetch": "key fetch (the fake's hashing)",
+           "cache-writer": "cache writer", "MainThread": MAIN_STAGE}
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system, /proc) of this process's live threads, summed by stage:
+    the thread's name, a pool's threads under their prefix (keyfetch_3 -> keyfetch)."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on: utime is 14th
+        name = names.get(int(tid), "other")
+        stage = _STAGES.get(name, _STAGES.get(name.rsplit("_", 1)[0], "other threads"))
+        out[stage] = out.get(stage, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
 
 
 SPLIT_PER_FLUSH = 480  # about what one flush at 100k targets takes in under 1,000 restarts/s
@@ -410,7 +448,10 @@ def main() -> int:
           "synchronous (no threads), 20 rounds. "
           "The supervisor's status heartbeat runs beside them as in the app (status.json every "
           "2 s with every target's row): its CPU is in the CPU per event; the initial load ends "
-          "when status.json shows every target served too. "
+          "when status.json shows every target served too. CPU per event: the process's CPU "
+          "during the churn less the bench's own thread (pacing the events, making each target "
+          "and the key it awaits), plus the upserts that thread makes (the source's hand-off); "
+          "the table after it splits it by thread (/proc, per thread). "
           f"Ratios are to the first size. This machine ran a fixed loop of dict and str work "
           f"(bench/watcher_cost.py, python_speed) at {speed:.2f} M iterations/s: absolute "
           "CPU and latency figures scale with it.\n\n"
@@ -420,9 +461,26 @@ def main() -> int:
                    "CPU ms/event (churn)", "vs first", "events/s offered",
                    "churn event->index s p50 / p99 / max", "p99 vs first",
                    "never written (120 s) / superseded", "index and cache correct at the end",
-                   "peak RSS MiB", "vs first", "status.json write ms p50 / max"], rows))
+                   "peak RSS MiB", "vs first", "status.json write ms p50 / max"], rows)
+          + "\n\n" + stage_table(results))
     save("watcher_cost", md, {"python_speed_M_per_s": speed, **{str(k): v for k, v in results.items()}})
     return 0
+
+
+def stage_table(results: dict) -> str:
+    """Churn CPU per event by thread, ms, one column per size."""
+    stages = [stage for stage in STAGE_ORDER if any(stage in r["stage_cpu"] for r in results.values())]
+    rows = [[stage, *(f"{r['stage_cpu'].get(stage, 0.0) / r['events'] * 1e3:.3f}" for r in results.values())]
+            for stage in stages]
+    rows.append(["the watcher (the sum: CPU ms/event above)",
+                 *(f"{r['cpu_per_event'] * 1e3:.3f}" for r in results.values())])
+    rows.append([f"whole process, with {MAIN_STAGE}",
+                 *(f"{r['process_cpu_per_event'] * 1e3:.3f}" for r in results.values())])
+    return table(["churn CPU ms per event, by thread", *(f"{size:,} targets" for size in results)], rows)
+
+
+STAGE_ORDER = ("reconciler loop", "key fetch (the fake's hashing)", "source hand-off (upserts)",
+               "status heartbeat", "cache writer", "other threads")
 
 
 if __name__ == "__main__":

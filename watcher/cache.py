@@ -9,7 +9,9 @@ AuthorizedKeysCommandUser could not read), fsync, rename over the old one, fsync
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -190,6 +192,9 @@ class ShardFiles:
         self.directory = directory
         self.data = directory / SHARD_DATA
         self._versions: dict[str, list[str]] = {}  # shard -> names in .data, oldest first
+        self._dir = str(directory)
+        self._token = secrets.token_hex(4)  # this writer's part of a version's name
+        self._counter = itertools.count()
 
     def prepare(self) -> None:
         """At start: the directories, readable by sshd's AuthorizedKeysCommandUser (nobody);
@@ -216,20 +221,30 @@ class ShardFiles:
         self._versions = {name: [version] for name, version in linked.items()}
 
     def write(self, name: str, data: bytes) -> None:
-        """Make `data` shard `name`'s content; readers see the old or the new, whole."""
-        fd, tmp = tempfile.mkstemp(prefix=f"{name}.", dir=self.data)
-        version = os.path.basename(tmp)
-        link = self.directory / f".{name}.link"
+        """Make `data` shard `name`'s content; readers see the old or the new, whole.
+
+        Plain os calls, a version named by a counter: tempfile.mkstemp's random names and a
+        file object made a shard write ~150 us of CPU against ~60 (a churn flush writes up
+        to 64 of them, ten flushes a second)."""
+        version, fd = self._new_version(name)
+        link = f"{self._dir}/.{name}.link"  # str paths: a Path join costs more than a syscall here
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                os.fchmod(handle.fileno(), 0o644)  # mkstemp makes 0600: nobody must read it
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(link)  # left by a write that failed half-way
-            os.symlink(f"{SHARD_DATA}/{version}", link)
-            os.replace(link, self.directory / name)
+            try:
+                os.fchmod(fd, 0o644)  # whatever the umask: nobody (sshd's keys command) reads it
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            target = f"{SHARD_DATA}/{version}"
+            try:
+                os.symlink(target, link)
+            except FileExistsError:  # left by a write that failed half-way
+                os.unlink(link)
+                os.symlink(target, link)
+            os.replace(link, f"{self._dir}/{name}")
         except BaseException:
-            for path in (tmp, link):
+            for path in (f"{self._dir}/{SHARD_DATA}/{version}", link):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
             raise
@@ -237,6 +252,17 @@ class ShardFiles:
         versions.append(version)
         while len(versions) > _KEPT_VERSIONS:
             self._drop(versions.pop(0))
+
+    def _new_version(self, name: str) -> tuple[str, int]:
+        """A new, empty version file of shard `name`, open for writing. Named by this
+        writer's token and a counter; O_EXCL: never an existing file (prepare() removes
+        what an earlier run left, and a name taken anyway is skipped)."""
+        while True:
+            version = f"{name}.{self._token}.{next(self._counter)}"
+            try:
+                return version, os.open(f"{self._dir}/{SHARD_DATA}/{version}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
 
     def remove(self, name: str) -> bool:
         """No file for shard `name` (it has no keys); True if there was one. Its versions go
@@ -252,7 +278,7 @@ class ShardFiles:
 
     def _drop(self, version: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.data / version)
+            os.unlink(f"{self._dir}/{SHARD_DATA}/{version}")
 
 
 def _remove_entry(entry: os.DirEntry) -> None:

@@ -258,3 +258,28 @@ def test_a_failed_shard_write_leaves_the_shard_and_no_temp_file(tmp_path: Path, 
     monkeypatch.setattr(os, "symlink", real)
     assert (tmp_path / "f").read_bytes() == b"SHA256:f1 served\n"
     assert sorted(os.listdir(tmp_path)) == [SHARD_DATA, "f"] and len(_versions(tmp_path)) == 1
+
+
+def test_a_link_left_aside_and_a_taken_version_name_do_not_stop_a_shard_write(tmp_path: Path) -> None:
+    files = ShardFiles(tmp_path)
+    files.prepare()
+    files.write("g", b"SHA256:g1 one\n")
+    (tmp_path / ".g.link").symlink_to("nowhere")  # a write that failed half-way
+    taken = f"g.{files._token}.1"  # the next version's name, as if a file held it already
+    (tmp_path / SHARD_DATA / taken).write_text("not ours\n")
+    files.write("g", b"SHA256:g1 two\n")
+    assert (tmp_path / "g").read_bytes() == b"SHA256:g1 two\n"
+    assert os.readlink(tmp_path / "g") != f"{SHARD_DATA}/{taken}"
+    assert (tmp_path / SHARD_DATA / taken).read_text() == "not ours\n"
+    assert sorted(os.listdir(tmp_path)) == [SHARD_DATA, "g"]
+
+
+def test_two_writers_of_one_directory_never_share_a_version_name(tmp_path: Path) -> None:
+    first, second = ShardFiles(tmp_path), ShardFiles(tmp_path)
+    first.prepare()
+    first.write("h", b"SHA256:h1 first\n")
+    second.write("i", b"SHA256:i1 second\n")
+    second.write("h", b"SHA256:h1 second\n")
+    assert (tmp_path / "i").read_bytes() == b"SHA256:i1 second\n"
+    assert (tmp_path / "h").read_bytes() == b"SHA256:h1 second\n"
+    assert len(_versions(tmp_path)) == 3

@@ -44,6 +44,30 @@ class DiskFull:
             real_fsync(fd)
         monkeypatch.setattr(cache.os, "fdopen", fdopen)
         monkeypatch.setattr(cache.os, "fsync", fsync)
+        # Files made with os.open (O_CREAT | O_EXCL: the index shards' versions, mkstemp) and
+        # written with os.write.
+        real_open, real_write, real_close = cache.os.open, cache.os.write, cache.os.close
+        new_files: set[int] = set()
+
+        def open_(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+            fd = real_open(path, flags, mode, dir_fd=dir_fd)
+            if flags & os.O_CREAT and flags & os.O_EXCL:
+                new_files.add(fd)
+            else:
+                new_files.discard(fd)
+            return fd
+
+        def write_(fd: int, data: Any) -> int:
+            if self.full and fd in new_files:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_write(fd, data)
+
+        def close_(fd: int) -> None:
+            new_files.discard(fd)
+            real_close(fd)
+        monkeypatch.setattr(cache.os, "open", open_)
+        monkeypatch.setattr(cache.os, "write", write_)
+        monkeypatch.setattr(cache.os, "close", close_)
 
 
 def _render(index: str, cache_text: str) -> Any:
