@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -524,6 +526,45 @@ def test_exec_refused_by_rbac_or_for_a_replaced_pod(fake: FakeKube,
     fake.add_pod(make_pod("ws-1"))  # same name, new uid
     with pytest.raises(FetchError, match="replaced"):
         kube.exec_read(target, ["cat", "/k"], 100)
+
+
+def test_exec_into_a_pod_that_is_gone_or_unreadable_is_a_fetch_error(fake: FakeKube,
+                                                                      kube: KubernetesClient) -> None:
+    target = _target(fake)
+    fake.delete_pod("ws-1")
+    with pytest.raises(FetchError, match="no longer exists"):
+        kube.exec_read(target, ["cat", "/k"], 100)
+    target = _target(fake, "ws-2")
+    fake.deny("get", "pods")
+    with pytest.raises(FetchError, match="lacks verb 'get' on 'pods'"):
+        kube.exec_read(target, ["cat", "/k"], 100)
+
+
+def test_the_client_never_imports_the_generated_core_api(fake: FakeKube, tmp_path: Path) -> None:
+    """kubernetes 37's core_v1_api builds ~250 pydantic models when first imported (0.8 s
+    of CPU before a cold start's first list): list, watch, read and exec go without it."""
+    fake.add_pod(make_pod("ws-1"))
+    fake.exec_handler = lambda call: ExecResult(stdout=b"ssh-ed25519 AAAA\n")
+    config = fake.write_kubeconfig(tmp_path / "kc")
+    script = f"""
+import sys
+from watcher.sources import kubernetes_client as ks
+kube = ks.KubernetesClient(ks.load_config({str(config)!r}, service_account_dir=__import__("pathlib").Path({str(tmp_path)!r})))
+kube.ping()
+pods, version = kube.list("pods")
+kube.list("services")
+watcher, events = kube.watch("pods", version, 1)
+watcher.stop()
+target = ks.pod_target(pods[0])
+assert kube.exec_read(target, ["cat", "/k"], 100) == b"ssh-ed25519 AAAA\\n"
+loaded = sorted(m for m in sys.modules if m.startswith("kubernetes.client.api.")
+                or m.startswith("kubernetes.client.models."))
+print(loaded)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert "core_v1_api" not in proc.stdout and "v1_pod" not in proc.stdout, proc.stdout
 
 
 # ---- incremental == full ----------------------------------------------------------------------

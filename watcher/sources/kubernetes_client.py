@@ -9,9 +9,13 @@ ambiguous: it is granted to none of them (a key opens exactly one target, and a 
 in /etc/hosts leads to one address), and the pods stay reachable by their own names.
 
 Library pitfalls handled here: `load_kube_config` raises ConfigException when there is no
-config; `stream()` patches the ApiClient it is given, so every exec gets its own; the
-websocket reader of `WSClient.update` drains every available frame without bound, so exec
-output is read frame by frame here, under a byte cap and a deadline.
+config; the websocket reader of `WSClient.update` drains every available frame without
+bound, so exec output is read frame by frame here, under a byte cap and a deadline; and the
+generated `CoreV1Api` is never used: kubernetes 37's `core_v1_api` module builds ~250
+pydantic model classes when it is first imported (0.8 s of CPU in the image, before the
+first list of a cold start), and the watcher reads the server's JSON, never the models.
+Requests go through the library's `ApiClient` (URL, query, auth, TLS) and, for exec, its
+`ws_client`, with the paths and parameters the generated methods use.
 """
 
 
@@ -32,7 +36,7 @@ from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 from kubernetes.config.config_exception import ConfigException
-from kubernetes.stream import stream as k8s_stream
+from kubernetes.stream import ws_client
 
 from ..config import Settings
 from ..errors import FetchError, FetchTimeout, SourceError
@@ -262,7 +266,7 @@ class KubernetesClient:
         self.namespace = config.namespace
         self.exec_timeout = exec_timeout
         self.request_timeout = request_timeout
-        self.api = k8s.CoreV1Api(k8s.ApiClient(config.configuration))
+        self.api_client = k8s.ApiClient(config.configuration)
 
     @classmethod
     def from_environment(cls, kubeconfig: str | None = None) -> "KubernetesClient":
@@ -271,14 +275,14 @@ class KubernetesClient:
 
     def ping(self) -> None:
         """GET /version within the request timeout; raises when the server does not answer."""
-        k8s.VersionApi(self.api.api_client).get_code(_request_timeout=self.request_timeout)
+        self._get("/version/", timeout=self.request_timeout).read()
 
-    def read_pod(self, name: str) -> dict | None:
+    def read_pod(self, name: str, timeout: float | None = None) -> dict | None:
         """One pod as the server's JSON, None when it does not exist."""
         try:
-            response = _call(lambda: self.api.read_namespaced_pod(
-                name, self.namespace, _request_timeout=self.request_timeout,
-                _preload_content=False), "get", "pods", self.namespace)
+            response = _call(lambda: self._get(
+                "/api/v1/namespaces/{namespace}/pods/{name}", {"name": name},
+                timeout=timeout or self.request_timeout), "get", "pods", self.namespace)
         except k8s.ApiException as exc:
             if exc.status == 404:
                 return None
@@ -288,14 +292,10 @@ class KubernetesClient:
     def list(self, resource: str, selector: str = "") -> tuple[list[dict], str]:
         """(objects as the server's JSON, the list's resourceVersion). Raw JSON, not
         models: watch events arrive raw too, and a model round trip rewrites timestamps."""
-        call = (self.api.list_namespaced_pod if resource == "pods"
-                else self.api.list_namespaced_service)
-        kwargs: dict[str, Any] = {"_request_timeout": self.request_timeout,
-                                  "_preload_content": False}
-        if selector:
-            kwargs["label_selector"] = selector
-        response = _call(lambda: call(self.namespace, **kwargs), "list", resource,
-                         self.namespace)
+        query = [("labelSelector", selector)] if selector else []
+        response = _call(lambda: self._get(_COLLECTIONS[resource], query=query,
+                                           timeout=self.request_timeout),
+                         "list", resource, self.namespace)
         try:
             body = json.loads(response.data)
         except ValueError as exc:
@@ -304,9 +304,16 @@ class KubernetesClient:
 
     def watch(self, resource: str, resource_version: str, timeout_seconds: int,
               selector: str = "") -> tuple[k8s_watch.Watch, Iterable[dict]]:
-        """A Watch (to stop it) and its events, with bookmarks, from `resource_version`."""
-        call = (self.api.list_namespaced_pod if resource == "pods"
-                else self.api.list_namespaced_service)
+        """A Watch (to stop it) and its events, with bookmarks, from `resource_version`.
+        Each event as the server sent it: `raw_object` (no model: Watch deserializes into
+        the return type it reads off the function, and this one names none)."""
+        path = _COLLECTIONS[resource]
+
+        # No return annotation: Watch deserializes events into a class it reads there.
+        def list_watch(namespace: str, **kwargs: Any):  # type: ignore[no-untyped-def]
+            query = [(_QUERY[name], value) for name, value in kwargs.items() if name in _QUERY]
+            return self._get(path, query=query, timeout=kwargs.get("_request_timeout"))
+
         kwargs: dict[str, Any] = {
             "resource_version": resource_version, "allow_watch_bookmarks": True,
             "timeout_seconds": timeout_seconds,
@@ -315,23 +322,42 @@ class KubernetesClient:
         if selector:
             kwargs["label_selector"] = selector
         watcher = k8s_watch.Watch()
-        return watcher, watcher.stream(call, self.namespace, **kwargs)
+        return watcher, watcher.stream(list_watch, self.namespace, **kwargs)
+
+    def _get(self, path: str, path_params: Mapping[str, str] | None = None,
+             query: Iterable[tuple[str, Any]] = (), timeout: Any = None) -> urllib3.BaseHTTPResponse:
+        """GET `path` (with {namespace} and `path_params` filled in) as the generated methods
+        make it with _preload_content=False: the urllib3 response, its body unread; a status
+        outside 2xx raises the library's ApiException (with the server's body)."""
+        method, url, headers, body, post = self.api_client.param_serialize(
+            method="GET", resource_path=path,
+            path_params={"namespace": self.namespace, **(path_params or {})},
+            query_params=list(query), header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"])
+        response = self.api_client.call_api(method, url, header_params=headers, body=body,
+                                            post_params=post, _request_timeout=timeout)
+        if not 200 <= response.status <= 299:
+            response.read()
+            raise k8s.ApiException.from_response(http_resp=response, body=None, data=None)
+        return response.response
 
     def exec_read(self, target: Target, argv: list[str], limit: int) -> bytes:
         """Run argv in the pod's default container; at most `limit` bytes of stdout.
-
-        Exec goes through a fresh ApiClient (stream() patches the one it is given, and the
-        fetch pool runs several execs at once), and frames are read here under one deadline.
-        """
+        Frames are read here under one deadline."""
         deadline = time.monotonic() + self.exec_timeout
-        api = k8s.CoreV1Api(k8s.ApiClient(self.config.configuration))
-        container = self._exec_container(api, target)
+        container = self._exec_container(target)
+        _, url, headers, _, _ = self.api_client.param_serialize(
+            method="GET", resource_path="/api/v1/namespaces/{namespace}/pods/{name}/exec",
+            path_params={"namespace": self.namespace, "name": target.name},
+            query_params=[("command", argv), ("container", container), ("stderr", True),
+                          ("stdin", False), ("stdout", True), ("tty", False)],
+            header_params={"Accept": "*/*"}, auth_settings=["BearerToken"],
+            collection_formats={"command": "multi"})
         # The handshake itself has no timeout in ws_client (it sets none on the socket);
         # everything after it is bounded below.
         try:
-            ws = k8s_stream(api.connect_get_namespaced_pod_exec, target.name, self.namespace,
-                            command=argv, container=container, stderr=True, stdin=False,
-                            stdout=True, tty=False, _preload_content=False, binary=True)
+            ws = ws_client.websocket_call(self.config.configuration, "GET", url, headers=headers,
+                                          _preload_content=False, binary=True)
         except k8s.ApiException as exc:
             raise FetchError(f"exec in {target.name} failed: "
                              f"{_exec_reason(exc, self.namespace)}") from exc
@@ -353,21 +379,32 @@ class KubernetesClient:
                              + (f": {detail[0][:200]}" if detail else ""))
         return bytes(out)
 
-    def _exec_container(self, api: k8s.CoreV1Api, target: Target) -> str:
+    def _exec_container(self, target: Target) -> str:
         """The pod's default container; refuses a pod that is no longer the target (same
         name, new uid: a replaced pod answers for itself once the watch reports it)."""
         try:
-            pod = api.read_namespaced_pod(target.name, self.namespace,
-                                          _request_timeout=self.exec_timeout)
+            pod = self.read_pod(target.name, timeout=self.exec_timeout)
+        except SourceError as exc:  # a 403, named by read_pod
+            raise FetchError(f"exec in {target.name} failed: {exc}") from exc
         except k8s.ApiException as exc:
             raise FetchError(f"exec in {target.name} failed: "
                              f"{_exec_reason(exc, self.namespace, 'get', 'pods')}") from exc
-        except urllib3.exceptions.HTTPError as exc:
+        except (urllib3.exceptions.HTTPError, ValueError) as exc:
             raise FetchError(f"exec in {target.name} failed: {exc}") from exc
-        if pod.metadata.uid != target.id:
+        if pod is None:
+            raise FetchError(f"exec in {target.name} skipped: the pod no longer exists")
+        if pod_uid(pod) != target.id:
             raise FetchError(f"exec in {target.name} skipped: the pod was replaced")
-        annotations = pod.metadata.annotations or {}
-        return annotations.get(DEFAULT_CONTAINER_ANNOTATION) or pod.spec.containers[0].name
+        containers = (pod.get("spec") or {}).get("containers") or [{}]
+        return (meta(pod).get("annotations") or {}).get(DEFAULT_CONTAINER_ANNOTATION) \
+            or containers[0].get("name", "")
+
+
+_COLLECTIONS = {"pods": "/api/v1/namespaces/{namespace}/pods",
+                "services": "/api/v1/namespaces/{namespace}/services"}
+_QUERY = {"resource_version": "resourceVersion", "allow_watch_bookmarks": "allowWatchBookmarks",
+          "timeout_seconds": "timeoutSeconds", "label_selector": "labelSelector",
+          "watch": "watch"}  # Watch.stream's keyword arguments -> the API's query parameters
 
 
 def _read_exec(sock: websocket.WebSocket, limit: int,
