@@ -48,7 +48,7 @@ from common import (BenchError, BenchRun, KeyPair, Proxy, SshClient, Target, dis
                     save, table, timed)
 
 from tests.fakekube import ExecCall, ExecResult, FakeKube, make_pod  # noqa: E402
-from watcher.sshd import HOST_KEY_TYPES  # noqa: E402
+from watcher.sshd import ensure_host_keys  # noqa: E402
 
 # The served keys: the single index file, or (a planned layout) a directory of shards with
 # the same line format; whichever exists is read, either may be missing.
@@ -181,13 +181,10 @@ def cold_start(mode: str, variant: str, targets: list[Running], hosts: list[str]
 
 
 def host_keys(run: BenchRun) -> Path:
-    """One set of host keys for every proxy of the run, as `watcher` makes them."""
+    """One set of host keys for every proxy of the run, made by the watcher's own code
+    (made once: the next call finds them)."""
     directory = run.work / "host_keys"
-    if not directory.exists():
-        directory.mkdir()
-        for kind, extra in HOST_KEY_TYPES:
-            subprocess.run(["ssh-keygen", "-q", "-t", kind, *extra, "-N", "", "-C", "bench",
-                            "-f", str(directory / f"ssh_host_{kind}_key")], check=True, timeout=60)
+    ensure_host_keys(directory)
     return directory
 
 

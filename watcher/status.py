@@ -10,7 +10,7 @@ import errno
 import os
 from pathlib import Path
 
-from .cache import atomic_write, replacing
+from .cache import atomic_write, replacing, write_all
 from .snapshot import (STALE_AFTER, ArrayPlan, SnapshotError, StatusDocument, TargetStatus,
                        array_ends, from_json, health_problems, plan_array, status_frame, to_json)
 
@@ -67,11 +67,11 @@ class StatusWriter:
                     size += len(part)
                     if size < _PENDING_BYTES:
                         continue
-                _write_all(fd, b"".join(pending))
+                write_all(fd, b"".join(pending))
                 pending, size = [], 0
                 if isinstance(part, tuple):
                     self._copy(fd, self._array_at + part[0], part[1] - part[0])
-            _write_all(fd, b"".join([*pending, tail]))
+            write_all(fd, b"".join([*pending, tail]))
         self.close()
         self._last, self._array_at = fd, len(head)
         self._targets, self._ends = document.state.targets, array_ends(plan.sizes)
@@ -85,7 +85,7 @@ class StatusWriter:
                 if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 data = os.pread(self._last, count, offset)
-                _write_all(fd, data)
+                write_all(fd, data)
                 done = len(data)
             if not done:
                 raise _LastFileChanged
@@ -97,12 +97,6 @@ _PENDING_BYTES = 1 << 20  # new rows are written in chunks of about this much
 
 class _LastFileChanged(Exception):
     """The last file is shorter than this writer wrote it."""
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def read_status(path: Path, targets: bool = True) -> StatusDocument:

@@ -329,11 +329,7 @@ class KubernetesClient:
         """GET `path` (with {namespace} and `path_params` filled in) as the generated methods
         make it with _preload_content=False: the urllib3 response, its body unread; a status
         outside 2xx raises the library's ApiException (with the server's body)."""
-        method, url, headers, body, post = self.api_client.param_serialize(
-            method="GET", resource_path=path,
-            path_params={"namespace": self.namespace, **(path_params or {})},
-            query_params=list(query), header_params={"Accept": "application/json"},
-            auth_settings=["BearerToken"])
+        method, url, headers, body, post = self._serialize(path, path_params, query)
         response = self.api_client.call_api(method, url, header_params=headers, body=body,
                                             post_params=post, _request_timeout=timeout)
         if not 200 <= response.status <= 299:
@@ -341,18 +337,26 @@ class KubernetesClient:
             raise k8s.ApiException.from_response(http_resp=response, body=None, data=None)
         return response.response
 
+    def _serialize(self, path: str, path_params: Mapping[str, str] | None = None,
+                   query: Iterable[tuple[str, Any]] = (), accept: str = "application/json") -> tuple:
+        """(method, url, headers, body, post params) of a GET, as the generated methods
+        serialize it: {namespace} and `path_params` in the path, list values repeated
+        (`command=a&command=b`), the bearer token when the config has one."""
+        return self.api_client.param_serialize(
+            method="GET", resource_path=path,
+            path_params={"namespace": self.namespace, **(path_params or {})},
+            query_params=list(query), header_params={"Accept": accept},
+            auth_settings=["BearerToken"], collection_formats={"command": "multi"})
+
     def exec_read(self, target: Target, argv: list[str], limit: int) -> bytes:
         """Run argv in the pod's default container; at most `limit` bytes of stdout.
         Frames are read here under one deadline."""
         deadline = time.monotonic() + self.exec_timeout
         container = self._exec_container(target)
-        _, url, headers, _, _ = self.api_client.param_serialize(
-            method="GET", resource_path="/api/v1/namespaces/{namespace}/pods/{name}/exec",
-            path_params={"namespace": self.namespace, "name": target.name},
-            query_params=[("command", argv), ("container", container), ("stderr", True),
-                          ("stdin", False), ("stdout", True), ("tty", False)],
-            header_params={"Accept": "*/*"}, auth_settings=["BearerToken"],
-            collection_formats={"command": "multi"})
+        _, url, headers, _, _ = self._serialize(
+            "/api/v1/namespaces/{namespace}/pods/{name}/exec", {"name": target.name},
+            [("command", argv), ("container", container), ("stderr", True), ("stdin", False),
+             ("stdout", True), ("tty", False)], accept="*/*")
         # The handshake itself has no timeout in ws_client (it sets none on the socket);
         # everything after it is bounded below.
         try:
