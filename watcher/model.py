@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +50,55 @@ class Target:
         return dict(self.labels)
 
 
+class LineNumber:
+    """A line's number in its file (1-based), kept in place: when an edit above a line moves
+    it, the key file source updates this number instead of making the line again. So a line
+    inserted at the top of a 100k-line file leaves every later line the same object, and
+    the reconciler sees (and renders) one changed line. Whatever shows a line's origin
+    formats it when shown, never keeps the text (access log owners, reservations)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LineNumber) and other.value == self.value
+
+    __hash__ = None  # type: ignore[assignment]  # it changes: never a key
+
+    def __repr__(self) -> str:
+        return f"LineNumber({self.value})"
+
+
 @dataclass(frozen=True, slots=True)
 class ManualLine:
-    """A validated line from an admin-maintained key file (kept with its origin)."""
+    """A validated line from an admin-maintained key file, with where it is.
 
-    origin: str  # "file:line"
+    Equal lines are the same text at the same place; the hash leaves the place out (it
+    moves), so a line stays where a set or dict put it when lines above it come and go."""
+
+    path: str  # the key file
     options: tuple[str, ...]  # admin options kept as written (already checked)
     key: PublicKey
+    number: LineNumber = field(default_factory=lambda: LineNumber(0), hash=False)
+
+    @classmethod
+    def at(cls, origin: str, options: tuple[str, ...], key: PublicKey) -> ManualLine:
+        """The line at `origin` ("file:line"; a bare name: no line number)."""
+        path, _, number = origin.rpartition(":")
+        if path and number.isdigit():
+            return cls(path, options, key, LineNumber(int(number)))
+        return cls(origin, options, key)
+
+    @property
+    def origin(self) -> str:
+        """"file:line", as of now."""
+        return f"{self.path}:{self.number.value}" if self.number.value else self.path
+
+    def order(self) -> tuple[str, int]:
+        """Files by name, then lines in file order (unchanged when lines move together)."""
+        return (self.path, self.number.value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,3 +110,25 @@ class KeyState:
     error: str = ""
     via: str = ""  # "http" or "exec"
     rejected: tuple[str, ...] = field(default=())  # reasons for rejected lines
+
+
+Owner = str | ManualLine
+"""Who a served key belongs to: a target's name, or an admin line (named by its origin when
+shown: its line number can move after the owners were worked out)."""
+
+
+def owner_order(owner: Owner) -> tuple[int, str, int]:
+    """Targets by name, then admin lines in file order: an order that lines moving together
+    (an insert above them) leaves as it is, so kept tuples stay sorted."""
+    if isinstance(owner, str):
+        return (0, owner, 0)
+    return (1, *owner.order())
+
+
+def owners_sorted(owners: Iterable[Owner]) -> tuple[Owner, ...]:
+    return tuple(sorted(owners, key=owner_order))
+
+
+def owner_names(owners: Iterable[Owner]) -> tuple[str, ...]:
+    """The owners as the access log names them, sorted (admin lines as "file:line" now)."""
+    return tuple(sorted({o if isinstance(o, str) else o.origin for o in owners}))

@@ -26,7 +26,7 @@ import tenacity
 from . import backoff
 from .config import Settings
 from .heap import StateFreezer
-from .model import KeyState, ManualLine, Target
+from .model import KeyState, ManualLine, Owner, Target, owner_names
 from .render import (IncrementalRender, Rendered, ServedTarget, Shard, changed_parts,
                      changed_span, grants_of_parts, render)
 from .revocation import Before, Revocation, World, remember, revocations
@@ -149,7 +149,7 @@ class Reconciler:
         self.ignored: dict[str, tuple[Target, str]] = {}
         self.manual: tuple[ManualLine, ...] = ()
         self.status: dict[str, dict] = {"source": {}, "manual": {}}
-        self.owners: dict[str, tuple[str, ...]] = {}
+        self.owners: dict[str, tuple[Owner, ...]] = {}
         self.writes = 0
         self.last_write = 0.0
         self.last_event = 0.0  # wall clock of the source's last change (for `watcher status`)
@@ -179,7 +179,7 @@ class Reconciler:
         # The revocation world, kept up to date in place (see _worlds).
         self._manual_options: dict[str, frozenset[tuple[str, ...]]] = {}
         self._excluded: dict[str, str] = {}
-        self._owners_seen: Mapping[str, tuple[str, ...]] = {}  # the last render's owners
+        self._owners_seen: Mapping[str, tuple[Owner, ...]] = {}  # the last render's owners
         # The status snapshot costs O(targets): paced (see pacing.Pacer).
         self._publish_pacer = Pacer(clock)
         self._unpublished: Rendered | None = None
@@ -219,8 +219,10 @@ class Reconciler:
         self.inbox.put(_Status("manual", dict(status)))
 
     def owners_of(self, fingerprint: str) -> tuple[str, ...]:
+        """Names of the targets and admin lines ("file:line") a key opens, as of now."""
         with self._lock:
-            return self.owners.get(fingerprint, ())
+            owners = self.owners.get(fingerprint, ())
+        return owner_names(owners)
 
     def alias_owner(self, alias: str) -> str:
         """The name of the target a granted alias leads to ("" if none)."""
@@ -600,9 +602,8 @@ class Reconciler:
                         manual: ReservedNames | None = None) -> ReservedNames:
         """Names a target's soft alias would take from someone else: other containers the
         proxy reaches (served or not), hosts of admin keys' permitopen, the hosts file's
-        other lines, the proxy's own names."""
-        if not self.entries:
-            return ReservedNames()
+        other lines, the proxy's own names. Made with no targets too: the book made then
+        decides the first targets that come."""
         return (self._manual_reserved if manual is None else manual).with_(itertools.chain(
             container_reservations(t for t, _ in self.ignored.values()),
             hosts_file_reservations(hosts),

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import AbstractSet, Iterable, Iterator, Mapping, Sequence
 
-from .model import ManualLine, PublicKey, Target
+from .model import ManualLine, Owner, PublicKey, Target, owners_sorted
 from .multimap import IdMultimap
 from .pacing import many
 from .targets import fold
@@ -96,8 +96,9 @@ class Rendered:
     # shard name -> its part of the index (every name of SHARD_NAMES, empty ones included)
     shards: Mapping[str, Shard]
     hosts_block: str
-    # fingerprint -> names of the targets (or manual files) the key opens: for the access log.
-    owners: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # fingerprint -> the targets (names) and admin lines the key opens: for the access log,
+    # which names them with owner_names.
+    owners: Mapping[str, tuple[Owner, ...]] = field(default_factory=dict)
     # fingerprint -> what sshd gives the key (see grant_set). The incremental renderer
     # derives it from the index lines (IndexGrants) instead of keeping 100k sets.
     grants: Mapping[str, frozenset[GrantElement]] = field(default_factory=dict)
@@ -106,7 +107,7 @@ class Rendered:
     changed: frozenset[str] | None = None
     # For the `changed` fingerprints: their owners before this render (absent: none). The
     # incremental renderer updates `owners` in place, so what they were is kept here.
-    owners_before: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    owners_before: Mapping[str, tuple[Owner, ...]] = field(default_factory=dict)
     # For the `changed` fingerprints that had lines and whose lines changed: (index lines
     # before, after; "" for none). The revocation diff parses the grants of these only (a
     # key that had no lines lost nothing).
@@ -476,16 +477,16 @@ def render(served: Iterable[ServedTarget], ports: tuple[str, ...],
     for grant in merged:
         fp = grant.key.fingerprint
         grants[fp] = grants.get(fp, frozenset()) | grant_set(grant)
-    owners: dict[str, list[str]] = {}
+    owners: dict[str, list[Owner]] = {}
     for item in served:
         if item.aliases:
             for key in item.keys:
                 owners.setdefault(key.fingerprint, []).append(item.target.name)
     for item in manual:
-        owners.setdefault(item.key.fingerprint, []).append(item.origin)
+        owners.setdefault(item.key.fingerprint, []).append(item)
     return Rendered(shards=shards_of((fp, line) for fp, _, line in lines),
                     hosts_block=render_hosts_block(served, pinned_elsewhere),
-                    owners={fp: tuple(sorted(set(v))) for fp, v in owners.items()},
+                    owners={fp: owners_sorted(set(v)) for fp, v in owners.items()},
                     grants=grants)
 
 
@@ -525,8 +526,8 @@ class IncrementalRender:
         self._scope_stale = False  # targets changed while no line needed the scope
         self._shards: dict[str, Shard] = dict.fromkeys(SHARD_NAMES, EMPTY_SHARD)
         self._keys = 0  # fingerprints in the index
-        self._owners: dict[str, tuple[str, ...]] = {}
-        self._owners_before: dict[str, tuple[str, ...]] = {}
+        self._owners: dict[str, tuple[Owner, ...]] = {}
+        self._owners_before: dict[str, tuple[Owner, ...]] = {}
         # The served targets in order of (name, id), in groups of about HOSTS_CHUNK, and
         # the hosts block's rows of each group joined (`_chunks`): a change re-joins the
         # groups of the targets it touched, not the 100k rows of the block (~30 ms per
@@ -717,10 +718,10 @@ class IncrementalRender:
             self._owners.pop(fp, None)
             return ""
         lines = [line for _, line in sorted((not _conditions(g), g.line()) for g in merge_grants(grants))]
-        names = {item.target.name for item in items if item.aliases}
-        names.update(m.origin for m in manual)
+        names: set[Owner] = {item.target.name for item in items if item.aliases}
+        names.update(manual)
         if names:
-            self._owners[fp] = tuple(sorted(names))
+            self._owners[fp] = owners_sorted(names)
         else:
             self._owners.pop(fp, None)
         return "".join(f"{fp} {line}\n" for line in lines)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
-from .model import Target
+from .model import Owner, Target, owner_names
 from .render import ANY_DEST, GrantElement
 from .targets import fold
 
@@ -70,7 +70,7 @@ class World:
     hosts: Mapping[str, str] = field(default_factory=dict)  # granted alias (folded) -> target id
     excluded: Mapping[str, str] = field(default_factory=dict)  # target id -> reason (not served)
     manual: Mapping[str, frozenset[tuple[str, ...]]] = field(default_factory=dict)  # fp -> options
-    owners: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # fp -> names (access log)
+    owners: Mapping[str, tuple[Owner, ...]] = field(default_factory=dict)  # fp -> owners (access log)
 
 
 MISSING: Any = object()
@@ -135,7 +135,7 @@ def revocations(before: World, after: World, old: GrantSets, new: GrantSets,
             reasons.add(reason)
             if name:
                 names.add(name)
-        targets = tuple(sorted(names)) or tuple(before.owners.get(fp, ()))
+        targets = tuple(sorted(names)) or owner_names(before.owners.get(fp, ()))
         result.append(Revocation(fp, ",".join(sorted(reasons)), targets, at))
     return result
 

@@ -136,50 +136,56 @@ def permitopen_reservations(lines: Iterable[ManualLine]) -> Iterator[tuple[str, 
     yield from ManualReservations(lines).pairs()
 
 
-def _origin_order(origin: str) -> tuple[str, int]:
-    path, _, number = origin.rpartition(":")
-    return (path, int(number)) if number.isdigit() else (origin, 0)
-
-
 class ManualReservations:
     """permitopen_reservations kept up to date edit by edit: a 100k-line key file is not
-    scanned again when one line changes."""
+    scanned again when one line changes. Each host cites the first line naming it, by its
+    origin as of now: lines move when lines above them come and go (see LineNumber)."""
 
     def __init__(self, lines: Iterable[ManualLine] = ()) -> None:
-        self._origins: dict[str, dict[str, int]] = {}  # folded host -> origin -> lines
+        self._lines: dict[str, dict[ManualLine, int]] = {}  # folded host -> lines naming it
+        self._first: dict[str, ManualLine] = {}  # folded host -> the first of them
+        self._reasons: dict[str, str] = {}  # folded host -> its reason as last given
         self.update((), lines)
 
     def update(self, removed: Iterable[ManualLine], added: Iterable[ManualLine]) -> set[str]:
-        """Apply an edit; returns the folded hosts whose reservation changed."""
-        before: dict[str, str] = {}
+        """Apply an edit; returns the folded hosts whose reservation changed: named or no
+        longer named, or whose first line is another one or moved."""
+        touched: dict[str, None] = {}  # in order: hosts are reserved in the order named
         for sign, lines in ((-1, removed), (1, added)):
             for line in lines:
                 for host in permitopen_hosts(line.options):
                     key = fold(host)
-                    if key not in before:
-                        before[key] = self._reason(key)
-                    origins = self._origins.setdefault(key, {})
-                    count = origins.get(line.origin, 0) + sign
+                    touched[key] = None
+                    counts = self._lines.setdefault(key, {})
+                    count = counts.get(line, 0) + sign  # a line may name a host twice
                     if count > 0:
-                        origins[line.origin] = count
+                        counts[line] = count
                     else:
-                        origins.pop(line.origin, None)
-                    if not origins:
-                        del self._origins[key]
-        return {key for key, reason in before.items() if self._reason(key) != reason}
+                        counts.pop(line, None)
+                    if not counts:
+                        del self._lines[key]
+        for key in touched:
+            counts = self._lines.get(key)
+            if counts:
+                self._first[key] = min(counts, key=ManualLine.order)
+            else:
+                self._first.pop(key, None)
+        # Every host: an edit above a host's first line moves it without touching it.
+        reasons = {key: self._reason(key) for key in self._first}
+        changed = {key for key in reasons.keys() | self._reasons.keys()
+                   if reasons.get(key) != self._reasons.get(key)}
+        self._reasons = reasons
+        return changed
 
     def _reason(self, key: str) -> str:
-        origins = self._origins.get(key)
-        if not origins:
-            return ""
-        return f"host of a permitopen in {min(origins, key=_origin_order)}"
+        return f"host of a permitopen in {self._first[key].origin}"
 
     def pairs(self) -> Iterator[tuple[str, Reservation]]:
-        for key in self._origins:
+        for key in self._first:
             yield key, Reservation(self._reason(key))
 
     def reserved(self) -> ReservedNames:
-        return ReservedNames({key: (Reservation(self._reason(key)),) for key in self._origins})
+        return ReservedNames({key: (Reservation(self._reason(key)),) for key in self._first})
 
 
 def hosts_file_reservations(

@@ -16,6 +16,8 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from watcher import render
 from watcher.config import RunMode, Settings
 from watcher.model import ManualLine, Target
+from watcher.sources.manual import ParsedFile, reparse
+from watcher.targets import ReservedNames, permitopen_reservations, resolve_aliases
 
 from test_reconcile import Harness, make_key, ok, target
 
@@ -37,7 +39,28 @@ OPS = st.one_of(
     st.tuples(st.just("manual"), st.lists(st.tuples(st.integers(0, 4),
                                                    st.sampled_from(MANUAL_OPTIONS)), max_size=3)),
     st.tuples(st.just("hosts"), st.lists(st.sampled_from(["shared", "API", "other"]), max_size=2)),
+    # An admin file edited as the source hands it over (reparse): the lines after the edit
+    # stay the same objects, moved to their new numbers in place.
+    st.tuples(st.just("edit"), st.sampled_from(["insert", "delete", "replace"]), st.integers(0, 8),
+              st.one_of(st.just(None), st.tuples(st.integers(0, 4), st.sampled_from(MANUAL_OPTIONS)))),
 )
+ADMIN_FILE = "/keys/edited.pub"
+
+
+def _edit_admin_file(parsed: ParsedFile | None, op: tuple) -> ParsedFile:
+    """`op` applied to the file's lines (None: a comment line), parsed as the source does."""
+    _, kind, at, line = op
+    lines = parsed.data.decode().split("\n")[:-1] if parsed is not None else []
+    text = "# a comment" if line is None else " ".join(
+        ([",".join(line[1])] if line[1] else []) + [KEYS[line[0]].line()])
+    at = min(at, len(lines))
+    if kind == "insert":
+        lines.insert(at, text)
+    elif lines and kind == "delete":
+        del lines[min(at, len(lines) - 1)]
+    elif lines:
+        lines[min(at, len(lines) - 1)] = text
+    return reparse(parsed, "".join(f"{l}\n" for l in lines).encode(), ADMIN_FILE)
 
 
 def _target(spec: tuple, restarts: dict[int, int]) -> Target:
@@ -53,6 +76,12 @@ def _check(h: Harness) -> None:
     assert got.cache == full.cache
     assert got.hosts_block == full.hosts_block
     assert got.owners == full.owners
+    # Admin lines that moved (an edit above them): the reasons that cite them follow.
+    hosts = h.rec.unmanaged_hosts() if h.rec.entries else ()
+    reserved = h.rec._reserved_names(hosts, ReservedNames.of(permitopen_reservations(h.rec.manual)))
+    plan = resolve_aliases([e.target for e in h.rec.entries.values()], h.rec.proxy,
+                           pin_names=h.rec.pin_names, reserved=reserved)
+    assert h.rec._book.plan().refused == plan.refused
     assert got.grants == full.grants
     # The status rows (kept in place, moved only when a name changes): every target, by name.
     if h.snapshots:
@@ -68,6 +97,7 @@ def _run(ops: list[tuple], mode: RunMode) -> None:
     h.fetch.default = lambda t: ok(*(KEYS[k] for k in sorted(keys_of.get(number[t.id], ()))))
     restarts: dict[int, int] = {}
     live: dict[int, Target] = {}
+    admin_file: ParsedFile | None = None
     try:
         for op in ops:
             kind = op[0]
@@ -88,8 +118,11 @@ def _run(ops: list[tuple], mode: RunMode) -> None:
                     live[n] = replace(live[n], started_at=f"2025-01-01T00:{restarts[n]:05d}Z")
                     h.rec.upsert(live[n])
             elif kind == "manual":
-                h.rec.set_manual([ManualLine(f"/keys/admin:{i}", options, KEYS[k])
+                h.rec.set_manual([ManualLine.at(f"/keys/admin:{i}", options, KEYS[k])
                                   for i, (k, options) in enumerate(op[1], 1)])
+            elif kind == "edit":
+                admin_file = _edit_admin_file(admin_file, op)
+                h.rec.set_manual(list(admin_file.lines))
             else:
                 h.hosts = (("192.168.1.1", tuple(op[1])),) if op[1] else ()
             h.rec.run_once_pending()

@@ -76,7 +76,7 @@ def test_before_reads_old_values_of_changed_keys_only() -> None:
 
 def _line(origin: str, *hosts: str, n: int = 0) -> ManualLine:
     options = tuple(f'permitopen="{h}:22"' for h in hosts)
-    return ManualLine(origin, options, make_key(("reserve", origin, n)))
+    return ManualLine.at(origin, options, make_key(("reserve", origin, n)))
 
 
 def test_manual_reservations_follow_edits_and_cite_the_first_line() -> None:
@@ -94,6 +94,46 @@ def test_manual_reservations_follow_edits_and_cite_the_first_line() -> None:
     assert book.update([], [_line("/k/a.pub:9", "db")]) == set()  # not the first line
 
 
+def test_manual_reservations_cite_the_first_line_where_it_is_now() -> None:
+    """An edit above a host's first line moves it without touching it: the reason follows."""
+    from watcher.sources.manual import reparse
+
+    data = b"".join(b'permitopen="%s:22" ' % host + make_key(("moved", n)).line().encode() + b"\n"
+                    for n, host in enumerate([b"web", b"db", b"web"]))
+    parsed = reparse(None, data, "/k/a.pub")
+    book = ManualReservations(parsed.lines)
+    assert book.reserved().entries["db"][0].reason == "host of a permitopen in /k/a.pub:2"
+    reparse(parsed, b"# a comment above\n" + data, "/k/a.pub")  # no line added or removed
+    assert book.update([], []) == {"web", "db"}
+    assert book.reserved().entries["db"][0].reason == "host of a permitopen in /k/a.pub:3"
+    assert book.reserved().entries["web"][0].reason == "host of a permitopen in /k/a.pub:2"
+    assert book.update([], []) == set()
+
+
+def test_a_line_inserted_at_the_top_renders_only_that_key_and_owners_follow() -> None:
+    """A key inserted at the top of a big file (as the source hands it over: every later
+    line the same object, moved down) is one changed key, not a full render; the access
+    log names every other key by its new line."""
+    from test_reconcile import Harness
+    from watcher.config import RunMode, Settings
+    from watcher.sources.manual import reparse
+
+    h = Harness(Settings(mode=RunMode.MANUAL))
+    keys = [make_key(("top", n)) for n in range(300)]
+    data = b"".join(k.line().encode() + b"\n" for k in keys)
+    parsed = reparse(None, data, "/k/a.pub")
+    h.rec.set_manual(list(parsed.lines))
+    h.settle()
+    assert h.last.changed is None and h.rec.owners_of(keys[149].fingerprint) == ("/k/a.pub:150",)
+    new = make_key(("top", "new"))
+    h.rec.set_manual(list(reparse(parsed, new.line().encode() + b"\n" + data, "/k/a.pub").lines))
+    h.settle()
+    assert h.last.changed == {new.fingerprint}
+    assert h.last.index == h.rec.full_render().index and h.last.keys_served == 301
+    assert h.rec.owners_of(keys[149].fingerprint) == ("/k/a.pub:151",)
+    assert h.rec.owners_of(new.fingerprint) == ("/k/a.pub:1",)
+
+
 def test_a_one_line_manual_edit_renders_only_that_key() -> None:
     """Editing one admin line of many: the render says only the edited keys changed (the
     rest of the index is not looked at again), and equals a full render."""
@@ -101,11 +141,11 @@ def test_a_one_line_manual_edit_renders_only_that_key() -> None:
     from watcher.config import RunMode, Settings
 
     h = Harness(Settings(mode=RunMode.MANUAL))
-    lines = tuple(ManualLine(f"/k/a.pub:{n}", (), make_key(("edit", n))) for n in range(1, 301))
+    lines = tuple(ManualLine.at(f"/k/a.pub:{n}", (), make_key(("edit", n))) for n in range(1, 301))
     h.rec.set_manual(lines)
     h.settle()
     assert h.last.changed is None and h.last.keys_served == 300
-    edited = ManualLine("/k/a.pub:150", ('from="10.0.0.0/8"',), make_key(("edit", "new")))
+    edited = ManualLine.at("/k/a.pub:150", ('from="10.0.0.0/8"',), make_key(("edit", "new")))
     h.rec.set_manual(lines[:149] + (edited,) + lines[150:])
     h.settle()
     assert h.last.changed == {lines[149].key.fingerprint, edited.key.fingerprint}

@@ -165,6 +165,23 @@ def test_insert_at_top_renumbers_every_line_without_validating_them(
     assert after.errors == [f"{ORIGIN}:102: " + before.errors[0].split(": ", 1)[1]]
 
 
+def test_insert_at_top_keeps_every_line_object_and_moves_its_number() -> None:
+    """A line that only moved is the same object with its new number: the reconciler,
+    which finds an edit by identity, sees one new line (not 100 changed ones)."""
+    rng = random.Random(7)
+    lines = big_file(rng, 100)
+    before = reparse(None, b"\n".join(lines) + b"\n", ORIGIN)
+    kept = list(before.lines)
+    after = reparse(before, b"\n".join([key_line(rng, "new")] + lines) + b"\n", ORIGIN)
+    assert all(a is b for a, b in zip(after.lines[1:], kept))
+    assert [l.origin for l in after.lines] == [f"{ORIGIN}:{i}" for i in range(1, 102)]
+    assert after.lines[0].key.comment == "new"
+    # Deleting it moves them back, still the same objects.
+    again = reparse(after, b"\n".join(lines) + b"\n", ORIGIN)
+    assert all(a is b for a, b in zip(again.lines, kept))
+    assert [l.origin for l in again.lines] == [f"{ORIGIN}:{i}" for i in range(1, 101)]
+
+
 def test_only_edited_lines_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(6)
     lines = big_file(rng, 1000)

@@ -71,7 +71,7 @@ def _apply(h: Harness, live: dict[int, Target], keys_of: dict[int, frozenset[int
             live[n] = replace(live[n], address=f"172.18.{op[2]}.{n + 10}")
         h.rec.upsert(live[n])
     else:
-        h.rec.set_manual([ManualLine(f"/keys/admin:{k}", (), KEYS[k]) for k in sorted(op[1])])
+        h.rec.set_manual([ManualLine.at(f"/keys/admin:{k}", (), KEYS[k]) for k in sorted(op[1])])
 
 
 @settings(max_examples=200, deadline=None, derandomize=True,

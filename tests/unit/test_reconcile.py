@@ -367,12 +367,33 @@ def test_admin_permitopen_hosts_reserved(h: Harness) -> None:
     web = own("web", 1, hostname="DB-1")
     h.fetch.results["web"] = ok(KA)
     h.rec.upsert(web)
-    h.rec.set_manual([ManualLine("/keys/admin:4", ('permitopen="db-1:5432"',), KD)])
+    h.rec.set_manual([ManualLine.at("/keys/admin:4", ('permitopen="db-1:5432"',), KD)])
     h.settle()
     assert refusals(h, "web") == {"DB-1": "host of a permitopen in /keys/admin:4"}
     h.rec.set_manual([])
     h.settle()
     assert refusals(h, "web") == {}
+
+
+def test_admin_permitopen_hosts_reserved_for_targets_that_come_later(h: Harness) -> None:
+    """Admin keys served before any target: the first targets are decided with their
+    reservations too (a container whose hostname is an admin line's permitopen host must not
+    take that name), and the reason names the line where it is after an edit above it."""
+    from watcher.sources.manual import reparse
+
+    data = b'permitopen="db-1:5432" ' + KD.line().encode() + b"\n"
+    admin = reparse(None, data, "/keys/admin.pub")
+    h.rec.set_manual(list(admin.lines))
+    h.settle()
+    web = own("web", 1, hostname="DB-1")
+    h.fetch.results["web"] = ok(KA)
+    h.rec.upsert(web)
+    h.settle()
+    assert refusals(h, "web") == {"DB-1": "host of a permitopen in /keys/admin.pub:1"}
+    assert "DB-1" not in h.last.hosts_block
+    h.rec.set_manual(list(reparse(admin, b"# the admins\n\n" + data, "/keys/admin.pub").lines))
+    h.settle()
+    assert refusals(h, "web") == {"DB-1": "host of a permitopen in /keys/admin.pub:3"}
 
 
 def test_unmanaged_hosts_lines_reserved_and_not_pinned_twice(h: Harness) -> None:
@@ -389,7 +410,7 @@ def test_unmanaged_hosts_lines_reserved_and_not_pinned_twice(h: Harness) -> None
 
 
 def test_hosts_file_read_only_when_there_are_targets(h: Harness) -> None:
-    h.rec.set_manual([ManualLine("/keys/admin:1", (), KD)])
+    h.rec.set_manual([ManualLine.at("/keys/admin:1", (), KD)])
     h.settle()
     assert h.hosts_reads == 0
     h.fetch.results["web"] = ok(KA)
@@ -668,7 +689,7 @@ def test_owners_of_shared_key_and_alias_owner(h: Harness) -> None:
 
 
 def test_manual_lines_and_source_status(h: Harness) -> None:
-    manual = ManualLine("/keys/admin:1", ('permitopen="db:22"',), KD)
+    manual = ManualLine.at("/keys/admin:1", ('permitopen="db:22"',), KD)
     h.rec.set_manual([manual])
     h.rec.set_source_status({"kind": "docker", "connected": True})
     h.settle()
@@ -859,7 +880,7 @@ def test_each_change_of_a_target_gives_its_reason(rv, change, reason) -> None:
 
 def test_manual_line_removed_is_revoked(rv) -> None:
     h, revoked = rv
-    h.rec.set_manual([ManualLine("admin.pub:1", ('permitopen="db-x:22"',), KC)])
+    h.rec.set_manual([ManualLine.at("admin.pub:1", ('permitopen="db-x:22"',), KC)])
     h.settle()
     h.rec.set_manual([])
     h.settle()
@@ -872,7 +893,7 @@ def test_grants_that_grow_or_stay_revoke_nothing(rv) -> None:
     h.rec.upsert(target("db", 2))
     h.settle()
     h.rec.upsert(target("web2", 3))  # the same key now opens a second target too
-    h.rec.set_manual([ManualLine("admin.pub:1", ('permitopen="db-x:22"',), KA)])
+    h.rec.set_manual([ManualLine.at("admin.pub:1", ('permitopen="db-x:22"',), KA)])
     h.settle()
     h.rec.remove(target("db", 2).id)  # another key's target
     h.settle()

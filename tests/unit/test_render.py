@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from watcher.model import ManualLine, PublicKey, Target
+from watcher.model import ManualLine, PublicKey, Target, owner_names
 from watcher.render import (
     _ipv4,
     BASE_OPTIONS,
@@ -203,7 +203,7 @@ def test_look_finds_exactly_one_fingerprint(big_render, tmp_path: Path) -> None:
     items, _ = big_render
     # One key also appears as a manual line: merged, one line carrying both grants.
     doubled = items[1234].keys[0]
-    rendered = render(items, ("22",), [ManualLine("/keys/admin:1", ('permitopen="x:22"',), doubled)])
+    rendered = render(items, ("22",), [ManualLine.at("/keys/admin:1", ('permitopen="x:22"',), doubled)])
     path = tmp_path / "index"
     path.write_text(rendered.index)
     lines = rendered.index.splitlines()
@@ -336,7 +336,7 @@ def test_stray_end_marker_kept() -> None:
 
 def test_manual_lines_keep_admin_options_after_base() -> None:
     key = make_key(10, comment="alice@laptop")
-    line = ManualLine(origin="/keys/admin:3",
+    line = ManualLine.at(origin="/keys/admin:3",
                       options=("restrict", 'permitopen="db:5432"', "no-pty", "port-forwarding",
                                'from="10.0.0.0/8"'),
                       key=key)
@@ -350,14 +350,14 @@ def test_manual_lines_keep_admin_options_after_base() -> None:
 
 def test_manual_line_without_options_or_comment() -> None:
     key = make_key(11)
-    [(_, text)] = render_manual([ManualLine("f:1", (), key)])
+    [(_, text)] = render_manual([ManualLine.at("f:1", (), key)])
     assert text == f"{BASE_OPTIONS} {key.line()}"
 
 
 def test_manual_lines_in_render() -> None:
     shared = K1
-    manual = ManualLine("/keys/a:1", ('permitopen="x:22"',), make_key(20, "bob"))
-    dup = ManualLine("/keys/a:2", ('permitopen="y:22"',), shared)
+    manual = ManualLine.at("/keys/a:1", ('permitopen="x:22"',), make_key(20, "bob"))
+    dup = ManualLine.at("/keys/a:2", ('permitopen="y:22"',), shared)
     web = served("web", "a", "172.18.0.5", ("web",), (shared,))
     rendered = render([web], ("22",), [manual, dup])
     lines = rendered.cache.splitlines()[1:]
@@ -371,8 +371,8 @@ def test_manual_lines_in_render() -> None:
     assert index == sorted(index)
     assert len(index) == 2
     assert sum(1 for i in index if i.startswith(shared.fingerprint + " ")) == 1
-    assert rendered.owners == {shared.fingerprint: ("/keys/a:2", "web"),
-                               manual.key.fingerprint: ("/keys/a:1",)}
+    assert {fp: owner_names(o) for fp, o in rendered.owners.items()} == {
+        shared.fingerprint: ("/keys/a:2", "web"), manual.key.fingerprint: ("/keys/a:1",)}
 
 
 def test_real_ssh_keygen_key(tmp_path: Path) -> None:

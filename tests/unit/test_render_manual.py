@@ -18,7 +18,7 @@ import pytest
 
 from watcher.config import ConfigError, RunMode, Settings, check_manual_mode, load_settings
 from watcher.keys import parse_authorized_keys_line
-from watcher.model import ManualLine, PublicKey, Target
+from watcher.model import ManualLine, PublicKey, Target, owner_names
 from watcher.render import BASE_OPTIONS, ServedTarget, render, render_manual
 from watcher.sshd import permit_open
 
@@ -43,7 +43,7 @@ ALIASES = ("web", "5745422d3030", "172.18.0.5", "db", "172.18.0.6")
 
 def manual(key: PublicKey, *options: str, origin: str = "/etc/ssh/authorized_keys.d/a.pub:1"
            ) -> ManualLine:
-    return ManualLine(origin, tuple(options), key)
+    return ManualLine.at(origin, tuple(options), key)
 
 
 def lines_for(text: str, key: PublicKey) -> list[str]:
@@ -171,7 +171,7 @@ def test_discovered_and_manual_keys_merge() -> None:
         assert len(lines_for(rendered.index, key)) == 1
     assert permitopens(only_line(rendered.index, KA)) == {
         'permitopen="web:22"', 'permitopen="5745422d3030:22"', 'permitopen="172.18.0.5:22"'}
-    assert rendered.owners[KM.fingerprint] == ("/etc/ssh/authorized_keys.d/a.pub:1",)
+    assert owner_names(rendered.owners[KM.fingerprint]) == ("/etc/ssh/authorized_keys.d/a.pub:1",)
 
 
 def test_render_manual_direct() -> None:

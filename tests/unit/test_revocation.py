@@ -46,7 +46,7 @@ def served(name: str, idc: str, address: str, *keys: PublicKey) -> ServedTarget:
 
 
 def manual(key: PublicKey, *options: str, origin: str = "admin.pub:1") -> ManualLine:
-    return ManualLine(origin=origin, options=tuple(options), key=key)
+    return ManualLine.at(origin=origin, options=tuple(options), key=key)
 
 
 # --- the rule -----------------------------------------------------------------------------

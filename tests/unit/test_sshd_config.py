@@ -291,7 +291,7 @@ def test_keys_command_reads_the_fingerprints_shard(sshd_dir: Path, first: str) -
     (written as the watcher writes it: a link to its current version)."""
     paths = _render_to(sshd_dir, Settings())
     fp = f"SHA256:{first}{'b' * 42}"
-    rendered = render_keys([], ("22",), [ManualLine("f:1", (), _key_with_fingerprint(fp))])
+    rendered = render_keys([], ("22",), [ManualLine.at("f:1", (), _key_with_fingerprint(fp))])
     files = ShardFiles(paths.index_dir)
     files.prepare()
     for name, shard in rendered.shards.items():

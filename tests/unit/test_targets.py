@@ -503,7 +503,7 @@ def test_permitopen_hosts(options: tuple[str, ...], hosts: list[str]) -> None:
 
 
 def _manual(origin: str, *options: str) -> ManualLine:
-    return ManualLine(origin, options, PublicKey("ssh-ed25519", "AAAA", "", "SHA256:x", 256))
+    return ManualLine.at(origin, options, PublicKey("ssh-ed25519", "AAAA", "", "SHA256:x", 256))
 
 
 def test_admin_permitopen_host_refused_as_a_soft_name_only() -> None:

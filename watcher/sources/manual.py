@@ -10,9 +10,9 @@ file revokes its keys.
 Level-triggered like the rest: any relevant event (create, modify, move, delete, the
 ConfigMap `..data` symlink swap) just triggers a rescan (a file whose inode, size and times are
 unchanged is not read again: a one-line edit reads one file). A file read again is diffed,
-as bytes, against its last parse: only the edited lines are parsed, and every line before
-the edit (after it too, if the line count is unchanged) keeps its ManualLine object, so the
-reconciler's identity-first diff sees one changed line. The poll catches what inotify
+as bytes, against its last parse: only the edited lines are parsed, and every line outside the edit keeps its ManualLine
+object (a line that moved gets its new number in place), so the reconciler's identity-first
+diff sees one changed line. The poll catches what inotify
 cannot see, e.g. a host-side write to a single bind-mounted file.
 """
 
@@ -33,7 +33,7 @@ from watchdog.observers import Observer
 
 from ..errors import KeyRejected
 from ..keys import parse_authorized_keys_line
-from ..model import ManualLine
+from ..model import LineNumber, ManualLine
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def parse_key_file(data: bytes, origin: str) -> tuple[list[ManualLine], list[str
             errors.append(f"{origin}:{number}: {result}")
         elif result is not None:
             options, key = result
-            lines.append(ManualLine(origin=f"{origin}:{number}", options=options, key=key))
+            lines.append(ManualLine(origin, options, key, LineNumber(number)))
     return lines, errors
 
 
@@ -200,29 +200,38 @@ class _Edit:
 
 def _find_edit(old: ParsedFile, data: bytes) -> _Edit:
     """The run of whole lines holding every byte that differs between `old` and `data`
-    (found by comparing bytes, so the lines around it are never split or decoded)."""
+    (found by comparing bytes, so the lines around it are never split or decoded).
+
+    Lines inserted or deleted whole leave every old line out of the edit, even where the
+    bytes around them look alike (a key inserted above another starts as it does)."""
     old_size, offsets = len(old.data), old.offsets
-    prefix = common_prefix(old.data, data)
-    suffix = common_suffix(old.data, data, min(old_size, len(data)) - prefix)
-    first = offsets.line_at(prefix)  # lines before it end (`\n` included) in the prefix
-    end = offsets.line_at(old_size - suffix) + 1  # lines from it start after a common `\n`
+    first = offsets.line_at(common_prefix(old.data, data))  # lines before it are common
     start = offsets.start(first)
+    suffix = common_suffix(old.data, data, min(old_size, len(data)) - start)
+    tail, new_tail = old_size - suffix, len(data) - suffix  # common from here on
+    end = offsets.line_at(tail)
+    if not (offsets.start(end) == tail and (new_tail == 0 or data[new_tail - 1] == 10)):
+        end += 1  # line `end` differs at its start: it is in the edit (`\n` = 10)
     if end == offsets.count:
         old_stop, new_stop = old_size, len(data)
     else:
         old_stop = offsets.start(end) - 1  # the `\n` ending the edit
         new_stop = old_stop + len(data) - old_size
-    return _Edit(first, end, data[start:new_stop].split(b"\n"),
-                 old.data[start:old_stop].split(b"\n"))
+    return _Edit(first, end, _lines(data, start, new_stop), _lines(old.data, start, old_stop))
+
+
+def _lines(data: bytes, start: int, stop: int) -> list[bytes]:
+    """The lines of data[start:stop] (none when stop is before start: nothing there)."""
+    return data[start:stop].split(b"\n") if stop >= start else []
 
 
 def reparse(old: ParsedFile | None, data: bytes, origin: str) -> ParsedFile:
     """`data` parsed as `parse_key_file` would, by updating `old` (the previous version of
     the same file) in place and returning it: copies of its lists are the caller's business.
 
-    Only the edited lines are read; a line before the edit, or after it when the line count
-    is unchanged, keeps its ManualLine object; a later line that moved gets a new one with
-    its parse result reused. An edited line is validated unless it was in the old edit."""
+    Only the edited lines are read; a line outside the edit keeps its ManualLine object (one
+    that moved, with its number updated in place). An edited line is validated unless it was
+    in the old edit."""
     if old is None or old.origin != origin:
         old = empty_file(origin)
     edit = _find_edit(old, data)
@@ -236,19 +245,23 @@ def reparse(old: ParsedFile | None, data: bytes, origin: str) -> ParsedFile:
             rejected_at.append(number)
         elif result is not None:
             if not isinstance(result, ManualLine):  # not the same line at the same place
-                result = ManualLine(origin=f"{origin}:{number + 1}", options=result[0],
-                                    key=result[1])
+                result = ManualLine(origin, result[0], result[1], LineNumber(number + 1))
             middle.append(result)
             middle_at.append(number)
-    _splice(old.lines, old.line_at, edit, middle, middle_at,
-            lambda line, number: ManualLine(origin=f"{origin}:{number + 1}",
-                                            options=line.options, key=line.key))
+    _splice(old.lines, old.line_at, edit, middle, middle_at, _moved)
     _splice(old.errors, old.error_at, edit, rejected, rejected_at,
             lambda error, number: f"{origin}:{number + 1}: "
                                   f"{_reason(origin, number - edit.shift, error)}")
     old.offsets.replace(edit.first, edit.end, [len(raw) + 1 for raw in edit.raw])
     old.data = data
     return old
+
+
+def _moved(line: ManualLine, number: int) -> ManualLine:
+    """The same line object, now on (0-based) line `number`: the reconciler finds the edit
+    by identity, so a line that only moved is not a change (see LineNumber)."""
+    line.number.value = number + 1
+    return line
 
 
 def _reason(origin: str, number: int, error: str) -> str:
