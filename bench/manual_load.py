@@ -10,7 +10,8 @@ this machine is today:
 * reload after a 1-line edit, the source side only (stat, read, diff, hand the lines to the
   sink), for three edits: append a line, replace the middle line, insert a line at the top.
   Append and replace should cost about the same at every size; an insert at the top moves
-  every later line (each origin names its line number), so it may grow with the file.
+  every later line: each keeps its object and gets its new number in place (LineNumber),
+  which is the one part of this edit that grows with the file.
   The last column is the floor every edit pays: reading the file. Each timing starts after
   a garbage collection, so one owed to earlier work is not charged to it;
 * end to end, what a user sees: from the edited file written to the index shard that
