@@ -182,6 +182,34 @@ def test_insert_at_top_keeps_every_line_object_and_moves_its_number() -> None:
     assert [l.origin for l in again.lines] == [f"{ORIGIN}:{i}" for i in range(1, 101)]
 
 
+def test_moved_lines_are_renumbered_without_passing_each_other() -> None:
+    """The reconciler's thread may read the numbers while the source moves them: lines that
+    move down are renumbered from the farthest, lines that move up from the nearest, so no
+    two of them are ever out of order."""
+    from watcher.model import LineNumber
+
+    written: list[int] = []
+
+    class Watched(LineNumber):
+        __slots__ = ()
+
+        def __setattr__(self, name: str, value: int) -> None:
+            written.append(value)
+            super().__setattr__(name, value)
+
+    rng = random.Random(8)
+    lines = big_file(rng, 5)
+    parsed = reparse(None, b"\n".join(lines) + b"\n", ORIGIN)
+    for line in parsed.lines:
+        object.__setattr__(line, "number", Watched(line.number.value))
+    written.clear()
+    reparse(parsed, b"# one\n# two\n" + b"\n".join(lines) + b"\n", ORIGIN)
+    assert written == [7, 6, 5, 4, 3]
+    written.clear()
+    reparse(parsed, b"\n".join(lines) + b"\n", ORIGIN)
+    assert written == [1, 2, 3, 4, 5]
+
+
 def test_only_edited_lines_are_validated(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(6)
     lines = big_file(rng, 1000)

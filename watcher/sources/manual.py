@@ -248,20 +248,13 @@ def reparse(old: ParsedFile | None, data: bytes, origin: str) -> ParsedFile:
                 result = ManualLine(origin, result[0], result[1], LineNumber(number + 1))
             middle.append(result)
             middle_at.append(number)
-    _splice(old.lines, old.line_at, edit, middle, middle_at, _moved)
+    _splice(old.lines, old.line_at, edit, middle, middle_at, None)
     _splice(old.errors, old.error_at, edit, rejected, rejected_at,
             lambda error, number: f"{origin}:{number + 1}: "
                                   f"{_reason(origin, number - edit.shift, error)}")
     old.offsets.replace(edit.first, edit.end, [len(raw) + 1 for raw in edit.raw])
     old.data = data
     return old
-
-
-def _moved(line: ManualLine, number: int) -> ManualLine:
-    """The same line object, now on (0-based) line `number`: the reconciler finds the edit
-    by identity, so a line that only moved is not a change (see LineNumber)."""
-    line.number.value = number + 1
-    return line
 
 
 def _reason(origin: str, number: int, error: str) -> str:
@@ -299,15 +292,29 @@ def _old_results(old: ParsedFile, edit: _Edit) -> dict[int, Result]:
 
 
 def _splice(items: list, at: list[int], edit: _Edit, middle: list, middle_at: list[int],
-            renumber: Callable[[Any, int], Any]) -> None:
+            renumber: Callable[[Any, int], Any] | None) -> None:
     """Replaces, in place, the `items` (on lines `at`) of the edit by `middle`; the ones after
-    it are renumbered if the edit moved them. In place: a 100,000-line list is not copied."""
+    it are renumbered if the edit moved them (renumber None: ManualLines, which keep their
+    objects, see _move). In place: a 100,000-line list is not copied."""
     low, high = bisect_left(at, edit.first), bisect_left(at, edit.end)
     if edit.shift:
         at[high:] = [number + edit.shift for number in at[high:]]
-        items[high:] = [renumber(item, number) for item, number in zip(items[high:], at[high:])]
+        if renumber is None:
+            _move(items, at, high, edit.shift)
+        else:
+            items[high:] = [renumber(item, number) for item, number in zip(items[high:], at[high:])]
     items[low:high] = middle
     at[low:high] = middle_at
+
+
+def _move(lines: list[ManualLine], at: list[int], high: int, shift: int) -> None:
+    """Lines from `high` on, moved by `shift`, get their new (0-based) numbers `at` in place:
+    the reconciler finds an edit by identity, so a line that only moved is no change (see
+    LineNumber). Farthest first when they move down, nearest first when up: a reader on
+    another thread meanwhile never sees two of them out of order."""
+    order = range(len(lines) - 1, high - 1, -1) if shift > 0 else range(high, len(lines))
+    for i in order:
+        lines[i].number.value = at[i] + 1
 
 
 def is_key_file_name(name: str) -> bool:
