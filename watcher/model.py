@@ -71,17 +71,20 @@ class LineNumber:
         return f"LineNumber({self.value})"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class ManualLine:
     """A validated line from an admin-maintained key file, with where it is.
 
-    Equal lines are the same text at the same place; the hash leaves the place out (it
-    moves), so a line stays where a set or dict put it when lines above it come and go."""
+    A line is itself, compared and hashed by identity: its number moves, and two lines of
+    the same text can hold the same number for a moment (one just deleted, one just moved
+    up to its place), where equal values would let the reconciler keep the deleted one and
+    drop the one still in the file. The source hands over the same object for as long as
+    the line stays in its file (see LineNumber); `same_text` compares contents."""
 
     path: str  # the key file
     options: tuple[str, ...]  # admin options kept as written (already checked)
     key: PublicKey
-    number: LineNumber = field(default_factory=lambda: LineNumber(0), hash=False)
+    number: LineNumber = field(default_factory=lambda: LineNumber(0))
 
     @classmethod
     def at(cls, origin: str, options: tuple[str, ...], key: PublicKey) -> ManualLine:
@@ -95,6 +98,10 @@ class ManualLine:
     def origin(self) -> str:
         """"file:line", as of now."""
         return f"{self.path}:{self.number.value}" if self.number.value else self.path
+
+    def same_text(self, other: ManualLine) -> bool:
+        """The same file, options and key (where each is, aside)."""
+        return (self.path, self.options, self.key) == (other.path, other.options, other.key)
 
     def order(self) -> tuple[str, int]:
         """Files by name, then lines in file order (unchanged when lines move together)."""

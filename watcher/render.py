@@ -549,7 +549,7 @@ class IncrementalRender:
         way to `added`; `manual` is every line now (read only for a key that also has lines
         outside the edit, which is rare). Rendered by the next update."""
         removed, added = list(removed), list(added)
-        gone = set(removed)  # by value: an equal line may be another object
+        gone = set(removed)  # the very lines the engine holds (lines compare by identity)
         by_fp: dict[str, list[ManualLine]] = {}
         for line in added:
             by_fp.setdefault(line.key.fingerprint, []).append(line)

@@ -242,6 +242,27 @@ def test_broken_line_among_good_ones(m: Manual) -> None:
     wait_tunnel(m.proxy, g1, f"{m.a.name}:22", False, "mixed file deleted")
 
 
+def test_access_log_names_an_admin_line_where_it_is_now(m: Manual) -> None:
+    """Lines inserted above a key move it: the key keeps working throughout, and the access
+    log names its line as the file has it now."""
+    first, second = m.env.key("above"), m.env.key("moved")
+    origin = re.escape(f"{KEYS_DIR}/moved.pub")
+
+    def logged(line: int) -> bool:
+        return re.search(rf"fp={re.escape(second.fingerprint)} .*target={origin}:{line}(\s|$)",
+                         m.proxy.access_log(), re.M) is not None
+
+    m.write("moved.pub", second.public + "\n")
+    wait_tunnel(m.proxy, second, f"{m.a.name}:22", True, "moved.pub: the key on line 1")
+    assert wait_until(lambda: logged(1), 5), m.proxy.access_log()
+    m.write("moved.pub", f"# admins\n{first.public}\n{second.public}\n")
+    wait_tunnel(m.proxy, first, f"{m.a.name}:22", True, "moved.pub: a key inserted above")
+    assert tunnel_ok(tunnel(m.proxy, second, f"{m.a.name}:22"))
+    assert wait_until(lambda: logged(3), 5), m.proxy.access_log()
+    (m.keys_dir / "moved.pub").unlink()
+    wait_tunnel(m.proxy, second, f"{m.a.name}:22", False, "moved.pub deleted")
+
+
 def test_admin_from_option_is_enforced(m: Manual) -> None:
     """from= is kept: a key limited to another client address cannot log in from here."""
     elsewhere, here = m.env.key("from-elsewhere"), m.env.key("from-here")

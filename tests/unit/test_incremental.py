@@ -41,7 +41,7 @@ OPS = st.one_of(
     st.tuples(st.just("hosts"), st.lists(st.sampled_from(["shared", "API", "other"]), max_size=2)),
     # An admin file edited as the source hands it over (reparse): the lines after the edit
     # stay the same objects, moved to their new numbers in place.
-    st.tuples(st.just("edit"), st.sampled_from(["insert", "delete", "replace"]), st.integers(0, 8),
+    st.tuples(st.just("edit"), st.sampled_from(["insert", "delete", "replace", "join"]), st.integers(0, 8),
               st.one_of(st.just(None), st.tuples(st.integers(0, 4), st.sampled_from(MANUAL_OPTIONS)))),
 )
 ADMIN_FILE = "/keys/edited.pub"
@@ -58,6 +58,8 @@ def _edit_admin_file(parsed: ParsedFile | None, op: tuple) -> ParsedFile:
         lines.insert(at, text)
     elif lines and kind == "delete":
         del lines[min(at, len(lines) - 1)]
+    elif lines and kind == "join":  # two lines become one (the lines below move up by one)
+        lines[min(at, len(lines) - 1):min(at, len(lines) - 1) + 2] = [text]
     elif lines:
         lines[min(at, len(lines) - 1)] = text
     return reparse(parsed, "".join(f"{l}\n" for l in lines).encode(), ADMIN_FILE)

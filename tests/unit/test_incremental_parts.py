@@ -134,6 +134,32 @@ def test_a_line_inserted_at_the_top_renders_only_that_key_and_owners_follow() ->
     assert h.rec.owners_of(new.fingerprint) == ("/k/a.pub:1",)
 
 
+def test_a_line_deleted_where_the_same_text_moves_up_is_told_apart() -> None:
+    """P, K, X, K -> Q, K: the first K goes, the second moves up to its number. Alike as
+    they are, the reconciler keeps the one still in the file, so deleting that one later
+    revokes the key (lines are told apart by identity, not by text and number)."""
+    from test_reconcile import Harness
+    from watcher.config import RunMode, Settings
+    from watcher.sources.manual import reparse
+
+    h = Harness(Settings(mode=RunMode.MANUAL))
+    p, q, x, k = (make_key(("twice", n)) for n in "pqxk")
+    text = {key: key.line().encode() + b"\n" for key in (p, q, x, k)}
+    parsed = reparse(None, text[p] + text[k] + text[x] + text[k], "/k/a.pub")
+    h.rec.set_manual(list(parsed.lines))
+    h.settle()
+    moved = parsed.lines[3]
+    h.rec.set_manual(list(reparse(parsed, text[q] + text[k], "/k/a.pub").lines))
+    h.settle()
+    assert parsed.lines[1] is moved and moved.origin == "/k/a.pub:2"
+    assert h.rec.owners_of(k.fingerprint) == ("/k/a.pub:2",)
+    assert h.last.index == h.rec.full_render().index
+    h.rec.set_manual(list(reparse(parsed, text[q], "/k/a.pub").lines))
+    h.settle()
+    assert k.fingerprint not in h.last.index and h.rec.owners_of(k.fingerprint) == ()
+    assert h.last.index == h.rec.full_render().index
+
+
 def test_a_one_line_manual_edit_renders_only_that_key() -> None:
     """Editing one admin line of many: the render says only the edited keys changed (the
     rest of the index is not looked at again), and equals a full render."""

@@ -8,21 +8,18 @@ from watcher.model import LineNumber, ManualLine, PublicKey, owner_names, owners
 KEY = PublicKey("ssh-ed25519", "AAAA", "", "SHA256:x", 256)
 
 
-def test_a_line_is_its_text_at_its_place() -> None:
+def test_a_line_is_itself_wherever_it_moves() -> None:
     line = ManualLine.at("/k/a.pub:7", ("no-pty",), KEY)
     assert (line.path, line.number.value, line.origin) == ("/k/a.pub", 7, "/k/a.pub:7")
-    assert line == ManualLine("/k/a.pub", ("no-pty",), KEY, LineNumber(7))
-    assert line != ManualLine.at("/k/a.pub:8", ("no-pty",), KEY)  # the same text elsewhere
     assert ManualLine.at("admin", (), KEY).origin == "admin"  # a bare name has no number
-
-
-def test_moving_a_line_keeps_it_where_a_set_put_it() -> None:
-    line = ManualLine.at("/k/a.pub:7", (), KEY)
-    twin = ManualLine.at("/k/a.pub:9", (), KEY)  # the same key twice in one file
-    held = {line: "first", twin: "second"}
-    line.number.value, twin.number.value = 8, 10  # a line inserted above both
-    assert held[line] == "first" and held[twin] == "second"
-    assert line.origin == "/k/a.pub:8" and line != twin
+    # One line deleted, the same text below it moved up to its number: two lines still.
+    gone, moved = ManualLine.at("/k/a.pub:5", (), KEY), ManualLine.at("/k/a.pub:9", (), KEY)
+    held = {gone: "deleted", moved: "in the file"}
+    moved.number.value = 5
+    assert gone != moved and gone.same_text(moved) and gone.origin == moved.origin
+    assert held[moved] == "in the file" and [l for l in (gone, moved) if l not in {gone}] == [moved]
+    assert not gone.same_text(ManualLine.at("/k/b.pub:5", (), KEY))
+    assert LineNumber(3) == LineNumber(3)
 
 
 def test_owners_named_as_of_now_and_sorted_as_strings() -> None:

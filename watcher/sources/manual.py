@@ -10,10 +10,10 @@ file revokes its keys.
 Level-triggered like the rest: any relevant event (create, modify, move, delete, the
 ConfigMap `..data` symlink swap) just triggers a rescan (a file whose inode, size and times are
 unchanged is not read again: a one-line edit reads one file). A file read again is diffed,
-as bytes, against its last parse: only the edited lines are parsed, and every line outside the edit keeps its ManualLine
-object (a line that moved gets its new number in place), so the reconciler's identity-first
-diff sees one changed line. The poll catches what inotify
-cannot see, e.g. a host-side write to a single bind-mounted file.
+as bytes, against its last parse: only the edited lines are parsed, and every line outside
+the edit keeps its ManualLine object (a line that moved gets its new number in place), so
+the reconciler's diff, by identity, sees only the edited lines. The poll catches what
+inotify cannot see, e.g. a host-side write to a single bind-mounted file.
 """
 
 from __future__ import annotations
