@@ -62,11 +62,6 @@ class LineNumber:
     def __init__(self, value: int) -> None:
         self.value = value
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LineNumber) and other.value == self.value
-
-    __hash__ = None  # type: ignore[assignment]  # it changes: never a key
-
     def __repr__(self) -> str:
         return f"LineNumber({self.value})"
 
@@ -79,7 +74,7 @@ class ManualLine:
     the same text can hold the same number for a moment (one just deleted, one just moved
     up to its place), where equal values would let the reconciler keep the deleted one and
     drop the one still in the file. The source hands over the same object for as long as
-    the line stays in its file (see LineNumber); `same_text` compares contents."""
+    the line stays in its file (see LineNumber)."""
 
     path: str  # the key file
     options: tuple[str, ...]  # admin options kept as written (already checked)
@@ -98,10 +93,6 @@ class ManualLine:
     def origin(self) -> str:
         """"file:line", as of now."""
         return f"{self.path}:{self.number.value}" if self.number.value else self.path
-
-    def same_text(self, other: ManualLine) -> bool:
-        """The same file, options and key (where each is, aside)."""
-        return (self.path, self.options, self.key) == (other.path, other.options, other.key)
 
     def order(self) -> tuple[str, int]:
         """Files by name, then lines in file order (unchanged when lines move together)."""

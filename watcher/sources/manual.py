@@ -26,7 +26,7 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -248,10 +248,12 @@ def reparse(old: ParsedFile | None, data: bytes, origin: str) -> ParsedFile:
                 result = ManualLine(origin, result[0], result[1], LineNumber(number + 1))
             middle.append(result)
             middle_at.append(number)
-    _splice(old.lines, old.line_at, edit, middle, middle_at, None)
-    _splice(old.errors, old.error_at, edit, rejected, rejected_at,
-            lambda error, number: f"{origin}:{number + 1}: "
-                                  f"{_reason(origin, number - edit.shift, error)}")
+    after = _splice(old.lines, old.line_at, edit, middle, middle_at)
+    _move(old.lines, old.line_at, after, edit.shift)
+    after = _splice(old.errors, old.error_at, edit, rejected, rejected_at)
+    if edit.shift:  # an error is text: it names its line again
+        old.errors[after:] = [f"{origin}:{number + 1}: {_reason(origin, number - edit.shift, error)}"
+                              for error, number in zip(old.errors[after:], old.error_at[after:])]
     old.offsets.replace(edit.first, edit.end, [len(raw) + 1 for raw in edit.raw])
     old.data = data
     return old
@@ -291,28 +293,26 @@ def _old_results(old: ParsedFile, edit: _Edit) -> dict[int, Result]:
     return results
 
 
-def _splice(items: list, at: list[int], edit: _Edit, middle: list, middle_at: list[int],
-            renumber: Callable[[Any, int], Any] | None) -> None:
-    """Replaces, in place, the `items` (on lines `at`) of the edit by `middle`; the ones after
-    it are renumbered if the edit moved them (renumber None: ManualLines, which keep their
-    objects, see _move). In place: a 100,000-line list is not copied."""
+def _splice(items: list, at: list[int], edit: _Edit, middle: list, middle_at: list[int]) -> int:
+    """Replaces, in place, the `items` (on lines `at`) of the edit by `middle`, and moves the
+    line numbers in `at` of the ones after it by the edit's shift; returns where those start
+    now. In place: a 100,000-line list is not copied."""
     low, high = bisect_left(at, edit.first), bisect_left(at, edit.end)
     if edit.shift:
         at[high:] = [number + edit.shift for number in at[high:]]
-        if renumber is None:
-            _move(items, at, high, edit.shift)
-        else:
-            items[high:] = [renumber(item, number) for item, number in zip(items[high:], at[high:])]
     items[low:high] = middle
     at[low:high] = middle_at
+    return low + len(middle)
 
 
-def _move(lines: list[ManualLine], at: list[int], high: int, shift: int) -> None:
-    """Lines from `high` on, moved by `shift`, get their new (0-based) numbers `at` in place:
+def _move(lines: list[ManualLine], at: list[int], after: int, shift: int) -> None:
+    """Lines from `after` on, moved by `shift`, get their new (0-based) numbers `at` in place:
     the reconciler finds an edit by identity, so a line that only moved is no change (see
     LineNumber). Farthest first when they move down, nearest first when up: a reader on
     another thread meanwhile never sees two of them out of order."""
-    order = range(len(lines) - 1, high - 1, -1) if shift > 0 else range(high, len(lines))
+    if not shift:
+        return
+    order = range(len(lines) - 1, after - 1, -1) if shift > 0 else range(after, len(lines))
     for i in order:
         lines[i].number.value = at[i] + 1
 
