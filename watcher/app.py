@@ -216,8 +216,8 @@ class OutputWriter:
             if on_disk.get(name) is shard:
                 continue
             path = directory / name
-            changed |= self._once(path, shard.data,
-                                  lambda known: _write_shard(self._shard_files, name, shard.data, known))
+            changed |= self._once(path, shard.blocks,
+                                  lambda known: _write_shard(self._shard_files, name, shard, known))
         self._shards_on_disk = rendered.shards
         return changed
 
@@ -236,7 +236,7 @@ class OutputWriter:
                 # it is made from (~23 MB, a generation behind under churn) is kept between
                 # writes. A bytes object keeps its hash: only a new shard is hashed (~20 ms for
                 # all at 100k keys).
-                shards = tuple((len(shard.data), hash(shard.data)) for shard in
+                shards = tuple((shard.lines, hash(shard.blocks)) for shard in
                                (rendered.shards.get(name, EMPTY_SHARD) for name in SHARD_NAMES))
                 changed = self._once(self.paths.cache, shards, lambda known: _write_cache_file(
                     self.paths.cache, rendered, known))
@@ -261,15 +261,15 @@ class OutputWriter:
         return changed
 
 
-def _write_shard(files: ShardFiles, name: str, data: bytes, known: bool) -> bool:
+def _write_shard(files: ShardFiles, name: str, shard: Shard, known: bool) -> bool:
     """One index shard (not fsynced, as _write_cache_file says); no file for a shard without
     keys (the keys command reads a missing shard as empty): a small deployment keeps a few
     files, not 64 mostly empty ones."""
-    if not data:
+    if not shard.blocks:
         return files.remove(name)
-    if not known and read_bytes(files.directory / name) == data:
+    if not known and read_bytes(files.directory / name) == shard.data:
         return False
-    files.write(name, data)
+    files.write(name, shard.blocks)
     return True
 
 

@@ -642,19 +642,28 @@ class Reconciler:
         with self._lock:  # alias_owner reads these from other threads
             if full:
                 self._refs, self._hosts_map, self._granted = {}, {}, {}
+            # A target that stays keeps its keys in these maps (a value replaced in place):
+            # deleting and adding them again used up the tables' free slots, and under churn
+            # at 100k targets each map was copied whole every few seconds (the alias map,
+            # ~300k names, 15 MB at a time).
             for tid in redo:
-                for alias in map(fold, self._granted.pop(tid, ())):
-                    if self._hosts_map.get(alias) == tid:
+                stays = tid in self.entries
+                granted = self._granted.get(tid, ())
+                kept = set(map(fold, self._book.aliases.get(tid, ()))) if stays and granted else ()
+                for alias in map(fold, granted):
+                    if alias not in kept and self._hosts_map.get(alias) == tid:
                         remember(old_hosts, self._hosts_map, alias)
                         del self._hosts_map[alias]
-                remember(old_refs, self._refs, tid)
-                self._refs.pop(tid, None)
+                if not stays:
+                    remember(old_refs, self._refs, tid)
+                    self._refs.pop(tid, None)
+                    self._granted.pop(tid, None)
             for tid in redo:
                 entry = self.entries.get(tid)
                 if entry is None:
                     continue
-                t = entry.target
-                self._refs[tid] = t
+                remember(old_refs, self._refs, tid)
+                self._refs[tid] = entry.target
                 aliases = self._book.aliases.get(tid, ())
                 self._granted[tid] = aliases
                 for alias in map(fold, aliases):

@@ -62,30 +62,86 @@ def index_shard(fingerprint: str) -> str:
     return _SHARD_OF.get(body[:1], SHARD_NAMES[0])
 
 
-@dataclass(frozen=True, slots=True)
+BLOCK_BYTES = 16 * 1024
+"""An index shard is kept as blocks of this many bytes to twice as many, each of whole keys'
+lines. A change makes again only the blocks of the keys it touches and shares the others
+with the shard before it. With each shard one string (~375 KB at 100k keys), a churn flush,
+which changes a few lines in each of the 64 shards, copied the whole index (~23 MB) into a
+new generation while the one before was still referenced. B6 at 100k keys, alternated
+runs: CPU per event -5%, peak RSS -7 MiB (bench/ANALYSIS.md, round 15)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Shard:
-    """One index shard: its lines ("<fingerprint> <authorized_keys line>"), and how many.
+    """One index shard: its lines ("<fingerprint> <authorized_keys line>") in fingerprint
+    order, as the file's bytes (UTF-8) cut into blocks (BLOCK_BYTES) at key boundaries, and
+    how many lines. Equal shards hold the same bytes, however they are cut.
 
-    Kept as the file's bytes (UTF-8), not as text: written as they are, where encoding the
-    64 shards of a churn flush at 100k keys (~24 MB) held the loop for ~20 ms per flush.
-    Edits splice bytes too (`splice`); the text is decoded only where a reader wants it."""
+    Kept as bytes, not as text: written as they are, where encoding the 64 shards of a
+    churn flush at 100k keys (~24 MB) held the loop for ~20 ms per flush. Edits splice bytes
+    too (`splice`); the text is decoded only where a reader wants it."""
 
-    data: bytes = b""
+    blocks: tuple[bytes, ...] = ()
     lines: int = 0
+    # Each block's first fingerprint: where a key's lines are is a bisect away.
+    firsts: tuple[bytes, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "firsts", tuple(block[:block.index(b" ")] for block in self.blocks))
+
+    @classmethod
+    def of(cls, data: bytes, lines: int, block: int | None = None) -> Shard:
+        """The shard of these lines (sorted, whole), cut into blocks (None: BLOCK_BYTES)."""
+        return cls(tuple(cut_blocks(data, block)), lines) if data else EMPTY_SHARD
+
+    @property
+    def data(self) -> bytes:
+        """The file's bytes, joined (the shard's writers write its blocks as they are)."""
+        return b"".join(self.blocks)
 
     @property
     def index(self) -> str:
         """The lines as text."""
         return self.data.decode()
 
-    @property
-    def cache_data(self) -> bytes:
-        """The same lines as the cache shows them (no fingerprint): derived each time the
-        cache is written (paced, a shard at a time), not kept: at 100k keys the kept copy
+    def cache_chunks(self) -> Iterator[bytes]:
+        """The same lines as the cache shows them (no fingerprint), a block at a time:
+        derived each time the cache is written (paced), not kept: at 100k keys the kept copy
         was ~19 MB, and under churn every shard had changed by the next write anyway."""
-        if not self.data:
-            return b""
-        return b"\n".join([line[line.index(b" ") + 1:] for line in self.data.split(b"\n")[:-1]]) + b"\n"
+        for block in self.blocks:
+            yield b"\n".join([line[line.index(b" ") + 1:] for line in block.split(b"\n")[:-1]]) + b"\n"
+
+    def block_of(self, fp: bytes) -> int:
+        """The block where `fp`'s lines are or would go."""
+        return max(0, bisect.bisect_right(self.firsts, fp) - 1)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Shard):
+            return NotImplemented
+        return self.lines == other.lines and (self.blocks == other.blocks or self.data == other.data)
+
+    def __hash__(self) -> int:
+        return hash((self.lines, self.data))
+
+
+def cut_blocks(data: bytes, size: int | None = None) -> list[bytes]:
+    """Sorted index lines cut into blocks of `size` (None: BLOCK_BYTES) to 2 * `size` bytes
+    (a shorter one only if it is all; a key with more lines than that makes its block
+    longer), each starting where a key's lines start, so that a key's lines are in one block."""
+    size = size or BLOCK_BYTES
+    blocks: list[bytes] = []
+    start = 0
+    while len(data) - start > 2 * size:
+        at = data.index(b"\n", start + size - 1) + 1  # the first line starting after `size` bytes
+        line = data.rfind(b"\n", 0, at - 1) + 1
+        at = _part_end(data, data[line:data.index(b" ", line)], at)  # past the key's other lines
+        if len(data) - at < size:  # the key's lines were most of it: no short block after it
+            break
+        blocks.append(data[start:at])
+        start = at
+    if start < len(data):
+        blocks.append(data[start:] if start else data)
+    return blocks
 
 
 EMPTY_SHARD = Shard()
@@ -126,7 +182,7 @@ class Rendered:
         """The cache's bytes a shard at a time (~20 MB at 100k keys: written so, never joined)."""
         yield CACHE_HEADER.encode()
         for name in SHARD_NAMES:
-            yield self.shards.get(name, EMPTY_SHARD).cache_data
+            yield from self.shards.get(name, EMPTY_SHARD).cache_chunks()
 
     @property
     def keys_served(self) -> int:
@@ -139,7 +195,7 @@ def shards_of(lines: Iterable[tuple[str, str]]) -> dict[str, Shard]:
     index: dict[str, list[str]] = {}
     for fp, line in lines:
         index.setdefault(index_shard(fp), []).append(f"{fp} {line}\n")
-    return {name: Shard("".join(index[name]).encode(), len(index[name]))
+    return {name: Shard.of("".join(index[name]).encode(), len(index[name]))
             if name in index else EMPTY_SHARD for name in SHARD_NAMES}
 
 
@@ -166,19 +222,45 @@ def _part_end(data: bytes, fp: bytes, start: int) -> int:
 
 def part_of(shard: Shard, fp: str) -> str:
     """A fingerprint's lines in a shard's index ("" if it has none)."""
-    data, key = shard.data, fp.encode()
+    if not shard.blocks:
+        return ""
+    key = fp.encode()
+    data = shard.blocks[shard.block_of(key)]
     start = _seek(data, key, 0, len(data))
     return data[start:_part_end(data, key, start)].decode()
 
 
-def splice(shard: Shard, parts: Mapping[str, str]) -> tuple[Shard, dict[str, str]]:
+def splice(shard: Shard, parts: Mapping[str, str], block: int | None = None) -> tuple[Shard, dict[str, str]]:
     """The shard with each fingerprint's lines replaced by `parts[fp]` ("": none), and the
-    lines each had before. Lines of other fingerprints are copied, never parsed: the work
-    is one pass over the text, plus a binary search per changed fingerprint."""
-    data = shard.data
-    pieces: list[bytes] = []
+    lines each had before. Only the blocks holding a changed fingerprint are made again
+    (the others are shared with `shard`); lines of other fingerprints are copied, never
+    parsed: one pass over each such block, plus a binary search per changed fingerprint."""
+    if not parts:
+        return shard, {}
+    block = block or BLOCK_BYTES
+    blocks = list(shard.blocks) or [b""]
+    by_block: dict[int, dict[str, str]] = {}
+    for fp, part in parts.items():
+        by_block.setdefault(shard.block_of(fp.encode()), {})[fp] = part
     before: dict[str, str] = {}
     lines = shard.lines
+    for i in sorted(by_block, reverse=True):  # from the last: blocks before i keep their place
+        data, added, was = _splice_block(blocks[i], by_block[i])
+        before.update(was)
+        lines += added
+        if len(data) < block // 4 and i + 1 < len(blocks):  # too small: one with the next
+            blocks[i:i + 2] = cut_blocks(data + blocks[i + 1], block)
+        else:
+            blocks[i:i + 1] = cut_blocks(data, block)
+    return (Shard(tuple(blocks), lines) if blocks else EMPTY_SHARD), before
+
+
+def _splice_block(data: bytes, parts: Mapping[str, str]) -> tuple[bytes, int, dict[str, str]]:
+    """One block with each fingerprint's lines replaced by `parts[fp]`: (the new bytes, lines
+    added (negative: removed), the lines each fingerprint had before)."""
+    pieces: list[bytes] = []
+    before: dict[str, str] = {}
+    added = 0
     pos = 0
     for fp in sorted(parts):
         key = fp.encode()
@@ -186,12 +268,11 @@ def splice(shard: Shard, parts: Mapping[str, str]) -> tuple[Shard, dict[str, str
         end = _part_end(data, key, start)
         old, new = data[start:end], parts[fp]
         before[fp] = old.decode()
-        lines += new.count("\n") - old.count(b"\n")
+        added += new.count("\n") - old.count(b"\n")
         pieces += (data[pos:start], new.encode())
         pos = end
     pieces.append(data[pos:])
-    joined = b"".join(pieces)
-    return (Shard(joined, lines) if joined else EMPTY_SHARD), before
+    return b"".join(pieces), added, before
 
 
 def changed_parts(old: Mapping[str, Shard], new: Mapping[str, Shard]) -> dict[str, tuple[str, str]]:
@@ -200,7 +281,7 @@ def changed_parts(old: Mapping[str, Shard], new: Mapping[str, Shard]) -> dict[st
     out: dict[str, tuple[str, str]] = {}
     for name in SHARD_NAMES:
         a, b = old.get(name, EMPTY_SHARD), new.get(name, EMPTY_SHARD)
-        if a is b or a.data == b.data:
+        if a is b or a == b:
             continue
         was, now = _parts_by_fp(a.index), _parts_by_fp(b.index)
         for fp in was.keys() | now.keys():
@@ -597,7 +678,8 @@ class IncrementalRender:
             if not self._bulk:
                 self._place(tid, old, item)  # while _served still has `old`: the order's key
             if old is not None:
-                del self._served[tid]
+                if item is None:
+                    del self._served[tid]  # else replaced in place (see Reconciler._worlds)
                 for key in old.keys:
                     fps.add(key.fingerprint)
                     self._by_fp.discard(key.fingerprint, tid)

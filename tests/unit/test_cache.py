@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from watcher import cache
 from watcher.cache import (SHARD_DATA, ShardFiles, atomic_write, read_bytes, update_hosts_block,
-                           write_if_changed)
+                           write_blocks, write_if_changed)
 from watcher.render import HOSTS_BEGIN, HOSTS_END
 
 
@@ -210,6 +211,35 @@ def test_a_shard_is_a_link_to_its_version_and_the_one_before_is_kept(tmp_path: P
     assert mode_of(tmp_path / "index.d" / "A") == 0o644
     assert mode_of(tmp_path / "index.d") == mode_of(tmp_path / "index.d" / SHARD_DATA) == 0o755
     assert sorted(os.listdir(tmp_path / "index.d")) == [SHARD_DATA, "A"]  # no link left aside
+
+
+def test_a_shard_written_in_blocks_is_their_bytes_in_order(tmp_path: Path) -> None:
+    files = ShardFiles(tmp_path)
+    files.prepare()
+    files.write("A", (b"SHA256:A1 one\n", b"SHA256:A2 two\n", b"SHA256:A3 three\n"))
+    assert (tmp_path / "A").read_bytes() == b"SHA256:A1 one\nSHA256:A2 two\nSHA256:A3 three\n"
+
+
+@pytest.mark.parametrize("short", [0, 3, 14, 20])
+def test_write_blocks_finishes_what_a_short_writev_left(tmp_path: Path, monkeypatch, short: int) -> None:
+    """writev may write fewer bytes than asked (a signal, a nearly full disk): the rest follows,
+    from the middle of the block where it stopped."""
+    real = os.writev
+
+    def writev(fd: int, buffers) -> int:
+        return real(fd, [b"".join(buffers)[:short]]) if short else 0
+    monkeypatch.setattr(cache.os, "writev", writev)
+    blocks = [b"first block\n", b"second\n", b"", b"third one\n"]
+    with open(tmp_path / "f", "wb") as handle:
+        write_blocks(handle.fileno(), blocks)
+    assert (tmp_path / "f").read_bytes() == b"".join(blocks)
+
+
+def test_write_blocks_writes_more_blocks_than_one_writev_takes(tmp_path: Path) -> None:
+    blocks = [f"{n}\n".encode() for n in range(2500)]  # IOV_MAX is 1024
+    with open(tmp_path / "f", "wb") as handle:
+        write_blocks(handle.fileno(), blocks)
+    assert (tmp_path / "f").read_bytes() == b"".join(blocks)
 
 
 def test_a_removed_shard_takes_its_versions_with_it(tmp_path: Path) -> None:

@@ -45,8 +45,9 @@ class DiskFull:
         monkeypatch.setattr(cache.os, "fdopen", fdopen)
         monkeypatch.setattr(cache.os, "fsync", fsync)
         # Files made with os.open (O_CREAT | O_EXCL: the index shards' versions, mkstemp) and
-        # written with os.write.
+        # written with os.write or os.writev.
         real_open, real_write, real_close = cache.os.open, cache.os.write, cache.os.close
+        real_writev = cache.os.writev
         new_files: set[int] = set()
 
         def open_(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
@@ -62,11 +63,17 @@ class DiskFull:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real_write(fd, data)
 
+        def writev_(fd: int, buffers: Any) -> int:  # the index shards, in blocks
+            if self.full and fd in new_files:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_writev(fd, buffers)
+
         def close_(fd: int) -> None:
             new_files.discard(fd)
             real_close(fd)
         monkeypatch.setattr(cache.os, "open", open_)
         monkeypatch.setattr(cache.os, "write", write_)
+        monkeypatch.setattr(cache.os, "writev", writev_)
         monkeypatch.setattr(cache.os, "close", close_)
 
 

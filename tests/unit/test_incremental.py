@@ -20,6 +20,7 @@ from watcher.sources.manual import ParsedFile, reparse
 from watcher.targets import ReservedNames, permitopen_reservations, resolve_aliases
 
 from test_reconcile import Harness, make_key, ok, target
+from test_shard_splice import assert_whole_keys_per_block
 
 KEYS = [make_key(("incremental", n)) for n in range(5)]
 NAMES = ["web", "db", "Web", "api", "cache"]
@@ -75,6 +76,8 @@ def _check(h: Harness) -> None:
     full = h.rec.full_render()
     got = h.last
     assert got.index == full.index
+    for shard in got.shards.values():
+        assert_whole_keys_per_block(shard)
     assert got.cache == full.cache
     assert got.hosts_block == full.hosts_block
     assert got.owners == full.owners
@@ -177,3 +180,18 @@ def test_incremental_equals_full_render_with_hosts_rows_in_small_chunks(ops: lis
         _run(ops, RunMode.DOCKER)
     finally:
         render.HOSTS_CHUNK = chunk
+
+
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(OPS, min_size=1, max_size=15), st.sampled_from([1, 200, 600]))
+def test_incremental_equals_full_render_with_index_shards_in_small_blocks(ops: list[tuple], size: int) -> None:
+    """A shard is kept in blocks of BLOCK_BYTES (16 KiB in use) and a change makes only its
+    keys' blocks again: with blocks of a line or a few, the keys here span many, so splices
+    split, merge and drop blocks."""
+    block = render.BLOCK_BYTES
+    render.BLOCK_BYTES = size
+    try:
+        _run(ops, RunMode.DOCKER)
+    finally:
+        render.BLOCK_BYTES = block

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from watcher.render import (ANY_DEST, EMPTY_SHARD, IndexGrants, Shard, changed_parts, grant_set,
-                            grants_of_parts, index_shard, manual_grants, merge_grants, part_grants, part_of,
-                            render, shards_of, splice)
+from watcher.render import (ANY_DEST, EMPTY_SHARD, IndexGrants, Shard, changed_parts, cut_blocks,
+                            grant_set, grants_of_parts, index_shard, manual_grants, merge_grants, part_grants,
+                            part_of, render, shards_of, splice)
 
 from test_revocation import FROM, KA, KB, make_key, manual, served
 
@@ -24,7 +24,7 @@ def text_of(parts: dict[str, list[str]]) -> str:
 
 def shard_of(parts: dict[str, list[str]]) -> Shard:
     text = text_of(parts)
-    return Shard(text.encode(), text.count("\n")) if text else EMPTY_SHARD
+    return Shard.of(text.encode(), text.count("\n"))
 
 
 @settings(max_examples=300, deadline=None)
@@ -39,6 +39,77 @@ def test_splice_equals_the_shard_rendered_from_scratch(old: dict, change: dict) 
     assert before == {fp: "".join(f"{fp} {line}\n" for line in old.get(fp, [])) for fp in change}
     for fp in FPS:
         assert part_of(shard, fp) == "".join(f"{fp} {line}\n" for line in new.get(fp, []))
+
+
+def assert_whole_keys_per_block(shard: Shard) -> None:
+    """Every block is whole lines and starts a key: no key's lines are in two blocks."""
+    fps = [[line.split(b" ", 1)[0] for line in block.split(b"\n")[:-1]] for block in shard.blocks]
+    for block, keys in zip(shard.blocks, fps):
+        assert keys and block.endswith(b"\n")
+        assert keys == sorted(keys)
+    for before, after in zip(fps, fps[1:]):
+        assert before[-1] < after[0]
+    assert shard.firsts == tuple(keys[0] for keys in fps)
+    assert shard.lines == sum(map(len, fps))
+
+
+# 20 keys of one shard, each with 1-3 lines of ~30 bytes: blocks of 40-100 bytes hold one to a
+# few keys, so splices cut, merge and drop blocks.
+MANY_FPS = [f"SHA256:A{c}" for c in "0123456789abcdefghij"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(MANY_FPS), PART), st.dictionaries(st.sampled_from(MANY_FPS), PART),
+       st.sampled_from([1, 40, 100, 200]))
+def test_splice_in_small_blocks_equals_the_shard_rendered_from_scratch(old: dict, change: dict,
+                                                                       block: int) -> None:
+    old = {fp: lines for fp, lines in old.items() if lines}
+    new = {fp: lines for fp, lines in {**old, **change}.items() if lines}
+    text = text_of(old)
+    start = Shard.of(text.encode(), text.count("\n"), block)
+    shard, before = splice(start, {fp: "".join(f"{fp} {line}\n" for line in lines)
+                                   for fp, lines in change.items()}, block)
+    assert shard.data.decode() == text_of(new)
+    assert shard == shard_of(new)
+    assert_whole_keys_per_block(shard)
+    # Emptied or nearly emptied blocks do not pile up: one is merged into the block after it.
+    assert all(len(b) >= block // 4 for b in shard.blocks[:-1])
+    assert before == {fp: "".join(f"{fp} {line}\n" for line in old.get(fp, [])) for fp in change}
+    for fp in MANY_FPS:
+        assert part_of(shard, fp) == "".join(f"{fp} {line}\n" for line in new.get(fp, []))
+    # Blocks without a changed key are the shard's before, shared (not copied).
+    changed = {start.block_of(fp.encode()) for fp in change}
+    kept = [b for i, b in enumerate(start.blocks) if i not in changed and i - 1 not in changed]
+    assert all(any(b is c for c in shard.blocks) for b in kept)
+
+
+def test_a_nearly_emptied_block_is_merged_into_the_next() -> None:
+    text = "".join(f"{fp} restrict x\n" for fp in MANY_FPS)  # 21 bytes a key
+    shard = Shard.of(text.encode(), 20, 100)
+    assert [len(b) for b in shard.blocks] == [105, 105, 105, 105]
+    gone = {fp: "" for fp in MANY_FPS[1:5]}  # 4 of the first block's 5 keys
+    after, _ = splice(shard, gone, 100)
+    assert [len(b) for b in after.blocks] == [126, 105, 105]
+    assert after.blocks[1:] == shard.blocks[2:] and after.blocks[1] is shard.blocks[2]
+    emptied, _ = splice(after, {MANY_FPS[0]: ""} | {fp: "" for fp in MANY_FPS[5:10]}, 100)
+    assert emptied.blocks == shard.blocks[2:]
+
+
+def test_a_block_is_cut_where_a_key_starts() -> None:
+    many = "".join(f"SHA256:Ab line-{n}\n" for n in range(5))  # one key, ~110 bytes
+    text = f"SHA256:Aa one\n{many}SHA256:Ac two\nSHA256:Ad three\n"
+    blocks = cut_blocks(text.encode(), 10)
+    assert blocks == [b"SHA256:Aa one\n", many.encode(), b"SHA256:Ac two\n", b"SHA256:Ad three\n"]
+    assert cut_blocks(text.encode(), 1000) == [text.encode()]
+    assert cut_blocks(b"", 10) == []
+
+
+def test_shards_are_equal_when_their_bytes_are_however_cut() -> None:
+    text = "".join(f"{fp} restrict x\n" for fp in MANY_FPS).encode()
+    small, whole = Shard.of(text, 20, 40), Shard.of(text, 20)
+    assert len(small.blocks) > 1 and len(whole.blocks) == 1
+    assert small == whole and hash(small) == hash(whole)
+    assert small != Shard.of(text[:-len(b"SHA256:Aj restrict x\n")], 19)
 
 
 def test_splice_of_nothing_is_the_same_text() -> None:
