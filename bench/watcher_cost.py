@@ -11,6 +11,8 @@ The supervisor's status heartbeat (status.json every 2 s, with the reconciler's 
 published snapshot) runs beside them, as in the app: its CPU counts, and its write time is
 reported. Last, synchronously, rounds of restarts whose new keys arrive a round later (as a
 restarted container's key API answers once it has booted): the loop's own CPU per flush.
+Memory: VmRSS once the load is served and idle, sampled every 0.1 s during the churn, and
+the run's peak.
 
     .venv/bin/python bench/watcher_cost.py [--sizes 1000,10000,100000] [--rate 1000] [--seconds 60]
 """
@@ -191,6 +193,7 @@ def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: 
             raise SystemExit(f"status.json did not show all {size} targets served within 120 s")
         time.sleep(0.2)
     initial["status_wall"] = time.perf_counter() - wall0
+    loaded_rss_mib = vm_rss_mib()  # the state itself: every target served, the loop idle
     stop.set()
     loop.join()
 
@@ -231,6 +234,12 @@ def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: 
     # are the source's hand-off to the reconciler (a source thread makes them in the app).
     events = int(rate * seconds)
     upsert_cpu = 0.0
+    sampling = threading.Event()
+    churn_rss: list[float] = []
+    sampler_cpu: list[float] = []
+    sampler = threading.Thread(target=sample_rss, args=(churn_rss, sampling, sampler_cpu), name=SAMPLER,
+                               daemon=True)
+    sampler.start()
     stages0 = thread_cpu()
     cpu0, own0, wall0 = time.process_time(), time.thread_time(), time.perf_counter()
     for n in range(events):
@@ -250,9 +259,12 @@ def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: 
         time.sleep(0.1)
     churn_wall = time.perf_counter() - wall0
     process_cpu = time.process_time() - cpu0
-    churn_cpu = process_cpu - (time.thread_time() - own0) + upsert_cpu
+    own_cpu = time.thread_time() - own0
     stages = {name: cpu - stages0.get(name, 0.0) for name, cpu in thread_cpu().items()
-              if name != MAIN_STAGE}
+              if name not in (MAIN_STAGE, SAMPLER_STAGE)}  # the sampler still runs: named, left out
+    sampling.set()
+    sampler.join()
+    churn_cpu = process_cpu - own_cpu - sum(sampler_cpu) + upsert_cpu
     stages["source hand-off (upserts)"] = upsert_cpu
     stop.set()
     loop.join()
@@ -278,14 +290,34 @@ def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: 
             "latencies": writer.latencies, "never_written": len(writer.awaited),
             "superseded": writer.superseded, "isolated": isolated_latencies,
             "cache_correct": cache_correct, "index_correct": index_correct,
-            "peak_rss_mib": peak_rss_mib, "status_writes": status.costs}
+            "peak_rss_mib": peak_rss_mib, "loaded_rss_mib": loaded_rss_mib, "churn_rss_mib": churn_rss,
+            "status_writes": status.costs}
+
+
+def vm_rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def sample_rss(into: list[float], done: threading.Event, cpu: list[float], every: float = 0.1) -> None:
+    """VmRSS every `every` seconds until `done`: the churn's memory as a distribution (its
+    peak is one moment; blocks made and freed by each flush move it by tens of MiB). The
+    thread is the bench's (SAMPLER): its CPU is not the watcher's."""
+    while not done.wait(every):
+        into.append(vm_rss_mib())
+    cpu.append(time.thread_time())
 
 
 LOOP = "reconciler"
 HEARTBEAT = "status-heartbeat"
 MAIN_STAGE = "bench (posting the events)"
+SAMPLER = "rss-sampler"
+SAMPLER_STAGE = "bench (sampling RSS)"
 _STAGES = {LOOP: "reconciler loop", HEARTBEAT: "status heartbeat", "keyfetch": "key fetch (the fake's hashing)",
-           "cache-writer": "cache writer", "MainThread": MAIN_STAGE}
+           "cache-writer": "cache writer", "MainThread": MAIN_STAGE, SAMPLER: SAMPLER_STAGE}
 
 
 def thread_cpu() -> dict[str, float]:
@@ -451,7 +483,9 @@ def main() -> int:
           "when status.json shows every target served too. CPU per event: the process's CPU "
           "during the churn less the bench's own thread (pacing the events, making each target "
           "and the key it awaits), plus the upserts that thread makes (the source's hand-off); "
-          "the table after it splits it by thread (/proc, per thread). "
+          "the table after it splits it by thread (/proc, per thread). The last table gives the "
+          "watcher's RSS: loaded and idle (the state itself), during the churn as a distribution, "
+          "and the peak. "
           f"Ratios are to the first size. This machine ran a fixed loop of dict and str work "
           f"(bench/watcher_cost.py, python_speed) at {speed:.2f} M iterations/s: absolute "
           "CPU and latency figures scale with it.\n\n"
@@ -462,7 +496,7 @@ def main() -> int:
                    "churn event->index s p50 / p99 / max", "p99 vs first",
                    "never written (120 s) / superseded", "index and cache correct at the end",
                    "peak RSS MiB", "vs first", "status.json write ms p50 / max"], rows)
-          + "\n\n" + stage_table(results))
+          + "\n\n" + stage_table(results) + "\n\n" + memory_table(results))
     save("watcher_cost", md, {"python_speed_M_per_s": speed, **{str(k): v for k, v in results.items()}})
     return 0
 
@@ -477,6 +511,19 @@ def stage_table(results: dict) -> str:
     rows.append([f"whole process, with {MAIN_STAGE}",
                  *(f"{r['process_cpu_per_event'] * 1e3:.3f}" for r in results.values())])
     return table(["churn CPU ms per event, by thread", *(f"{size:,} targets" for size in results)], rows)
+
+
+def memory_table(results: dict) -> str:
+    """VmRSS in MiB, one column per size: the state (loaded, idle), under the churn, the peak."""
+    nan = float("nan")
+    rows = [["loaded and idle (every target served, before the isolated events)",
+             *(f"{r['loaded_rss_mib']:.0f}" for r in results.values())],
+            ["during the churn, sampled every 0.1 s: p50 / p90 / max",
+             *(f"{dist(r['churn_rss_mib']).get('p50', nan):.0f} / {dist(r['churn_rss_mib']).get('p90', nan):.0f} / "
+               f"{dist(r['churn_rss_mib']).get('max', nan):.0f}" for r in results.values())],
+            ["peak of the run so far (ru_maxrss, the table above)",
+             *(f"{r['peak_rss_mib']:.0f}" for r in results.values())]]
+    return table(["watcher RSS MiB", *(f"{size:,} targets" for size in results)], rows)
 
 
 STAGE_ORDER = ("reconciler loop", "key fetch (the fake's hashing)", "source hand-off (upserts)",
