@@ -1,4 +1,4 @@
-"""The writer's cache file: streamed a shard at a time once it knows the file, compared
+"""The writer's cache file: streamed a block of a shard at a time once it knows the file, compared
 first when it does not; either way the file is the render's cache, byte for byte."""
 
 from __future__ import annotations
