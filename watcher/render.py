@@ -179,7 +179,8 @@ class Rendered:
         return b"".join(self.cache_chunks()).decode()
 
     def cache_chunks(self) -> Iterator[bytes]:
-        """The cache's bytes a block of a shard at a time (~20 MB at 100k keys: written so, never joined)."""
+        """The cache's bytes a block of a shard at a time (~20 MB at 100k keys: written so,
+        never joined)."""
         yield CACHE_HEADER.encode()
         for name in SHARD_NAMES:
             yield from self.shards.get(name, EMPTY_SHARD).cache_chunks()

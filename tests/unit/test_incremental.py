@@ -10,6 +10,7 @@ grant sets the access log and the revocation diff read.
 from __future__ import annotations
 
 from dataclasses import replace
+from unittest import mock
 
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
@@ -159,12 +160,9 @@ def test_incremental_equals_full_render_in_manual_mode(ops: list[tuple]) -> None
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(OPS, min_size=1, max_size=15))
 def test_incremental_equals_full_render_when_re_sorting_in_bulk(ops: list[tuple]) -> None:
-    many = render.many
-    render.many = lambda changes, size: changes > max(1, size // 8)  # a resync's path
-    try:
+    resync = lambda changes, size: changes > max(1, size // 8)  # noqa: E731  (a resync's path)
+    with mock.patch.object(render, "many", resync):
         _run(ops, RunMode.DOCKER)
-    finally:
-        render.many = many
 
 
 @settings(max_examples=150, deadline=None, derandomize=True,
@@ -174,12 +172,8 @@ def test_incremental_equals_full_render_with_hosts_rows_in_small_chunks(ops: lis
     """The hosts block re-joins only the chunks a change touched (64 rows each in use): with
     chunks of 1-3 rows, the few targets here span many, so inserts, renames and removals
     shift rows across chunk borders."""
-    chunk = render.HOSTS_CHUNK
-    render.HOSTS_CHUNK = size
-    try:
+    with mock.patch.object(render, "HOSTS_CHUNK", size):
         _run(ops, RunMode.DOCKER)
-    finally:
-        render.HOSTS_CHUNK = chunk
 
 
 @settings(max_examples=150, deadline=None, derandomize=True,
@@ -189,9 +183,5 @@ def test_incremental_equals_full_render_with_index_shards_in_small_blocks(ops: l
     """A shard is kept in blocks of BLOCK_BYTES (16 KiB in use) and a change makes only its
     keys' blocks again: with blocks of a line or a few, the keys here span many, so splices
     split, merge and drop blocks."""
-    block = render.BLOCK_BYTES
-    render.BLOCK_BYTES = size
-    try:
+    with mock.patch.object(render, "BLOCK_BYTES", size):
         _run(ops, RunMode.DOCKER)
-    finally:
-        render.BLOCK_BYTES = block
