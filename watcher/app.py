@@ -29,7 +29,7 @@ from .model import KeyState
 from .pacing import CHEAP, Pacer
 from .platforms import platform_for
 from .reconcile import Reconciler, Snapshot
-from .render import EMPTY_SHARD, SHARD_NAMES, Rendered, Shard
+from .render import EMPTY_SHARD, SHARD_NAMES, HostsBlock, Rendered, Shard
 from .revocation import RecentRevocations, Revocation
 from .sessions import ProcFS, SessionKiller
 from .sources.manual import ManualKeySource
@@ -85,7 +85,7 @@ class OutputWriter:
         # The shards of the render last written whole: a shard object that is still the
         # same is not looked at again (no stat per shard per flush).
         self._shards_on_disk: Mapping[str, Shard] = {}
-        self._hosts_block = ""  # the block this writer last put in the hosts file
+        self._hosts_head: bytes | None = None  # what precedes the block it last wrote
         self._lock = threading.Lock()  # the reconciler and `retry` never write at once
         self._cache_lock = threading.Lock()  # one cache write at a time (the cache thread's too)
         self._due_lock = threading.Lock()  # _cache_due, briefly: never held while writing
@@ -163,7 +163,7 @@ class OutputWriter:
         changed = False
         if self.pin_names:
             # Names first, so a newly granted name resolves by the time sshd allows it.
-            changed |= self._once(self.paths.hosts, rendered.hosts_block, self._write_hosts(rendered.hosts_block))
+            changed |= self._once(self.paths.hosts, rendered.hosts, self._write_hosts(rendered.hosts))
         changed |= self._write_index(rendered)
         if self.write_cache:
             with self._due_lock:
@@ -196,11 +196,11 @@ class OutputWriter:
             except Exception:  # never silently: the cache would stop following the index
                 log.exception("writing %s failed; tried again in 2 s", self.paths.cache)
 
-    def _write_hosts(self, block: str) -> Callable[[bool], bool]:
+    def _write_hosts(self, block: HostsBlock) -> Callable[[bool], bool]:
         def write(known: bool) -> bool:
-            last, self._hosts_block = self._hosts_block, ""  # unknown until written
-            changed = update_hosts_block(self.paths.hosts, block, last)
-            self._hosts_block = block
+            # The file holds what this writer last wrote: its head need not be read again.
+            head, self._hosts_head = self._hosts_head if known else None, None  # unknown until written
+            changed, self._hosts_head = update_hosts_block(self.paths.hosts, block, head)
             return changed
         return write
 

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from .render import SHARD_SET, splice_hosts_block, unmanaged_hosts_entries
+from .render import SHARD_SET, HostsBlock, splice_hosts_block, unmanaged_hosts_entries
 
 
 def read_bytes(path: Path) -> bytes | None:
@@ -99,35 +99,47 @@ def write_if_changed(path: Path, data: bytes, mode: int = 0o644, durable: bool =
     return True
 
 
-def update_hosts_block(path: Path, block: str, last: str = "") -> bool:
-    """Rewrite the managed block of a hosts file in place (`last`: see splice_hosts_block).
+def update_hosts_block(path: Path, block: HostsBlock, head: bytes | None = None) -> tuple[bool, bytes]:
+    """Rewrite the managed block of a hosts file in place; returns whether the file changed,
+    and what precedes the block in it now (the file's own lines, the block always last).
+
+    `head`: that part as this writer last wrote it, when the caller knows the file still
+    holds exactly what it wrote (its stamp unchanged): the file is then not read (at 100k
+    targets it is ~4 MB, on every change). Otherwise it is read, and the managed lines are
+    dropped wherever they are.
 
     In place, not by rename: Docker bind-mounts /etc/hosts into the container, and a rename
-    over a mount point fails. One write() of the whole file keeps the window for a reader
-    to see a short file as small as the kernel allows. Not fsynced: the block is derived,
-    written again from the state at every start.
+    over a mount point fails. Written from the start in as few writes as the kernel takes
+    (writev), then padded with blank lines up to the old size and truncated: a reader in
+    between sees new entries and harmless blank lines, and where the writes have not reached
+    yet the old bytes, as with one write() of the whole file (the kernel copies it page by
+    page either way). Not fsynced: the block is derived, written again at every start.
     """
-    # surrogateescape: bytes we do not own go back exactly as they were.
-    raw = path.read_bytes()
-    current = raw.decode("utf-8", errors="surrogateescape")
-    wanted = splice_hosts_block(current, block, last)
-    if wanted == current:
-        return False
-    data = wanted.encode("utf-8", errors="surrogateescape")
+    pieces = block.pieces()
+    size = sum(map(len, pieces))
+    if head is None:
+        raw = path.read_bytes()
+        # surrogateescape: bytes we do not own go back exactly as they were.
+        head = splice_hosts_block(raw.decode("utf-8", errors="surrogateescape"), "").encode(
+            "utf-8", errors="surrogateescape")
+        if len(raw) == len(head) + size and raw.startswith(head) and raw[len(head):] == b"".join(pieces):
+            return False, head
+        old_size = len(raw)
+    else:
+        old_size = os.stat(path).st_size
+    size += len(head)
     fd = os.open(path, os.O_WRONLY)
     try:
-        # Pad with blank lines up to the old size, then truncate: a reader in between sees
-        # the new entries and harmless blank lines, never half of an old line.
-        os.write(fd, data + b"\n" * max(0, len(raw) - len(data)))
-        os.ftruncate(fd, len(data))
+        write_blocks(fd, (head, *pieces, b"\n" * max(0, old_size - size)))
+        os.ftruncate(fd, size)
     finally:
         os.close(fd)
-    # What lies outside the block is `wanted` less the block at its end: noted now, so the
-    # next render does not parse the 100k lines of the block again to find it out.
+    # What lies outside the block is the head: noted now, so the next render does not read
+    # the file and parse the 100k lines of the block again to find it out.
     stamp = file_stamp(path)
     if stamp is not None:
-        _unmanaged_memo[path] = (stamp, unmanaged_hosts_entries(wanted[:len(wanted) - len(block)]))
-    return True
+        _unmanaged_memo[path] = (stamp, unmanaged_hosts_entries(head.decode("utf-8", errors="surrogateescape")))
+    return True, head
 
 
 def file_stamp(path: Path) -> tuple[int, ...] | None:

@@ -25,6 +25,8 @@ BASE_OPTIONS = "restrict,port-forwarding"
 HOSTS_BEGIN = "# BEGIN ssh-proxy targets (managed by the watcher; edits are overwritten)"
 HOSTS_END = "# END ssh-proxy targets"
 CACHE_HEADER = "# ssh-proxy authorized keys: rendered by the watcher, do not edit\n"
+_HOSTS_HEAD = f"{HOSTS_BEGIN}\n".encode()
+_HOSTS_TAIL = f"{HOSTS_END}\n".encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,11 +149,51 @@ def cut_blocks(data: bytes, size: int | None = None) -> list[bytes]:
 EMPTY_SHARD = Shard()
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class HostsBlock:
+    """The managed block of the hosts file: its rows (`<address>\t<names>`, each line
+    ending in a newline) as chunks of whole lines in UTF-8, between the BEGIN and END
+    markers. Equal blocks hold the same rows, however they are cut.
+
+    Kept and written as chunks, never joined: at 100k targets the block is ~4 MB, and a
+    churn flush that joined it, read the hosts file back, spliced it in and encoded it made
+    five such copies (the peaks of B6's RSS; bench/ANALYSIS.md, round 16)."""
+
+    chunks: tuple[bytes, ...] = ()
+    size: int = field(init=False, repr=False)  # bytes of the rows
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", sum(map(len, self.chunks)))
+
+    @classmethod
+    def of(cls, rows: Iterable[str]) -> HostsBlock:
+        """The block of these rows (without their newlines), as one chunk."""
+        data = "".join([row + "\n" for row in rows]).encode()
+        return cls((data,) if data else ())
+
+    def pieces(self) -> tuple[bytes, ...]:
+        """The block's bytes as written: the markers and the chunks between them."""
+        return (_HOSTS_HEAD, *self.chunks, _HOSTS_TAIL)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self.pieces()).decode()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HostsBlock):
+            return NotImplemented
+        return self.size == other.size and (self.chunks == other.chunks
+                                            or b"".join(self.chunks) == b"".join(other.chunks))
+
+    def __hash__(self) -> int:
+        return hash(b"".join(self.chunks))
+
+
 @dataclass(frozen=True)
 class Rendered:
     # shard name -> its part of the index (every name of SHARD_NAMES, empty ones included)
     shards: Mapping[str, Shard]
-    hosts_block: str
+    hosts: HostsBlock
     # fingerprint -> the targets (names) and admin lines the key opens: for the access log,
     # which names them with owner_names.
     owners: Mapping[str, tuple[Owner, ...]] = field(default_factory=dict)
@@ -168,6 +210,11 @@ class Rendered:
     # before, after; "" for none). The revocation diff parses the grants of these only (a
     # key that had no lines lost nothing).
     parts_changed: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def hosts_block(self) -> str:
+        """The hosts block as text (joined: for tests and people, not for the writer)."""
+        return self.hosts.text
 
     @property
     def index(self) -> str:
@@ -490,13 +537,18 @@ def render_hosts_block(served: Iterable[ServedTarget],
     Each name at most once in the whole file, compared folded (the resolver ignores
     case): names already pinned outside the block (`pinned_elsewhere`, folded) are left out.
     """
+    return hosts_block(hosts_rows(served, pinned_elsewhere))
+
+
+def hosts_rows(served: Iterable[ServedTarget], pinned_elsewhere: AbstractSet[str] = frozenset()) -> list[str]:
+    """The hosts block's rows (see render_hosts_block), in order of (name, id)."""
     rows = []
     written: set[str] = set()
     for item in sorted(served, key=lambda s: (s.target.name, s.target.id)):
         row = hosts_row(item, written, pinned_elsewhere)
         if row:
             rows.append(row)
-    return hosts_block(rows)
+    return rows
 
 
 def hosts_block(rows: Iterable[str]) -> str:
@@ -567,7 +619,7 @@ def render(served: Iterable[ServedTarget], ports: tuple[str, ...],
     for item in manual:
         owners.setdefault(item.key.fingerprint, []).append(item)
     return Rendered(shards=shards_of((fp, line) for fp, _, line in lines),
-                    hosts_block=render_hosts_block(served, pinned_elsewhere),
+                    hosts=HostsBlock.of(hosts_rows(served, pinned_elsewhere)),
                     owners={fp: owners_sorted(set(v)) for fp, v in owners.items()},
                     grants=grants)
 
@@ -620,8 +672,8 @@ class IncrementalRender:
         # tuples, which cost ~150 bytes per target at 100k.
         self._groups: list[list[str]] = [[]]
         self._bounds: list[tuple[str, str]] = []
-        self._chunks: list[str] = [""]
-        self._hosts = hosts_block(())
+        self._chunks: list[bytes] = [b""]
+        self._hosts = HostsBlock()
         self._pending_fps: set[str] = set(self._manual)
         self._bulk = False
 
@@ -713,7 +765,7 @@ class IncrementalRender:
         if rows_changed:
             self._hosts = self._join_hosts(touched)
         shards = dict(self._shards)
-        return Rendered(shards=shards, hosts_block=self._hosts, owners=self._owners,
+        return Rendered(shards=shards, hosts=self._hosts, owners=self._owners,
                         grants=IndexGrants(shards), changed=frozenset(fps),
                         owners_before=self._owners_before, parts_changed=parts_changed)
 
@@ -740,7 +792,7 @@ class IncrementalRender:
         self._bounds = [self._order_key(group[0]) for group in self._groups[1:]]
         self._chunks = [self._rows_text(group) for group in self._groups]
 
-    def _join_hosts(self, touched: Iterable[tuple[str, str]]) -> str:
+    def _join_hosts(self, touched: Iterable[tuple[str, str]]) -> HostsBlock:
         """The hosts block, re-joining only the groups that hold a `touched` order key."""
         groups, bounds, chunks, size = self._groups, self._bounds, self._chunks, HOSTS_CHUNK
         # From the last group down: a split or a removal changes the indexes after it only.
@@ -755,16 +807,16 @@ class IncrementalRender:
                 del groups[i], bounds[i - 1], chunks[i]
             else:
                 chunks[i] = self._rows_text(ids)
-        return f"{HOSTS_BEGIN}\n{''.join(chunks)}{HOSTS_END}\n"
+        return HostsBlock(tuple(chunks))
 
     def _row(self, item: ServedTarget | None) -> str:
         """A served target's hosts row: made again when its chunk is joined, not kept (a
         pure function of the target and the names pinned elsewhere, fixed until reset)."""
         return hosts_row(item, set(), self.pinned_elsewhere) if item is not None else ""
 
-    def _rows_text(self, ids: Iterable[str]) -> str:
+    def _rows_text(self, ids: Iterable[str]) -> bytes:
         served, row_of = self._served, self._row
-        return "".join([row + "\n" for row in (row_of(served[tid]) for tid in ids) if row])
+        return "".join([row + "\n" for row in (row_of(served[tid]) for tid in ids) if row]).encode()
 
     def _current_scope(self) -> list[str]:
         return permitopen_options(dict.fromkeys(
@@ -841,16 +893,8 @@ def _has_permitopen(options: Iterable[str]) -> bool:
     return any(o.startswith("permitopen=") for o in options)
 
 
-def splice_hosts_block(hosts: str, block: str, last: str = "") -> str:
-    """Replace (or append) the managed block in a hosts file, keeping every other line.
-
-    `last`: the block this process last wrote (it is always written at the end). When the
-    file still ends with it and nothing before it is managed, only that tail is replaced,
-    with no pass over its lines (100k of them at 100k targets, on every change)."""
-    if last and hosts.endswith(last):
-        head = hosts[:len(hosts) - len(last)]
-        if (not head or head.endswith("\n")) and HOSTS_BEGIN not in head:
-            return head + block
+def splice_hosts_block(hosts: str, block: str) -> str:
+    """Replace (or append) the managed block in a hosts file, keeping every other line."""
     lines = hosts.splitlines(keepends=True)
     out: list[str] = []
     inside = False

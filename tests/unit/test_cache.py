@@ -11,7 +11,7 @@ import pytest
 from watcher import cache
 from watcher.cache import (SHARD_DATA, ShardFiles, atomic_write, read_bytes, update_hosts_block,
                            write_blocks, write_if_changed)
-from watcher.render import HOSTS_BEGIN, HOSTS_END
+from watcher.render import HOSTS_BEGIN, HOSTS_END, HostsBlock
 
 
 def mode_of(path: Path) -> int:
@@ -99,8 +99,19 @@ def test_write_if_changed(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == ["index"]
 
 
-def block(*rows: str) -> str:
+def block(*rows: str) -> HostsBlock:
+    return HostsBlock.of(rows)
+
+
+def text(*rows: str) -> str:
     return "\n".join([HOSTS_BEGIN, *rows, HOSTS_END]) + "\n"
+
+
+def update(hosts: Path, block: HostsBlock, head: bytes | None = None) -> bool:
+    changed, written_head = update_hosts_block(hosts, block, head)
+    with open(hosts, "rb") as file:  # not Path.read_bytes, which a test forbids the writer
+        assert file.read() == written_head + b"".join(block.pieces())
+    return changed
 
 
 BASE_HOSTS = ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -112,8 +123,8 @@ def test_update_hosts_block_appends_in_place(tmp_path: Path) -> None:
     hosts.write_text(BASE_HOSTS)
     os.chmod(hosts, 0o644)
     inode = hosts.stat().st_ino
-    assert update_hosts_block(hosts, block("172.18.0.5\tweb")) is True
-    assert hosts.read_text() == BASE_HOSTS + block("172.18.0.5\tweb")
+    assert update(hosts, block("172.18.0.5\tweb")) is True
+    assert hosts.read_text() == BASE_HOSTS + text("172.18.0.5\tweb")
     assert hosts.stat().st_ino == inode
     assert mode_of(hosts) == 0o644
     assert os.listdir(tmp_path) == ["hosts"]
@@ -123,15 +134,14 @@ def test_update_hosts_block_longer_then_shorter(tmp_path: Path) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text(BASE_HOSTS)
     inode = hosts.stat().st_ino
-    small = block("172.18.0.5\tweb")
-    large = block(*(f"172.18.{i}.5\tname-{i} alias-{i}" for i in range(200)))
-    assert update_hosts_block(hosts, small) is True
-    assert update_hosts_block(hosts, large) is True
-    assert hosts.read_text() == BASE_HOSTS + large
-    assert update_hosts_block(hosts, small) is True
-    assert hosts.read_bytes() == (BASE_HOSTS + small).encode()  # truncated: no padding left
-    assert update_hosts_block(hosts, block()) is True
-    assert hosts.read_text() == BASE_HOSTS + block()
+    rows = [f"172.18.{i}.5\tname-{i} alias-{i}" for i in range(200)]
+    assert update(hosts, block("172.18.0.5\tweb")) is True
+    assert update(hosts, block(*rows)) is True
+    assert hosts.read_text() == BASE_HOSTS + text(*rows)
+    assert update(hosts, block("172.18.0.5\tweb")) is True
+    assert hosts.read_bytes() == (BASE_HOSTS + text("172.18.0.5\tweb")).encode()  # truncated: no padding left
+    assert update(hosts, block()) is True
+    assert hosts.read_text() == BASE_HOSTS + text()
     assert hosts.stat().st_ino == inode
 
 
@@ -139,21 +149,21 @@ def test_update_hosts_block_idempotent(tmp_path: Path) -> None:
     hosts = tmp_path / "hosts"
     hosts.write_text(BASE_HOSTS)
     wanted = block("172.18.0.5\tweb", "172.18.0.6\tdb")
-    assert update_hosts_block(hosts, wanted) is True
+    assert update(hosts, wanted) is True
     mtime = hosts.stat().st_mtime_ns
     content = hosts.read_bytes()
-    assert update_hosts_block(hosts, wanted) is False
-    assert update_hosts_block(hosts, wanted) is False
+    assert update(hosts, wanted) is False
+    assert update(hosts, HostsBlock((b"172.18.0.5\tweb\n", b"172.18.0.6\tdb\n"))) is False  # cut otherwise
     assert hosts.read_bytes() == content
     assert hosts.stat().st_mtime_ns == mtime
 
 
 def test_update_hosts_block_replaces_block_in_the_middle(tmp_path: Path) -> None:
     hosts = tmp_path / "hosts"
-    hosts.write_text("127.0.0.1 localhost\n" + block("172.18.0.9\told") + "10.0.0.1 admin\n")
-    assert update_hosts_block(hosts, block("172.18.0.5\tweb")) is True
+    hosts.write_text("127.0.0.1 localhost\n" + text("172.18.0.9\told") + "10.0.0.1 admin\n")
+    assert update(hosts, block("172.18.0.5\tweb")) is True
     assert hosts.read_text() == ("127.0.0.1 localhost\n10.0.0.1 admin\n"
-                                 + block("172.18.0.5\tweb"))
+                                 + text("172.18.0.5\tweb"))
 
 
 def test_update_hosts_block_missing_file(tmp_path: Path) -> None:
@@ -165,11 +175,37 @@ def test_update_hosts_block_keeps_non_utf8_lines_byte_for_byte(tmp_path: Path) -
     hosts = tmp_path / "hosts"
     original = b"127.0.0.1 localhost\n10.0.0.1 caf\xe9 # latin-1 comment\n"
     hosts.write_bytes(original)
-    assert update_hosts_block(hosts, block("172.18.0.5\tweb")) is True
-    assert hosts.read_bytes() == original + block("172.18.0.5\tweb").encode()
-    assert update_hosts_block(hosts, block("172.18.0.5\tweb")) is False
-    assert update_hosts_block(hosts, block()) is True
-    assert hosts.read_bytes() == original + block().encode()
+    assert update(hosts, block("172.18.0.5\tweb")) is True
+    assert hosts.read_bytes() == original + text("172.18.0.5\tweb").encode()
+    assert update(hosts, block("172.18.0.5\tweb")) is False
+    assert update(hosts, block()) is True
+    assert hosts.read_bytes() == original + text().encode()
+
+
+def test_update_hosts_block_with_its_head_known_does_not_read_the_file(tmp_path: Path, monkeypatch) -> None:
+    """The writer that knows the file holds what it wrote passes the head it got back: the
+    file is written as a splice would make it, without reading it; a block of more chunks
+    than one writev takes is written whole."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n" + text("172.18.0.9\told") + "10.0.0.1 admin\n")
+    changed, head = update_hosts_block(hosts, block("172.18.0.5\tweb"))
+    assert changed and head == b"127.0.0.1 localhost\n10.0.0.1 admin\n"
+    rows = [f"172.18.{i // 256}.{i % 256}\tt{i}" for i in range(3000)]
+    many = HostsBlock(tuple(f"{row}\n".encode() for row in rows))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"{self} was read"))
+    assert update(hosts, many, head) is True
+    assert hosts.read_text() == "127.0.0.1 localhost\n10.0.0.1 admin\n" + text(*rows)
+    assert update(hosts, block("172.18.0.5\tweb"), head) is True  # shorter: padded, then cut
+    assert hosts.read_text() == "127.0.0.1 localhost\n10.0.0.1 admin\n" + text("172.18.0.5\tweb")
+
+
+def test_hosts_blocks_are_equal_by_their_rows_however_cut() -> None:
+    one = HostsBlock.of(["10.0.0.1\ta", "10.0.0.2\tb"])
+    assert one == HostsBlock((b"10.0.0.1\ta\n", b"", b"10.0.0.2\tb\n"))
+    assert hash(one) == hash(HostsBlock((b"10.0.0.1\ta\n", b"10.0.0.2\tb\n")))
+    assert one != HostsBlock.of(["10.0.0.1\ta"]) and one != HostsBlock.of(["10.0.0.1\ta", "10.0.0.2\tc"])
+    assert HostsBlock.of([]) == HostsBlock() and HostsBlock().text == text()
+    assert one.text == text("10.0.0.1\ta", "10.0.0.2\tb") and one.size == len("10.0.0.1\ta\n10.0.0.2\tb\n")
 
 
 def test_unmanaged_entries_after_a_block_update_equal_a_fresh_parse(tmp_path: Path) -> None:
@@ -178,10 +214,9 @@ def test_unmanaged_entries_after_a_block_update_equal_a_fresh_parse(tmp_path: Pa
     from watcher.cache import _unmanaged_memo, read_unmanaged_hosts
     from watcher.render import unmanaged_hosts_entries
     hosts = tmp_path / "hosts"
-    hosts.write_text(BASE_HOSTS + block("10.0.0.9\told") + "10.0.0.1\tadmin\n")
-    first = block(*(f"172.18.{i // 256}.{i % 256}\tt{i}" for i in range(300)))
-    assert update_hosts_block(hosts, first)
-    assert update_hosts_block(hosts, block("172.18.0.5\tweb"), first)  # the tail fast path
+    hosts.write_text(BASE_HOSTS + text("10.0.0.9\told") + "10.0.0.1\tadmin\n")
+    _, head = update_hosts_block(hosts, block(*(f"172.18.{i // 256}.{i % 256}\tt{i}" for i in range(300))))
+    assert update(hosts, block("172.18.0.5\tweb"), head)  # the head known
     for _ in range(2):
         fresh = unmanaged_hosts_entries(hosts.read_text())
         assert read_unmanaged_hosts(hosts) == fresh

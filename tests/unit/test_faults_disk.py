@@ -17,7 +17,7 @@ import pytest
 from watcher import cache
 from watcher.app import OutputWriter, Paths, RotatingFile
 from watcher.config import RunMode
-from watcher.render import SHARD_NAMES, shards_of
+from watcher.render import SHARD_NAMES, HostsBlock, shards_of
 from watcher.sshd import SshdPaths
 
 
@@ -80,7 +80,7 @@ class DiskFull:
 def _render(index: str, cache_text: str) -> Any:
     """What OutputWriter reads of a Rendered."""
     lines = [tuple(line.split(" ", 1)) for line in index.splitlines()]
-    return SimpleNamespace(shards=shards_of(lines), cache=cache_text, hosts_block="",
+    return SimpleNamespace(shards=shards_of(lines), cache=cache_text, hosts=HostsBlock(),
                            cache_chunks=lambda: iter([cache_text.encode()]))
 
 

@@ -141,3 +141,28 @@ def test_a_failed_cache_write_aside_is_logged_and_retried(tmp_path: Path, monkey
     writer.retry()  # the supervisor's heartbeat
     assert writer.paths.cache.read_text() == second.cache
     writer.close()
+
+
+def test_the_hosts_file_is_read_only_when_someone_else_wrote_it(tmp_path: Path, monkeypatch) -> None:
+    """The writer keeps what precedes its block: while the file is as it left it, a new block
+    is written without reading the file; a line someone added meanwhile is read and kept."""
+    writer = _writer(tmp_path)
+    writer.pin_names = True
+    hosts = writer.paths.hosts
+    hosts.write_text("127.0.0.1\tlocalhost\n")
+    keys = [make_key(("hosts", n)) for n in range(3)]
+    renders = [render([served(f"t{n}", str(n), f"172.18.0.{n + 2}", key) for n, key in enumerate(keys[:count])],
+                      ("22",)) for count in (1, 3, 2)]
+    reads: list[Path] = []
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or read_bytes(self))
+    assert _cheap(writer)(renders[0])
+    assert reads.count(hosts) == 1  # the first time: what else is in it
+    assert _cheap(writer)(renders[1])
+    assert hosts.read_text() == "127.0.0.1\tlocalhost\n" + renders[1].hosts_block
+    assert reads.count(hosts) == 1
+    with open(hosts, "a") as file:
+        file.write("10.0.0.1\tadded-later\n")
+    assert _cheap(writer)(renders[2])
+    assert reads.count(hosts) == 2
+    assert hosts.read_text() == "127.0.0.1\tlocalhost\n10.0.0.1\tadded-later\n" + renders[2].hosts_block

@@ -23,6 +23,7 @@ from watcher.render import (
     SHARD_NAMES,
     HOSTS_BEGIN,
     HOSTS_END,
+    HostsBlock,
     Rendered,
     ServedTarget,
     permitopen_options,
@@ -126,7 +127,8 @@ def test_target_without_aliases_or_keys_gives_no_line() -> None:
 def test_render_empty() -> None:
     rendered = render([], ("*",))
     assert rendered == Rendered(shards=dict.fromkeys(SHARD_NAMES, EMPTY_SHARD),
-                                hosts_block=f"{HOSTS_BEGIN}\n{HOSTS_END}\n", owners={})
+                                hosts=HostsBlock(), owners={})
+    assert rendered.hosts_block == f"{HOSTS_BEGIN}\n{HOSTS_END}\n"
     assert rendered.cache == "# ssh-proxy authorized keys: rendered by the watcher, do not edit\n"
     assert rendered.index == "" and rendered.keys_served == 0
 
@@ -307,23 +309,6 @@ def test_splice_is_idempotent() -> None:
     shrunk = splice_hosts_block(once, empty)
     assert shrunk == hosts + empty
     assert splice_hosts_block(shrunk, empty) == shrunk
-
-
-@pytest.mark.parametrize("hosts", [
-    "", "127.0.0.1\tlocalhost\n", "127.0.0.1 localhost",  # no final newline
-    f"{HOSTS_BEGIN}\n10.0.0.9\told\n{HOSTS_END}\n",  # an older block, not ours
-    f"127.0.0.1 a\n{HOSTS_BEGIN}\n10.0.0.9\told\n{HOSTS_END}\n10.0.0.1 b\n",
-    f"127.0.0.1 a\r{HOSTS_BEGIN}\n10.0.0.9\tx\n",  # odd line breaks, an open block
-])
-def test_splice_after_its_own_block_equals_a_full_splice(hosts: str) -> None:
-    """The tail fast path (the block this process wrote last) gives what the line-by-line
-    splice gives, also when someone edited the file since."""
-    last = f"{HOSTS_BEGIN}\n172.18.0.5\tweb\n172.18.0.6\tdb\n{HOSTS_END}\n"
-    new = f"{HOSTS_BEGIN}\n172.18.0.5\tweb\n{HOSTS_END}\n"
-    written = splice_hosts_block(hosts, last)
-    for current in (written, written + "10.0.0.7 added-later\n", "10.0.0.8 x\n" + written,
-                    written.replace("172.18.0.6", f"{HOSTS_BEGIN}\n172.18.0.6"), hosts):
-        assert splice_hosts_block(current, new, last) == splice_hosts_block(current, new)
 
 
 def test_stray_end_marker_kept() -> None:
