@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import Sequence
 
 from .cache import atomic_write, replacing, write_all
 from .snapshot import (STALE_AFTER, ArrayPlan, SnapshotError, StatusDocument, TargetStatus,
@@ -38,7 +39,7 @@ class StatusWriter:
 
     def __init__(self) -> None:
         self._targets: tuple[TargetStatus, ...] = ()
-        self._ends: list[int] = [0]
+        self._ends: Sequence[int] = (0,)
         self._last: int | None = None  # fd of the file written last
         self._array_at = 0  # where its targets array starts
 
@@ -50,7 +51,7 @@ class StatusWriter:
                 return
             except _LastFileChanged:  # someone else wrote into it: every row made again
                 pass
-        self._write(path, document, plan_array((), [0], targets))
+        self._write(path, document, plan_array((), (0,), targets))
 
     def close(self) -> None:
         if self._last is not None:
