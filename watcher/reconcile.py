@@ -29,12 +29,12 @@ from .heap import StateFreezer
 from .model import KeyState, ManualLine, Owner, Target, owner_names
 from .render import (IncrementalRender, Rendered, ServedTarget, Shard, changed_parts,
                      changed_span, grants_of_parts, render)
-from .revocation import Before, Revocation, World, remember, revocations
+from .revocation import MISSING, Before, Revocation, World, remember, revocations
 from .revocation import TARGET_DISCONNECTED, TARGET_NOT_PERMITTED
 from .snapshot import (MANUAL_KEYS_LISTED, IgnoredTarget, KeyStatus, ManualKey,
                        ManualStatus, RefusedName, SourceStatus, TargetStatus, WatcherState)
 from .pacing import Pacer, many
-from .targets import (AliasBook, ManualReservations, ProxyIdentity, ReservedNames,
+from .targets import (AliasBook, GrantedNames, ManualReservations, ProxyIdentity, ReservedNames,
                       container_reservations, fold, hosts_file_reservations, is_permitted,
                       permitopen_reservations, proxy_reservations, resolve_aliases)
 
@@ -171,9 +171,10 @@ class Reconciler:
         self._ignored_version = 0
         self._book = AliasBook(proxy, pin_names)
         self._engine = IncrementalRender(settings.permit_ports, settings.mode.discovers)
-        self._granted: dict[str, tuple[str, ...]] = {}  # target id -> aliases as last written
-        self._refs: dict[str, Target] = {}  # target id -> the target as last rendered
-        self._hosts_map: dict[str, str] = {}  # granted alias (folded) -> target id
+        # The revocation world's targets and granted names are the alias book's (targets
+        # as last rendered, GrantedNames); what changed in a flush is noted as it changes:
+        self._book_before = self._book  # the book a full render replaced
+        self._targets_before: dict[str, object] = {}  # id -> its target before (MISSING: none)
         self._engine_manual: tuple[ManualLine, ...] = ()  # the admin lines the engine has
         self._manual_fps: set[str] = set()  # keys whose admin lines this flush edited
         # The revocation world, kept up to date in place (see _worlds).
@@ -225,10 +226,11 @@ class Reconciler:
         return owner_names(owners)
 
     def alias_owner(self, alias: str) -> str:
-        """The name of the target a granted alias leads to ("" if none)."""
-        with self._lock:
-            target = self._refs.get(self._hosts_map.get(fold(alias), ""))
-            return target.name if target is not None else ""
+        """The name of the target a granted alias leads to ("" if none), as of the last
+        render (the book's tables are read whole by one lookup each: safe from any thread)."""
+        book = self._book
+        target = book.targets.get(book.granted_owner(fold(alias)) or "")
+        return target.name if target is not None else ""
 
     # ---- the loop -----------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -498,7 +500,7 @@ class Reconciler:
         # Only now: a login from here on reads the new index, so closing the sessions
         # that lost grants cannot race a login that still sees them.
         written_at = time.time()
-        before, after = self._worlds(redo, rendered)
+        before, after = self._worlds(rendered)
         parts = (changed_parts(self._shards_seen, rendered.shards) if rendered.changed is None
                  else rendered.parts_changed)
         old_grants, new_grants = grants_of_parts(parts)
@@ -543,13 +545,14 @@ class Reconciler:
         """Rebuild the aliases and every rendered line from the whole state."""
         self._manual_reservations = ManualReservations(self.manual)
         self._manual_reserved = self._manual_reservations.reserved()
+        self._book_before = self._book
         self._book = AliasBook(self.proxy, self.pin_names, self._reserved_names(hosts))
         redo = self._book.update({tid: e.target for tid, e in self.entries.items()})
         # With discovery, an admin line without permitopen reaches the discovered targets only.
         self._engine.reset(self.manual, pinned)
         self._engine_manual = self.manual
         rendered = self._engine.update({tid: self._served(tid) for tid in self.entries})
-        gone = set(self._granted) - set(self.entries)
+        gone = set(self._book_before.targets) - set(self.entries)
         return redo | gone, replace(rendered, changed=None, parts_changed={})
 
     def _manual_span(self) -> tuple[int, int, int] | None:
@@ -568,6 +571,9 @@ class Reconciler:
                         span: tuple[int, int, int]) -> tuple[set[str], Rendered]:
         """Only what the changed targets and admin lines touch: their claims'
         co-claimants, their keys."""
+        book = self._book
+        self._targets_before = {tid: book.targets.get(tid, MISSING) for tid in self._changed_targets}
+        book.aliases_before = {}
         redo = self._book.update({tid: self.entries[tid].target if tid in self.entries else None
                                   for tid in self._changed_targets})
         redo |= self._changed_targets
@@ -618,57 +624,29 @@ class Reconciler:
                 if (name, alias, reason) not in was:
                     log.warning("target %r: alias %r refused: %s", name, alias, reason)
 
-    def _worlds(self, redo: set[str], rendered: Rendered) -> tuple[World, World]:
-        """The revocation worlds (before, after) of this flush. The maps are updated in
-        place for the targets and keys re-decided now; `before` reads them through the
-        values they had (a full render starts new maps and keeps the old ones)."""
+    def _worlds(self, rendered: Rendered) -> tuple[World, World]:
+        """The revocation worlds (before, after) of this flush: the alias book's targets and
+        granted names now, and as they were through what the flush changed in them (a full
+        render made a new book: the old one is `before`)."""
         excluded = {tid: TARGET_NOT_PERMITTED if is_permitted(t, self.settings) else TARGET_DISCONNECTED
                     for tid, (t, _) in self.ignored.items()}
-        old_refs: dict = {}
-        old_hosts: dict = {}
+        book = self._book
         old_manual: dict = {}
-        full = rendered.changed is None
-        if full:
-            before = World(targets=self._refs, hosts=self._hosts_map, excluded=self._excluded,
+        if rendered.changed is None:
+            old = self._book_before
+            before = World(targets=old.targets, hosts=GrantedNames(old), excluded=self._excluded,
                            manual=self._manual_options, owners=self._owners_seen)
             self._manual_options = {}
-            redo = set(self.entries)
             manual_fps: Iterable[str] = self._engine.manual_fingerprints()
         else:
-            before = World(targets=Before(old_refs, self._refs), hosts=Before(old_hosts, self._hosts_map),
+            before = World(targets=Before(self._targets_before, book.targets),
+                           hosts=Before(_names_before(book), GrantedNames(book)),
                            excluded=self._excluded, manual=Before(old_manual, self._manual_options),
                            owners=rendered.owners_before)
             manual_fps = self._manual_fps
-        with self._lock:  # alias_owner reads these from other threads
-            if full:
-                self._refs, self._hosts_map, self._granted = {}, {}, {}
-            # A target that stays keeps its keys in these maps (a value replaced in place):
-            # deleting and adding them again used up the tables' free slots, and under churn
-            # at 100k targets each map was copied whole every few seconds (the alias map,
-            # ~300k names, 15 MB at a time).
-            for tid in redo:
-                stays = tid in self.entries
-                granted = self._granted.get(tid, ())
-                kept = set(map(fold, self._book.aliases.get(tid, ()))) if stays and granted else ()
-                for alias in map(fold, granted):
-                    if alias not in kept and self._hosts_map.get(alias) == tid:
-                        remember(old_hosts, self._hosts_map, alias)
-                        del self._hosts_map[alias]
-                if not stays:
-                    remember(old_refs, self._refs, tid)
-                    self._refs.pop(tid, None)
-                    self._granted.pop(tid, None)
-            for tid in redo:
-                entry = self.entries.get(tid)
-                if entry is None:
-                    continue
-                remember(old_refs, self._refs, tid)
-                self._refs[tid] = entry.target
-                aliases = self._book.aliases.get(tid, ())
-                self._granted[tid] = aliases
-                for alias in map(fold, aliases):
-                    remember(old_hosts, self._hosts_map, alias)
-                    self._hosts_map[alias] = tid
+        self._book_before = book
+        self._targets_before = {}
+        book.aliases_before = None
         for fp in manual_fps:
             remember(old_manual, self._manual_options, fp)
             options = frozenset(line.options for line in self._engine.manual_lines(fp))
@@ -678,7 +656,7 @@ class Reconciler:
                 self._manual_options.pop(fp, None)
         self._excluded = excluded
         self._manual_fps = set()
-        after = World(targets=self._refs, hosts=self._hosts_map, excluded=excluded,
+        after = World(targets=book.targets, hosts=GrantedNames(book), excluded=excluded,
                       manual=self._manual_options, owners=rendered.owners)
         return before, after
 
@@ -740,6 +718,20 @@ class Reconciler:
 # share of 2 made the p50 of 1,000 events/s 0.6 s, 1 makes it 0.4 s (p99 1.2 -> 1.07 s),
 # for ~3% more CPU (bench/ANALYSIS.md, round 7).
 BATCH_SHARE = 1
+
+
+def _names_before(book: AliasBook) -> dict[str, object]:
+    """Folded name -> the id it was granted to before the flush (MISSING: no one), for the
+    names whose grant the flush changed (the book noted their targets' aliases before)."""
+    before: dict[str, object] = {}
+    noted = book.aliases_before or {}
+    for tid, aliases in noted.items():
+        for alias in aliases or ():
+            before[fold(alias)] = tid
+    for tid in noted:
+        for alias in book.aliases.get(tid, ()):
+            before.setdefault(fold(alias), MISSING)
+    return before
 
 
 def _target_status(entry: TargetEntry, aliases: tuple[str, ...]) -> TargetStatus:

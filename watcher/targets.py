@@ -326,6 +326,17 @@ class AliasBook:
         self._auth_claims = IdMultimap()
         self._soft_claims = IdMultimap()
         self._name_owners = IdMultimap()
+        # While not None: each target's granted aliases before their first change since it
+        # was set (None: it had none), for the revocation world of the reconciler's flush.
+        self.aliases_before: dict[str, tuple[str, ...] | None] | None = None
+
+    def granted_owner(self, key: str) -> str | None:
+        """The id of the target a folded name is granted to (None: no one). A name is
+        granted to one target at most, and only to one that claims it."""
+        for tid in (*self._auth_claims.get(key), *self._soft_claims.get(key)):
+            if any(fold(alias) == key for alias in self.aliases.get(tid, ())):
+                return tid
+        return None
 
     def update(self, changed: Mapping[str, Target | None]) -> set[str]:
         """Apply changed targets (None: gone); returns the ids whose outcome was re-decided."""
@@ -342,6 +353,7 @@ class AliasBook:
             self.targets.pop(tid, None)
             if old is not None:
                 touched |= self._claim(old, add=False)
+                self._note_aliases(tid)
                 self.aliases.pop(tid, None)
                 self.refused.pop(tid, None)
             if target is not None:
@@ -433,11 +445,40 @@ class AliasBook:
             else:
                 granted.append(alias)
                 seen.add(fold(alias))
+        self._note_aliases(t.id)
         self.aliases[t.id] = tuple(granted)
         if refused:
             self.refused[t.id] = tuple(refused)
         else:  # most targets have none: no entry (a 100k-entry table is ~4 MB)
             self.refused.pop(t.id, None)
+
+
+    def _note_aliases(self, tid: str) -> None:
+        before = self.aliases_before
+        if before is not None and tid not in before:
+            before[tid] = self.aliases.get(tid)
+
+
+class GrantedNames(Mapping[str, str]):
+    """Folded name -> the id of the target it is granted to, read from an AliasBook's claims
+    (what the hosts block pins and permitopen allows), not kept as a table of its own: at
+    100k targets one was ~300k names, 7 MB."""
+
+    def __init__(self, book: AliasBook) -> None:
+        self.book = book
+
+    def __getitem__(self, key: str) -> str:
+        tid = self.book.granted_owner(key)
+        if tid is None:
+            raise KeyError(key)
+        return tid
+
+    def __iter__(self) -> Iterator[str]:
+        for aliases in list(self.book.aliases.values()):
+            yield from map(fold, aliases)  # a target's aliases differ folded (_decide)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.book.aliases.values()))
 
 
 def _claim_view(t: Target) -> tuple:

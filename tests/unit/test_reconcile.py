@@ -878,6 +878,24 @@ def test_each_change_of_a_target_gives_its_reason(rv, change, reason) -> None:
     assert revoked.reasons() == [(KA.fingerprint, reason, ("web",))]
 
 
+def test_a_name_that_moves_to_another_target_in_one_flush_is_explained_by_its_old_owner(rv) -> None:
+    """The revocation world before a flush reads the names as they were granted: web's
+    address, given to db in the same flush, still names web (the book notes what it
+    changed; the live tables already say db)."""
+    h, revoked = rv
+    web, db = target("web", 1), target("db", 2)
+    h.rec.upsert(web)
+    h.rec.upsert(db)
+    h.settle()
+    h.fetch.results["db"] = failed()
+    h.rec.remove(web.id)
+    h.rec.upsert(replace(db, address=web.address))
+    h.settle()
+    assert h.rec.alias_owner(web.address) == "db"
+    assert sorted(revoked.reasons()) == sorted([(KA.fingerprint, "target-removed", ("web",)),
+                                                (KB.fingerprint, "target-readdressed", ("db",))])
+
+
 def test_manual_line_removed_is_revoked(rv) -> None:
     h, revoked = rv
     h.rec.set_manual([ManualLine.at("admin.pub:1", ('permitopen="db-x:22"',), KC)])
