@@ -12,6 +12,7 @@ byte for byte, to a render of the whole state (`full_render`; tests/unit/test_in
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 import logging
 import queue
@@ -25,6 +26,7 @@ import tenacity
 
 from . import backoff
 from .config import Settings
+from .allocator import HeapTrimmer
 from .heap import StateFreezer
 from .model import KeyState, ManualLine, Owner, Target, owner_names
 from .render import (IncrementalRender, Rendered, ServedTarget, Shard, changed_parts,
@@ -144,6 +146,13 @@ class Reconciler:
         # answer (each bounded by the fetch deadline) do not hold the others behind them
         # (B5: 10 targets answering after 2 s held fast ones 2-4 s with 8 workers).
         self.pool = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="keyfetch")
+        # Fetches handed to the pool at a time: enough to keep every worker busy. The rest
+        # wait in `_fetch_queue`, as ids: 100k targets at once (a cold start, a resync) made
+        # 100k futures and as many results queued at once, and the small objects they left
+        # behind between the state's were ~25 MB of the heap (bench/ANALYSIS.md, round 16).
+        self.fetch_limit = 2 * pool_size
+        self._in_flight: set[tuple[str, int]] = set()  # (id, generation) handed to the pool
+        self._fetch_queue: collections.deque[str] = collections.deque()  # ids due now, in order
         self.inbox: queue.Queue = queue.Queue()
         self.entries: dict[str, TargetEntry] = {}
         self.ignored: dict[str, tuple[Target, str]] = {}
@@ -166,7 +175,7 @@ class Reconciler:
         self._changed_targets: set[str] = set()  # target (name, address ...) changed or gone
         self._changed_keys: set[str] = set()  # key state changed
         self._status_dirty: set[str] = set()  # status row to redo
-        self._waiting: set[str] = set()  # ids whose entry may have a retry_at
+        self._waiting: set[str] = set()  # ids whose fetch is retried later (backoff)
         self._context: tuple = ()  # inputs of the reserved names of the last flush
         self._ignored_version = 0
         self._book = AliasBook(proxy, pin_names)
@@ -191,6 +200,7 @@ class Reconciler:
         self._row_order: list[str] = []
         self._refused_rows: dict[str, tuple[RefusedName, ...]] = {}
         self.freezer = StateFreezer()
+        self.trimmer = HeapTrimmer(clock=clock)
 
     # ---- inputs: safe from any thread -------------------------------------------------
     def upsert(self, target: Target) -> None:
@@ -256,6 +266,8 @@ class Reconciler:
                     self._publish()
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
+            # A cancelled fetch never answers: a pool made for a next run() starts empty.
+            self._in_flight.clear()
 
     def run_once_pending(self) -> None:
         """Apply every queued message and render now (for tests and start-up)."""
@@ -282,6 +294,8 @@ class Reconciler:
                    if e is not None and e.retry_at is not None]
         if retries:
             wake = min(wake, max(0.0, min(retries) - now))
+        if self._fetch_queue and len(self._in_flight) < self.fetch_limit:
+            wake = 0.0
         return wake
 
     def _due(self) -> bool:
@@ -349,7 +363,7 @@ class Reconciler:
             log.info("target added: %s address=%s", target.name, target.address or "-")
             self.entries[target.id] = TargetEntry(target=target, retry_at=self.clock(),
                                                   generation=next(self._generations))
-            self._waiting.add(target.id)
+            self._fetch_queue.append(target.id)
             self._changed_targets.add(target.id)
             return
         refetch = (entry.target.started_at != target.started_at
@@ -367,7 +381,7 @@ class Reconciler:
                 self._changed_keys.add(target.id)
             entry.keys = KeyState()
             entry.retry_at = self.clock()
-            self._waiting.add(target.id)
+            self._fetch_queue.append(target.id)
             entry.since = time.time()
 
     def _ready(self, target_id: str) -> None:
@@ -382,7 +396,7 @@ class Reconciler:
             entry.generation = next(self._generations)
             entry.fetching = False
         entry.retry_at = self.clock()
-        self._waiting.add(target_id)
+        self._fetch_queue.append(target_id)
         self._status_dirty.add(target_id)
 
     def _remove(self, target_id: str, quiet: bool = False) -> None:
@@ -405,6 +419,7 @@ class Reconciler:
             self._upsert(target)
 
     def _fetched(self, message: _Fetched) -> None:
+        self._in_flight.discard((message.target_id, message.generation))
         entry = self.entries.get(message.target_id)
         if entry is None or entry.generation != message.generation:
             return  # the target went away or restarted meanwhile: a newer fetch decides
@@ -437,24 +452,31 @@ class Reconciler:
             self._changed_keys.add(message.target_id)
 
     def _start_due_fetches(self) -> None:
-        if not self._waiting:
-            return
         now = self.clock()
-        still: set[str] = set()
-        for tid in self._waiting:
+        if self._waiting:
+            still: set[str] = set()
+            for tid in self._waiting:
+                entry = self.entries.get(tid)
+                if entry is None or entry.retry_at is None:
+                    continue
+                if entry.fetching or entry.retry_at > now:
+                    still.add(tid)
+                else:
+                    self._fetch_queue.append(tid)
+            # A new set, not discards: a set never shrinks, and iterating one that once held
+            # 100k ids walks its whole table on every loop turn (half the loop's time in churn).
+            self._waiting = still
+        while self._fetch_queue and len(self._in_flight) < self.fetch_limit:
+            tid = self._fetch_queue.popleft()
             entry = self.entries.get(tid)
-            if entry is None or entry.retry_at is None:
-                continue
-            if entry.fetching or entry.retry_at > now:
-                still.add(tid)
+            # Stale when gone, fetched or started since it was queued (queued twice).
+            if entry is None or entry.retry_at is None or entry.fetching or entry.retry_at > now:
                 continue
             entry.fetching = True
             entry.retry_at = None
             self._status_dirty.add(tid)
+            self._in_flight.add((tid, entry.generation))
             self.pool.submit(self._fetch_job, entry.target, entry.generation)
-        # A new set, not discards: a set never shrinks, and iterating one that once held
-        # 100k ids walks its whole table on every loop turn (half the loop's time in churn).
-        self._waiting = still
 
     def _fetch_job(self, target: Target, generation: int) -> None:
         keys = KeyState(status="failed", error="internal error: the key fetch did not finish")
@@ -478,6 +500,7 @@ class Reconciler:
             self._flush_cost = time.perf_counter() - started
         # What the flush left is long-lived: out of the cyclic GC's view (watcher/heap.py).
         self.freezer.after_flush(len(self.entries) + len(self.manual))
+        self.trimmer.after_flush()  # and what it freed goes back to the system
 
     def _flush(self) -> None:
         self._first_dirty = None

@@ -955,3 +955,44 @@ def test_a_batch_waits_at_most_as_long_as_the_last_flush_took(h: Harness) -> Non
         rec._flush_cost = cost
         assert rec._batch_bound() == pytest.approx(max(rec.min_wait, min(rec.max_wait, bound)))
     assert rec.min_wait < 0.3 * BATCH_SHARE < rec.max_wait
+
+
+def test_fetches_are_handed_to_the_pool_a_few_at_a_time_and_all_get_done() -> None:
+    """100k targets at once must not make 100k futures: at most `fetch_limit` fetches are
+    in the pool at a time; the others wait their turn, in order, and each is fetched."""
+    harness = Harness(pool_size=2)
+    rec = harness.rec
+    assert rec.fetch_limit == 4
+    running, most = [0], [0]
+    lock = threading.Lock()
+    gate = threading.Semaphore(0)
+
+    def fetch(t: Target) -> KeyState:
+        with lock:
+            running[0] += 1
+        gate.acquire(timeout=5)
+        with lock:
+            running[0] -= 1
+        return ok(make_key(("limit", t.name)))
+
+    submitted: list[int] = []
+    real_submit = rec.pool.submit
+
+    def submit(fn, *args):
+        submitted.append(len(rec._in_flight))  # this one included
+        return real_submit(fn, *args)
+
+    rec.pool.submit = submit  # type: ignore[method-assign]
+    harness.fetch.default = fetch  # type: ignore[assignment]
+    names = [f"web{n}" for n in range(20)]
+    for n, name in enumerate(names):
+        harness.fetch.results[name] = fetch
+        rec.upsert(target(name, n + 1))
+    rec.run_once_pending()
+    assert len(submitted) == 4 and len(rec._fetch_queue) == 16
+    for _ in range(20):
+        gate.release()
+    harness.settle()
+    assert len(submitted) == 20 and max(submitted) == 4  # never more than 4 out at once
+    assert sorted(row.name for row in harness.snapshot.targets if row.fingerprints) == sorted(names)
+    rec.pool.shutdown(wait=True)
