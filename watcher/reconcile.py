@@ -15,6 +15,7 @@ import bisect
 import collections
 import itertools
 import logging
+import operator
 import queue
 import threading
 import time
@@ -52,6 +53,7 @@ class TargetEntry:
     failures: int = 0
     retry_at: float | None = None
     since: float = field(default_factory=time.time)  # when the key state last changed
+    row: TargetStatus | None = None  # its row in the last status snapshot
 
 
 Snapshot = WatcherState  # what the reconciler publishes (watcher/snapshot.py)
@@ -194,7 +196,9 @@ class Reconciler:
         self._publish_pacer = Pacer(clock)
         self._unpublished: Rendered | None = None
         self._status_full = True
-        self._rows: dict[str, TargetStatus] = {}
+        # Rows live on their entries (a table of 100k rows by id was ~4-7 MB); a removed
+        # entry's row waits here until the next snapshot takes it out of the order.
+        self._gone_rows: dict[str, TargetStatus] = {}
         # The ids of the rows, sorted by (name, id): a list of ids, not of (name, id, row)
         # tuples (~140 bytes per target at 100k); bisected through _row_key.
         self._row_order: list[str] = []
@@ -404,6 +408,8 @@ class Reconciler:
             self._ignored_version += 1
         entry = self.entries.pop(target_id, None)
         if entry is not None:
+            if entry.row is not None:
+                self._gone_rows[target_id] = entry.row
             self._changed_targets.add(target_id)
             self._status_dirty.add(target_id)
             if not quiet:
@@ -549,7 +555,7 @@ class Reconciler:
         # (1.5 s for 100k rows): taken now, with that render, not later in the middle of
         # some small change.
         if (self._publish_pacer.due() or self._status_full
-                or many(len(self._status_dirty), len(self._rows))):
+                or many(len(self._status_dirty), len(self._row_order))):
             self._publish()
 
     def full_render(self) -> Rendered:
@@ -691,42 +697,51 @@ class Reconciler:
         self._unpublished = None
 
     def _row_key(self, tid: str) -> tuple[str, str]:
-        return self._rows[tid].name, tid
+        """Where a listed row stands in the order: by the row's name (a renamed target's
+        row stands under its old name until the snapshot moves it)."""
+        row = self._gone_rows.get(tid)
+        if row is None:
+            row = self.entries[tid].row
+        assert row is not None
+        return row.name, tid
 
     def _snapshot(self, rendered: Rendered) -> Snapshot:
         full = self._status_full
-        dirty = set(self.entries) | set(self._rows) if full else self._status_dirty
+        dirty = set(self.entries) | set(self._gone_rows) if full else self._status_dirty
         self._status_dirty = set()
         self._status_full = False
-        bulk = many(len(dirty), len(self._rows))  # re-sort once, not insert each
+        bulk = many(len(dirty), len(self._row_order))  # re-sort once, not insert each
         for tid in dirty:
-            old = self._rows.get(tid)
             entry = self.entries.get(tid)
+            gone = self._gone_rows.get(tid)  # listed for an entry removed since (maybe re-added)
+            old = gone if gone is not None else entry.row if entry is not None else None
             # The order moves only for a new, gone or renamed row (a shift of 100k entries).
             moved = entry is None or old is None or entry.target.name != old.name
             if old is not None and not bulk and moved:
                 self._row_order.pop(bisect.bisect_left(self._row_order, (old.name, tid), key=self._row_key))
-            self._rows.pop(tid, None)
+            self._gone_rows.pop(tid, None)
             self._refused_rows.pop(tid, None)
             if entry is None:
                 continue
             row = _target_status(entry, self._book.aliases.get(tid, ()))
             # An equal row stays the same object: the heartbeat copies a row it has already
             # encoded by identity (after a full render at 100k: ~1 s of encoding saved).
-            self._rows[tid] = old if row == old else row
+            entry.row = old if row == old else row
             refused = tuple(RefusedName(*r) for r in self._book.refused.get(tid, ()))
             if refused:  # only these: most targets have none, and 100k empty ones cost a pass
                 self._refused_rows[tid] = refused
             if moved and not bulk:
                 bisect.insort(self._row_order, tid, key=self._row_key)
         if bulk:
-            self._row_order = sorted(self._rows, key=self._row_key)
+            self._row_order = sorted((tid for tid, e in self.entries.items() if e.row is not None),
+                                     key=self._row_key)
         refused_rows = sorted(self._refused_rows, key=self._row_key)
         ignored = tuple(IgnoredTarget(t.short_id, t.name, r)
                         for t, r in sorted(self.ignored.values(), key=lambda v: v[0].name))
         manual_keys = tuple(ManualKey(m.origin, m.key.key_type, m.key.fingerprint, m.options)
                             for m in self.manual[:MANUAL_KEYS_LISTED])
-        return Snapshot(targets=tuple(map(self._rows.__getitem__, self._row_order)), ignored=ignored,
+        rows = map(_ROW, map(self.entries.__getitem__, self._row_order))
+        return Snapshot(targets=tuple(rows), ignored=ignored,
                         refused_aliases=tuple(itertools.chain.from_iterable(
                             self._refused_rows[tid] for tid in refused_rows)),
                         manual_keys=manual_keys, keys_served=rendered.keys_served,
@@ -735,6 +750,8 @@ class Reconciler:
                         source=source_status(self.status["source"]),
                         manual=manual_status(self.status["manual"]))
 
+
+_ROW = operator.attrgetter("row")
 
 # A batch waits at most this many times the last flush's cost (_batch_bound). At 100k
 # targets a flush under churn rewrites every shard whatever the batch holds (~0.3 s): a
