@@ -160,14 +160,12 @@ class Reconciler:
         self.ignored: dict[str, tuple[Target, str]] = {}
         self.manual: tuple[ManualLine, ...] = ()
         self.status: dict[str, dict] = {"source": {}, "manual": {}}
-        self.owners: dict[str, tuple[Owner, ...]] = {}
         self.writes = 0
         self.last_write = 0.0
         self.last_event = 0.0  # wall clock of the source's last change (for `watcher status`)
         self._generations = itertools.count(1)  # global: a re-added target never reuses one
         self._first_dirty: float | None = None
         self._last_dirty = 0.0
-        self._lock = threading.Lock()  # guards `owners` for readers on other threads
         self._shards_seen: Mapping[str, Shard] = {}  # the last render's index shards
         # The fast path: what changed since the last flush, and the state kept up to date
         # from it (aliases, rendered lines, revocation world, status rows). Anything that
@@ -235,8 +233,14 @@ class Reconciler:
 
     def owners_of(self, fingerprint: str) -> tuple[str, ...]:
         """Names of the targets and admin lines ("file:line") a key opens, as of now."""
-        with self._lock:
-            owners = self.owners.get(fingerprint, ())
+        # The owners of the last render written, except the keys a render under way changed:
+        # those read as they were until it is written. In this order: the renderer notes a
+        # key's owners before it changes them, so a change seen in the first read is noted
+        # by the second. (No copy of the owners is kept: 100k keys, ~4 MB.)
+        owners = self._owners_seen.get(fingerprint, ())
+        before = self._engine.owners_in_flight()
+        if fingerprint in before:
+            owners = before[fingerprint]
         return owner_names(owners)
 
     def alias_owner(self, alias: str) -> str:
@@ -538,16 +542,7 @@ class Reconciler:
         self._shards_seen, self._owners_seen = rendered.shards, rendered.owners
         if revoked:
             self.revoke(revoked)
-        with self._lock:
-            if rendered.changed is None:
-                self.owners = dict(rendered.owners)
-            else:
-                for fp in rendered.changed:
-                    names = rendered.owners.get(fp)
-                    if names:
-                        self.owners[fp] = names
-                    else:
-                        self.owners.pop(fp, None)
+        self._engine.forget_owners_before()  # owners_of answers the new owners from now on
         self._status_dirty |= redo
         self._status_full = self._status_full or rendered.changed is None
         self._unpublished = rendered

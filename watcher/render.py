@@ -715,6 +715,15 @@ class IncrementalRender:
     def manual_fingerprints(self) -> list[str]:
         return list(self._manual)
 
+    def owners_in_flight(self) -> Mapping[str, tuple[Owner, ...]]:
+        """Fingerprint -> its owners before the last update changed them (from any thread:
+        noted before each change), until forget_owners_before."""
+        return self._owners_before
+
+    def forget_owners_before(self) -> None:
+        """The last update is written: its owners are the owners now."""
+        self._owners_before = {}
+
     def update(self, changed: dict[str, ServedTarget | None]) -> Rendered:
         """Apply changed targets (None, or no keys: not served) and render."""
         fps = self._pending_fps

@@ -689,6 +689,34 @@ def test_owners_of_shared_key_and_alias_owner(h: Harness) -> None:
     assert shared.endswith(" db,web")
 
 
+def test_owners_of_answers_the_written_owners_while_a_render_is_being_written(h: Harness) -> None:
+    """The access log asks who a key belongs to while the reconciler writes: until the index
+    without a key's old owner is written, it names the old one (the renderer's owners are
+    already new); after, the new ones. A resync (a full render) likewise."""
+    h.fetch.results.update(web=ok(KA), db=ok(KB))
+    h.rec.upsert(target("web", 1))
+    h.rec.upsert(target("db", 2))
+    h.settle()
+    seen: list[tuple[tuple[str, ...], ...]] = []
+    write = h.write
+
+    def write_and_ask(rendered: Rendered) -> bool:
+        seen.append(tuple(h.rec.owners_of(k.fingerprint) for k in (KA, KB)))
+        return write(rendered)
+
+    h.rec.write = write_and_ask
+    h.fetch.results.update(web=ok(KB))  # web restarts with db's key: KA loses web
+    h.rec.upsert(target("web", 1, started_at="2024-01-02T00:00:00Z"))
+    h.settle()
+    assert seen[0] == (("web",), ("db",)) and h.rec.owners_of(KA.fingerprint) == ()
+    assert h.rec.owners_of(KB.fingerprint) == ("db", "web")
+    seen.clear()
+    h.rec.replace_all([target("db", 2)])  # web gone, by a resync
+    h.rec._full = True  # as a resync that changed what every target's outcome depends on
+    h.settle()
+    assert seen[0] == ((), ("db", "web")) and h.rec.owners_of(KB.fingerprint) == ("db",)
+
+
 def test_manual_lines_and_source_status(h: Harness) -> None:
     manual = ManualLine.at("/keys/admin:1", ('permitopen="db:22"',), KD)
     h.rec.set_manual([manual])
