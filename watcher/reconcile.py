@@ -182,7 +182,7 @@ class Reconciler:
         self._engine = IncrementalRender(settings.permit_ports, settings.mode.discovers)
         # The revocation world's targets and granted names are the alias book's (targets
         # as last rendered, GrantedNames); what changed in a flush is noted as it changes:
-        self._book_before = self._book  # the book a full render replaced
+        self._book_before = self._book  # the last written render's book (during a full one: the old)
         self._targets_before: dict[str, object] = {}  # id -> its target before (MISSING: none)
         self._engine_manual: tuple[ManualLine, ...] = ()  # the admin lines the engine has
         self._manual_fps: set[str] = set()  # keys whose admin lines this flush edited
@@ -245,8 +245,9 @@ class Reconciler:
 
     def alias_owner(self, alias: str) -> str:
         """The name of the target a granted alias leads to ("" if none), as of the last
-        render (the book's tables are read whole by one lookup each: safe from any thread)."""
-        book = self._book
+        render written (the book's tables are read whole by one lookup each: safe from any
+        thread). While a full render fills a new book, the book before it answers."""
+        book = self._book_before
         target = book.targets.get(book.granted_owner(fold(alias)) or "")
         return target.name if target is not None else ""
 

@@ -692,16 +692,19 @@ def test_owners_of_shared_key_and_alias_owner(h: Harness) -> None:
 def test_owners_of_answers_the_written_owners_while_a_render_is_being_written(h: Harness) -> None:
     """The access log asks who a key belongs to while the reconciler writes: until the index
     without a key's old owner is written, it names the old one (the renderer's owners are
-    already new); after, the new ones. A resync (a full render) likewise."""
+    already new); after, the new ones. A resync (a full render) likewise, and for the target
+    a name leads to."""
     h.fetch.results.update(web=ok(KA), db=ok(KB))
     h.rec.upsert(target("web", 1))
     h.rec.upsert(target("db", 2))
     h.settle()
     seen: list[tuple[tuple[str, ...], ...]] = []
+    aliases: list[str] = []
     write = h.write
 
     def write_and_ask(rendered: Rendered) -> bool:
         seen.append(tuple(h.rec.owners_of(k.fingerprint) for k in (KA, KB)))
+        aliases.append(h.rec.alias_owner("web"))
         return write(rendered)
 
     h.rec.write = write_and_ask
@@ -715,6 +718,7 @@ def test_owners_of_answers_the_written_owners_while_a_render_is_being_written(h:
     h.rec._full = True  # as a resync that changed what every target's outcome depends on
     h.settle()
     assert seen[0] == ((), ("db", "web")) and h.rec.owners_of(KB.fingerprint) == ("db",)
+    assert aliases[-1] == "web" and h.rec.alias_owner("web") == ""  # the old book, until written
 
 
 def test_manual_lines_and_source_status(h: Harness) -> None:
