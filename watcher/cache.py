@@ -122,7 +122,7 @@ def update_hosts_block(path: Path, block: HostsBlock, head: bytes | None = None)
         # surrogateescape: bytes we do not own go back exactly as they were.
         head = splice_hosts_block(raw.decode("utf-8", errors="surrogateescape"), "").encode(
             "utf-8", errors="surrogateescape")
-        if len(raw) == len(head) + size and raw.startswith(head) and raw[len(head):] == b"".join(pieces):
+        if raw == b"".join((head, *pieces)):
             return False, head
         old_size = len(raw)
     else:

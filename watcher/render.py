@@ -120,10 +120,16 @@ class Shard:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Shard):
             return NotImplemented
-        return self.lines == other.lines and (self.blocks == other.blocks or self.data == other.data)
+        return self.lines == other.lines and same_bytes(self.blocks, other.blocks)
 
     def __hash__(self) -> int:
         return hash((self.lines, self.data))
+
+
+def same_bytes(a: tuple[bytes, ...], b: tuple[bytes, ...]) -> bool:
+    """Whether two runs of chunks hold the same bytes, however they are cut (the same
+    chunks, as after an edit that left them, compare without joining)."""
+    return a == b or b"".join(a) == b"".join(b)
 
 
 def cut_blocks(data: bytes, size: int | None = None) -> list[bytes]:
@@ -168,7 +174,7 @@ class HostsBlock:
     @classmethod
     def of(cls, rows: Iterable[str]) -> HostsBlock:
         """The block of these rows (without their newlines), as one chunk."""
-        data = "".join([row + "\n" for row in rows]).encode()
+        data = _rows_bytes(rows)
         return cls((data,) if data else ())
 
     def pieces(self) -> tuple[bytes, ...]:
@@ -182,8 +188,7 @@ class HostsBlock:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, HostsBlock):
             return NotImplemented
-        return self.size == other.size and (self.chunks == other.chunks
-                                            or b"".join(self.chunks) == b"".join(other.chunks))
+        return self.size == other.size and same_bytes(self.chunks, other.chunks)
 
     def __hash__(self) -> int:
         return hash(b"".join(self.chunks))
@@ -551,6 +556,11 @@ def hosts_rows(served: Iterable[ServedTarget], pinned_elsewhere: AbstractSet[str
     return rows
 
 
+def _rows_bytes(rows: Iterable[str]) -> bytes:
+    """Hosts rows as lines, in UTF-8 (a chunk of a HostsBlock)."""
+    return "".join([row + "\n" for row in rows]).encode()
+
+
 def hosts_block(rows: Iterable[str]) -> str:
     return "\n".join([HOSTS_BEGIN, *rows, HOSTS_END]) + "\n"
 
@@ -825,7 +835,7 @@ class IncrementalRender:
 
     def _rows_text(self, ids: Iterable[str]) -> bytes:
         served, row_of = self._served, self._row
-        return "".join([row + "\n" for row in (row_of(served[tid]) for tid in ids) if row]).encode()
+        return _rows_bytes(row for row in (row_of(served[tid]) for tid in ids) if row)
 
     def _current_scope(self) -> list[str]:
         return permitopen_options(dict.fromkeys(

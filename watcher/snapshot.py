@@ -244,6 +244,7 @@ def plan_array(last: tuple[TargetStatus, ...], last_ends: Sequence[int],
     snapshot held the GIL for ~0.45 s."""
     if not targets:
         return ArrayPlan(iter([b"[]"]), offsets(()))
+    last_sizes = offsets(map(sub, last_ends[1:], last_ends))
     if len(last) == len(targets):  # restarts and key changes: most rows stay in place
         moved = list(compress(count(), map(is_not, last, targets)))
         if len(moved) * _IN_PLACE_SHARE < len(targets):
@@ -251,13 +252,11 @@ def plan_array(last: tuple[TargetStatus, ...], last_ends: Sequence[int],
             for i in moved:
                 at[i] = -2  # made again, even if it only moved
             starts = sorted({*moved, *map((1).__add__, moved)} - {0, len(targets)})
-            sizes = offsets(map(sub, last_ends[1:], last_ends))
-            return ArrayPlan(_array_parts(targets, at, starts, last_ends, sizes), sizes)
+            return ArrayPlan(_array_parts(targets, at, starts, last_ends, last_sizes), last_sizes)
     # The last array's place of each row, by identity: the caller still holds the last
     # tuple, so an id found there is that very object. A new row is -2: it starts a run.
     where = dict(zip(map(id, last), count()))
     at = offsets(map(where.get, map(id, targets), repeat(-2)))
-    last_sizes = offsets(map(sub, last_ends[1:], last_ends))
     last_sizes.extend((0, 0))  # at -2: a new row, sized below
     sizes = offsets(map(last_sizes.__getitem__, at))
     starts = list(compress(count(1), map(ne, at[1:], map(add, at[:-1], repeat(1)))))

@@ -169,7 +169,7 @@ def test_incremental_equals_full_render_when_re_sorting_in_bulk(ops: list[tuple]
           suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(OPS, min_size=1, max_size=15), st.sampled_from([1, 2, 3]))
 def test_incremental_equals_full_render_with_hosts_rows_in_small_chunks(ops: list[tuple], size: int) -> None:
-    """The hosts block re-joins only the chunks a change touched (64 rows each in use): with
+    """The hosts block re-joins only the chunks a change touched (HOSTS_CHUNK targets each): with
     chunks of 1-3 rows, the few targets here span many, so inserts, renames and removals
     shift rows across chunk borders."""
     with mock.patch.object(render, "HOSTS_CHUNK", size):
