@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from watcher.allocator import fix_mmap_threshold  # noqa: E402
 from watcher.app import OutputWriter, Paths  # noqa: E402
-from watcher.cache import read_unmanaged_hosts  # noqa: E402
+from watcher.cache import read_index, read_unmanaged_hosts  # noqa: E402
 from watcher.config import RunMode, load_settings  # noqa: E402
 from watcher.model import KeyState, PublicKey, Target  # noqa: E402
 from watcher.reconcile import Reconciler, _Fetched  # noqa: E402
@@ -388,29 +388,33 @@ def split_restarts(rec: Reconciler, size: int, per: int = SPLIT_PER_FLUSH, flush
     return costs[3:flushes]
 
 
-def _shards(paths: Paths) -> Iterator[bytes]:
-    """Each index shard's bytes, in order (a shard without keys has no file)."""
-    for name in SHARD_NAMES:
-        try:
-            yield (paths.sshd.index_dir / name).read_bytes()
-        except FileNotFoundError:
-            pass
-
-
 def _index_text(paths: Paths) -> str:
-    """Every shard, in order: the index as sshd sees it."""
-    return b"".join(_shards(paths)).decode()
+    """The index as sshd sees it."""
+    return read_index(paths.sshd.index_dir).decode()
 
 
 def _served(paths: Paths) -> int:
-    """Lines in the index, a shard at a time: polled every 0.2 s while loading, and reading
-    the whole index into one string (~23 MB at 100k keys) counted in the peak RSS reported
-    as the watcher's (up to ~20 MiB of it)."""
-    return sum(data.count(b"\n") for data in _shards(paths))
+    """Lines in the index: polled every 0.2 s while loading (reading it whole, ~23 MB at
+    100k keys, counts in the peak RSS reported as the watcher's; the file at most 2x
+    GROUP_BYTES at a time does not)."""
+    return sum(_group_sizes(paths, lambda data: data.count(b"\n")))
 
 
 def _served_bytes(paths: Paths) -> int:
-    return sum(len(data) for data in _shards(paths))
+    return sum(_group_sizes(paths, len))
+
+
+def _group_sizes(paths: Paths, measure) -> Iterator[int]:
+    """`measure` of each file the shard names lead to, each once."""
+    seen: set[str] = set()
+    for name in SHARD_NAMES:
+        real = os.path.realpath(paths.sshd.index_dir / name)
+        if real not in seen:
+            seen.add(real)
+            try:
+                yield measure(Path(real).read_bytes())
+            except FileNotFoundError:
+                pass
 
 
 def python_speed() -> float:

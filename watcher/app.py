@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from .config import RunMode, Settings
 from .errors import WatcherError, explain_os_error
 from .fetch import KeyFetcher
 from .hostkeys import HOST_KEYS_PATH, HostKeyLearner, ssh_port
+from .index_layout import group_count, groups, index_bytes
 from .metrics import CountingSink, Metrics, Observed
 from .model import KeyState
 from .pacing import CHEAP, Pacer
@@ -42,6 +44,8 @@ from .syslog_listener import SyslogListener, uids_of
 from .targets import ProxyIdentity
 
 log = logging.getLogger(__name__)
+
+CACHE_EVERY = 1.0  # seconds: the human-readable cache is written at most this often
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,9 @@ class OutputWriter:
         self.error = ""  # why the newest render is not on disk yet ("" = it is)
         self._pending: Rendered | None = None
         self._cache_due: Rendered | None = None  # written to the index, not yet to the cache
-        self._cache_pacer = Pacer()
+        # The cache is for people: at most once a second. Written at every flush while
+        # cheap, it was ~15% of the loop's CPU under churn at 1k keys (ANALYSIS, round 17).
+        self._cache_pacer = Pacer(floor=CACHE_EVERY)
         self._index_ready = False
         self._shard_files = ShardFiles(paths.sshd.index_dir)
         # The shards of the render last written whole: a shard object that is still the
@@ -144,13 +150,18 @@ class OutputWriter:
         return changed
 
     def _withdraw_in_place(self, rendered: Rendered) -> None:
-        """A revocation must not wait for disk space: drop from each index shard on disk
-        every line the newest render no longer has (in place: no new blocks needed)."""
-        for name in SHARD_NAMES:
-            path = self.paths.sshd.index_dir / name
+        """A revocation must not wait for disk space: drop from each index file on disk
+        every line the newest render no longer has (in place: no new blocks needed). The
+        files the shard names lead to: the layout last linked, or each shard's own file."""
+        directory = self.paths.sshd.index_dir
+        count = self._shard_files.count
+        files = groups(count) if count is not None else tuple((name, (name,)) for name in SHARD_NAMES)
+        for name, names in files:
+            path = directory / name
             self._written.pop(path, None)
+            allowed = b"".join(rendered.shards.get(shard, EMPTY_SHARD).data for shard in names)
             try:
-                if shrink_in_place(path, rendered.shards.get(name, EMPTY_SHARD).data):
+                if shrink_in_place(path, allowed):
                     log.warning("withdrew revoked grants from %s in place while the disk is full", path)
             except OSError as exc:
                 log.error("cannot withdraw revoked grants from %s (%s): emptying it", path, exc)
@@ -168,9 +179,9 @@ class OutputWriter:
         if self.write_cache:
             with self._due_lock:
                 self._cache_due = rendered
-            if self._cache_pacer.cost < CHEAP:
+            if self._cache_pacer.cost < CHEAP and self._cache_pacer.due():
                 changed |= self._write_cache(force=False)
-            else:
+            else:  # written by the cache thread once due
                 self._wake_cache_writer()
         return changed
 
@@ -206,19 +217,25 @@ class OutputWriter:
 
     def _write_index(self, rendered: Rendered) -> bool:
         directory = self.paths.sshd.index_dir
+        files = self._shard_files
         if not self._index_ready:
-            self._shard_files.prepare()
+            files.prepare()
             self._index_ready = True
+        shards = rendered.shards
+        count = group_count(index_bytes(shards), files.count)
         on_disk, self._shards_on_disk = self._shards_on_disk, {}  # unknown until written
+        if count != files.count:
+            on_disk = {}  # every group file of the new layout is written
         changed = False
-        for name in SHARD_NAMES:
-            shard = rendered.shards.get(name, EMPTY_SHARD)
-            if on_disk.get(name) is shard:
+        for group, names in groups(count):
+            parts = [shards.get(name, EMPTY_SHARD) for name in names]
+            if on_disk and all(on_disk.get(name) is part for name, part in zip(names, parts)):
                 continue
-            path = directory / name
-            changed |= self._once(path, shard.blocks,
-                                  lambda known: _write_shard(self._shard_files, name, shard, known))
-        self._shards_on_disk = rendered.shards
+            blocks = tuple(itertools.chain.from_iterable(part.blocks for part in parts))
+            changed |= self._once(directory / group, blocks,
+                                  lambda known: _write_group(files, group, blocks, known))
+        files.use(count)  # the shard names link to these groups (same lines: no change)
+        self._shards_on_disk = shards
         return changed
 
     def _write_cache(self, force: bool) -> bool:
@@ -261,15 +278,12 @@ class OutputWriter:
         return changed
 
 
-def _write_shard(files: ShardFiles, name: str, shard: Shard, known: bool) -> bool:
-    """One index shard (not fsynced, as _write_cache_file says); no file for a shard without
-    keys (the keys command reads a missing shard as empty): a small deployment keeps a few
-    files, not 64 mostly empty ones."""
-    if not shard.blocks:
-        return files.remove(name)
-    if not known and read_bytes(files.directory / name) == shard.data:
+def _write_group(files: ShardFiles, name: str, blocks: tuple[bytes, ...], known: bool) -> bool:
+    """One group file of the index (not fsynced, as _write_cache_file says); written also
+    when it holds no keys (its shard names lead to it; `look` finds nothing in it)."""
+    if not known and read_bytes(files.directory / name) == b"".join(blocks):
         return False
-    files.write(name, shard.blocks)
+    files.write(name, blocks)
     return True
 
 

@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from .render import SHARD_SET, HostsBlock, splice_hosts_block, unmanaged_hosts_entries
+from .index_layout import groups, parse_group_name
+from .render import SHARD_NAMES, SHARD_SET, HostsBlock, splice_hosts_block, unmanaged_hosts_entries
 
 
 def read_bytes(path: Path) -> bytes | None:
@@ -213,8 +214,9 @@ microseconds; a shard changes at most once per flush)."""
 
 
 class ShardFiles:
-    """The index shards sshd's AuthorizedKeysCommand reads, each a symlink `<name>` to its
-    current version `.data/<name>.<random>`; a new version replaces it by renaming a new
+    """The index files sshd's AuthorizedKeysCommand reads. Each shard name is a symlink to
+    its group's file (`index_layout`), and each group file a symlink `.g<count>.<n>` to its
+    current version `.data/<group>.<token>.<n>`; a new version replaces it by renaming a new
     link over the old one (the pattern of Kubernetes' atomic volume writer).
 
     Why not a file renamed over the old one: ext4 (and overlayfs on it) starts writing the
@@ -227,27 +229,40 @@ class ShardFiles:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.data = directory / SHARD_DATA
-        self._versions: dict[str, list[str]] = {}  # shard -> names in .data, oldest first
+        self._versions: dict[str, list[str]] = {}  # file -> names in .data, oldest first
         self._dir = str(directory)
         self._token = secrets.token_hex(4)  # this writer's part of a version's name
         self._counter = itertools.count()
+        # The group count the shard names link to (None: not known to be one layout), and
+        # the group files of layouts before it, removed once no reader can still be on its
+        # way to one (at the next use()).
+        self.count: int | None = None
+        self._retired: set[str] = set()
 
     def prepare(self) -> None:
         """At start: the directories, readable by sshd's AuthorizedKeysCommandUser (nobody);
-        entries of an earlier run that are no shard (a temp link, a stray) removed, and
-        versions no shard links to."""
+        entries of an earlier run that are neither a shard name nor a group file (a temp
+        link, a stray) removed, versions nothing links to removed, and the layout the shard
+        names link to noted (a restart with the same keys rewrites nothing)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self.directory.chmod(0o755)
         linked: dict[str, str] = {}
+        counts: set[int | None] = set()
         for entry in os.scandir(self.directory):
             if entry.name == SHARD_DATA and entry.is_dir(follow_symlinks=False):
                 continue
-            if entry.name not in SHARD_SET:
+            is_group = parse_group_name(entry.name) is not None
+            if entry.name not in SHARD_SET and not is_group:
                 _remove_entry(entry)
-            elif entry.is_symlink():
-                head, _, version = os.readlink(entry.path).rpartition("/")
-                if head == SHARD_DATA:
-                    linked[entry.name] = version
+                continue
+            target = os.readlink(entry.path) if entry.is_symlink() else ""
+            head, _, version = target.rpartition("/")
+            if head == SHARD_DATA:
+                linked[entry.name] = version
+            if entry.name in SHARD_SET:
+                counts.add(parse_group_name(target))
+            else:
+                self._retired.add(entry.name)  # until use() finds it in the layout
         self.data.mkdir(exist_ok=True)
         self.data.chmod(0o755)
         kept = set(linked.values())
@@ -255,9 +270,46 @@ class ShardFiles:
             if entry.name not in kept:
                 _remove_entry(entry)
         self._versions = {name: [version] for name, version in linked.items()}
+        found = counts.pop() if len(counts) == 1 else None
+        if found is not None and all(
+                os.path.islink(self.directory / name) for name in SHARD_NAMES):
+            self.count = found
+
+    def use(self, count: int) -> None:
+        """Link every shard name to its group of `count` groups (once their files are
+        written): a reader follows the old layout or the new one, each whole. The group
+        files of the layout before go at the next call."""
+        current = {name for name, _ in groups(count)}
+        for name in self._retired - current:
+            self.remove(name)
+        self._retired = set()
+        if count == self.count:
+            return
+        for group, names in groups(count):
+            for name in names:
+                self._link(name, group)
+        if self.count is not None:
+            self._retired = {name for name, _ in groups(self.count)} - current
+        self.count = count
+
+    def _link(self, name: str, to: str) -> None:
+        """Shard name `name` a link to group file `to` (renamed over whatever it was)."""
+        path = f"{self._dir}/{name}"
+        with contextlib.suppress(OSError):
+            if os.readlink(path) == to:
+                return
+        link = f"{self._dir}/.{name}.link"
+        try:
+            os.symlink(to, link)
+        except FileExistsError:  # left by a write that failed half-way
+            os.unlink(link)
+            os.symlink(to, link)
+        os.replace(link, path)
+        for version in self._versions.pop(name, ()):  # an earlier layout's own version
+            self._drop(version)
 
     def write(self, name: str, data: bytes | Sequence[bytes]) -> None:
-        """Make `data` (bytes, or blocks of them) shard `name`'s content; readers see the
+        """Make `data` (bytes, or blocks of them) file `name`'s content (a group's); readers see the
         old or the new, whole.
 
         Plain os calls, a version named by a counter: tempfile.mkstemp's random names and a
@@ -304,8 +356,8 @@ class ShardFiles:
                 continue
 
     def remove(self, name: str) -> bool:
-        """No file for shard `name` (it has no keys); True if there was one. Its versions go
-        at once: a reader that still opens one finds none, as the shard now has none."""
+        """No file `name` (a group of a layout no shard name links to any more); True if
+        there was one. Its versions go at once."""
         try:
             os.unlink(self.directory / name)
             removed = True
@@ -321,6 +373,22 @@ class ShardFiles:
 
     def _version_path(self, version: str) -> str:
         return f"{self._dir}/{SHARD_DATA}/{version}"  # str: a Path join costs more than a syscall here
+
+
+def read_index(directory: Path) -> bytes:
+    """The index as sshd sees it, in order: the file each shard name leads to, each once
+    (the shard names of a group all lead to its file; a missing one holds no keys)."""
+    seen: set[str] = set()
+    parts: list[bytes] = []
+    for name in SHARD_NAMES:
+        real = os.path.realpath(directory / name)
+        if real in seen:
+            continue
+        seen.add(real)
+        data = read_bytes(Path(real))
+        if data is not None:
+            parts.append(data)
+    return b"".join(parts)
 
 
 def _remove_entry(entry: os.DirEntry) -> None:

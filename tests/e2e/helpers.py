@@ -39,7 +39,11 @@ PUBLICKEY_BODY_PATH = "/run/publickey-body"
 """Where start_target(body_file=...) mounts the file served as GET /publickey."""
 DOCKER_SOCKET = "/var/run/docker.sock"
 ACCESS_LOG = "/etc/ssh/access.log"
-INDEX_DIR = "/etc/ssh/authorized_keys.index.d"  # the login index, one file per shard
+INDEX_DIR = "/etc/ssh/authorized_keys.index.d"  # the login index, one name per shard
+# The index as sshd reads it, in order: the file each shard name leads to (the shard names
+# of a group lead to one file), each once.
+CAT_INDEX = (f'cd {INDEX_DIR} 2>/dev/null && for f in *; do readlink -f "$f"; done | uniq | '
+             f'while read -r p; do cat "$p" 2>/dev/null; done')
 STATUS_JSON = "/run/ssh-proxy/status.json"
 
 DOCKER_TIMEOUT = 120
@@ -324,8 +328,8 @@ class Proxy:
         return proc.stdout if proc.returncode == 0 else ""
 
     def read_index(self) -> str:
-        """The login index as sshd sees it: every shard, in fingerprint order."""
-        proc = self.exec(["sh", "-c", f"cat {INDEX_DIR}/* 2>/dev/null"])
+        """The login index as sshd sees it, in fingerprint order."""
+        proc = self.exec(["sh", "-c", CAT_INDEX])
         return proc.stdout
 
     def access_log(self) -> str:

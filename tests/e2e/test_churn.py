@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import docker as docker_sdk
 import pytest
 
-from helpers import (INDEX_DIR, SESSION_LABEL, TEST_LABEL, KeyPair, Proxy, SshClient, make_keypair,
+from helpers import (CAT_INDEX, SESSION_LABEL, TEST_LABEL, KeyPair, Proxy, SshClient, make_keypair,
                      wait_for_event, wait_for_login, wait_until)
 
 SLOTS = 50
@@ -165,7 +165,7 @@ def expected(client: docker_sdk.DockerClient, sfx: str, network: str, permit: st
 
 
 def proxy_files(proxy: Proxy) -> tuple[str, str, str]:
-    out = proxy.exec(f"cat {INDEX_DIR}/*; echo '@@@'; cat {CACHE}; echo '@@@'; cat /etc/hosts", check=True).stdout
+    out = proxy.exec(f"({CAT_INDEX}); echo '@@@'; cat {CACHE}; echo '@@@'; cat /etc/hosts", check=True).stdout
     index, cache, hosts = out.split("@@@\n")
     return index, cache, hosts
 

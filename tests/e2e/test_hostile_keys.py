@@ -142,11 +142,13 @@ def test_hostile_publickey_bodies(start_target, start_proxy, keypair, tmp_path):
 
     # ---- the rendered files: only the proxy's own options, only the line's own target
     aliases = {t["name"]: set(t["aliases"]) for t in status(proxy)["targets"]}
-    cache = proxy.read_file("/etc/ssh/authorized_keys_cache")
-    index = proxy.read_index()
-    cache_lines = [line for line in cache.splitlines() if line and not line.startswith("#")]
-    index_lines = [line.split(" ", 1)[1] for line in index.splitlines() if line]
-    assert sorted(cache_lines) == sorted(index_lines), (cache, index)
+    def files() -> tuple[str, str, list[str], list[str]]:
+        cache, index = proxy.read_file("/etc/ssh/authorized_keys_cache"), proxy.read_index()
+        return (cache, index, [line for line in cache.splitlines() if line and not line.startswith("#")],
+                [line.split(" ", 1)[1] for line in index.splitlines() if line])
+    # The cache follows the index, at most once a second.
+    assert wait_until(lambda: sorted(files()[2]) == sorted(files()[3]), 10), files()[:2]
+    cache, index, cache_lines, index_lines = files()
     assert cache_lines, cache
     for line in cache_lines:
         assert "*:*" not in line and '"*:' not in line, line

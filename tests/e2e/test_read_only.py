@@ -51,7 +51,7 @@ def test_read_only_root_filesystem(start_target, start_proxy, keypair):
         assert status.returncode == 0, status.stdout + status.stderr
         assert first.name in status.stdout and later.name in status.stdout, status.stdout
         assert later_key.fingerprint in proxy.read_index()
-        assert later.name in proxy.read_file("/etc/ssh/authorized_keys_cache")
+        assert wait_until(lambda: later.name in proxy.read_file("/etc/ssh/authorized_keys_cache"), 10)
         assert wait_until(lambda: key.fingerprint in proxy.access_log(), 30), proxy.access_log()
 
         keys = host_keys(proxy)

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from watcher import cache
-from watcher.cache import (SHARD_DATA, ShardFiles, atomic_write, read_bytes, update_hosts_block,
+from watcher.cache import (SHARD_DATA, ShardFiles, atomic_write, read_bytes, read_index, update_hosts_block,
                            write_blocks, write_if_changed)
-from watcher.render import HOSTS_BEGIN, HOSTS_END, HostsBlock
+from watcher.index_layout import groups
+from watcher.render import HOSTS_BEGIN, HOSTS_END, SHARD_NAMES, HostsBlock
 
 
 def mode_of(path: Path) -> int:
@@ -348,3 +349,66 @@ def test_two_writers_of_one_directory_never_share_a_version_name(tmp_path: Path)
     assert (tmp_path / "i").read_bytes() == b"SHA256:i1 second\n"
     assert (tmp_path / "h").read_bytes() == b"SHA256:h1 second\n"
     assert len(_versions(tmp_path)) == 3
+
+
+def test_use_links_every_shard_name_to_its_group_and_retires_the_old_groups_a_call_later(tmp_path: Path) -> None:
+    files = ShardFiles(tmp_path)
+    files.prepare()
+    assert files.count is None
+    for group, names in groups(4):
+        files.write(group, b"".join(f"SHA256:{n}1 in {group}\n".encode() for n in names))
+    files.use(4)
+    assert files.count == 4
+    assert all(os.readlink(tmp_path / name) == group for group, names in groups(4) for name in names)
+    assert (tmp_path / "A").read_bytes().count(b"\n") == 16  # the group's file, whole
+    files.write(".g1.00", b"SHA256:A1 one file\n")
+    files.use(1)
+    assert all(os.readlink(tmp_path / name) == ".g1.00" for name in SHARD_NAMES)
+    assert (tmp_path / ".g4.00").exists()  # for a reader that resolved "A" just before
+    files.use(1)
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == [SHARD_DATA, ".g1.00"]
+    assert _versions(tmp_path) == [os.readlink(tmp_path / ".g1.00").rpartition("/")[2]]
+    assert sorted(os.listdir(tmp_path)) == sorted([SHARD_DATA, ".g1.00", *SHARD_NAMES])  # no link left aside
+
+
+def test_prepare_finds_the_layout_on_disk_and_keeps_its_groups(tmp_path: Path) -> None:
+    earlier = ShardFiles(tmp_path)
+    earlier.prepare()
+    for group, _ in groups(2):
+        earlier.write(group, f"SHA256:x {group}\n".encode())
+    earlier.use(2)
+    earlier.write(".g1.00", b"SHA256:x written, not linked yet\n")  # stopped before use(1)
+    files = ShardFiles(tmp_path)
+    files.prepare()
+    assert files.count == 2
+    assert (tmp_path / "A").read_bytes() == b"SHA256:x .g2.00\n"
+    files.use(2)  # the same layout: nothing relinked; the stray group goes
+    assert not (tmp_path / ".g1.00").exists()
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith(".")) == [SHARD_DATA, ".g2.00", ".g2.01"]
+    assert len(_versions(tmp_path)) == 2
+
+
+def test_an_index_of_an_earlier_layout_is_relinked_and_its_versions_dropped(tmp_path: Path) -> None:
+    """An earlier watcher linked each shard name to a version of its own, and before that
+    wrote plain files: both are replaced by links to the groups."""
+    earlier = ShardFiles(tmp_path)
+    earlier.prepare()
+    earlier.write("A", b"SHA256:A1 old\n")  # a shard name linked to its own version
+    (tmp_path / "b").write_text("SHA256:b1 a plain file\n")
+    files = ShardFiles(tmp_path)
+    files.prepare()
+    assert files.count is None
+    files.write(".g1.00", b"SHA256:A1 new\nSHA256:b1 new\n")
+    files.use(1)
+    assert (tmp_path / "A").read_bytes() == (tmp_path / "b").read_bytes() == b"SHA256:A1 new\nSHA256:b1 new\n"
+    assert _versions(tmp_path) == [os.readlink(tmp_path / ".g1.00").rpartition("/")[2]]
+
+
+def test_read_index_reads_each_group_file_once_in_order(tmp_path: Path) -> None:
+    files = ShardFiles(tmp_path)
+    files.prepare()
+    assert read_index(tmp_path) == b""
+    for group, names in groups(2):
+        files.write(group, f"SHA256:{names[0]}1 {group}\n".encode())
+    files.use(2)
+    assert read_index(tmp_path) == b"SHA256:+1 .g2.00\nSHA256:U1 .g2.01\n"

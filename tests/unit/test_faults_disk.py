@@ -8,15 +8,17 @@ import errno
 import io
 import logging
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from watcher import cache
+from watcher import cache, index_layout
 from watcher.app import OutputWriter, Paths, RotatingFile
 from watcher.config import RunMode
+from watcher.index_layout import parse_group_name
 from watcher.render import SHARD_NAMES, HostsBlock, shards_of
 from watcher.sshd import SshdPaths
 
@@ -84,21 +86,35 @@ def _render(index: str, cache_text: str) -> Any:
                            cache_chunks=lambda: iter([cache_text.encode()]))
 
 
-def _shards(directory: Path) -> list[str]:
-    """What `ls` shows: the shards (their versions live in the hidden .data)."""
-    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+def _groups(directory: Path) -> list[str]:
+    """The group files (hidden: `ls` shows the shard names, each a link to its group)."""
+    return sorted(p.name for p in directory.iterdir() if parse_group_name(p.name) is not None)
 
 
 def _leftovers(directory: Path) -> set[str]:
-    """Hidden entries other than .data, and versions in .data that no shard links to."""
-    linked = {os.readlink(directory / name).rpartition("/")[2] for name in _shards(directory)}
-    return ({p.name for p in directory.iterdir() if p.name.startswith(".") and p.name != cache.SHARD_DATA}
-            | {p.name for p in (directory / cache.SHARD_DATA).iterdir() if p.name not in linked})
+    """Hidden entries other than .data and the group files, versions in .data of no group
+    file (or more than its current one and the one before it), and shard names that do not
+    lead to a group file."""
+    groups = _groups(directory)
+    versions = sorted((p.stat().st_mtime_ns, p.name) for p in (directory / cache.SHARD_DATA).iterdir())
+    kept = {g: [v for _, v in versions if v.startswith(g + ".")][-2:] for g in groups}
+    return ({p.name for p in directory.iterdir() if p.name.startswith(".") and p.name != cache.SHARD_DATA
+             and parse_group_name(p.name) is None}
+            | {v for _, v in versions if not any(v in names for names in kept.values())}
+            | {name for name in SHARD_NAMES if os.readlink(directory / name) not in groups})
 
 
 def _index(directory: Path) -> str:
     """The index as sshd sees it: every shard, in order."""
-    return "".join((directory / name).read_text() for name in SHARD_NAMES if (directory / name).exists())
+    return cache.read_index(directory).decode()
+
+
+@pytest.fixture(params=["grouped", "a group per shard"])
+def layout(request, monkeypatch) -> str:
+    """The index in one group file (a small index), or in one per shard (a big one)."""
+    if request.param != "grouped":
+        monkeypatch.setattr(index_layout, "GROUP_BYTES", 0)
+    return request.param
 
 
 @pytest.fixture
@@ -108,7 +124,7 @@ def writer(tmp_path: Path) -> OutputWriter:
     return OutputWriter(paths, RunMode.DOCKER, pin_names=False)
 
 
-def test_disk_full_keeps_the_previous_files_logs_once_and_resumes(writer, monkeypatch, caplog) -> None:
+def test_disk_full_keeps_the_previous_files_logs_once_and_resumes(writer, layout, monkeypatch, caplog) -> None:
     disk = DiskFull(monkeypatch)
     index, cache_path = writer.paths.sshd.index_dir, writer.paths.cache
     assert writer(_render("SHA256:a line-a\nSHA256:b line-b\n", "old cache\n"))
@@ -128,7 +144,10 @@ def test_disk_full_keeps_the_previous_files_logs_once_and_resumes(writer, monkey
     disk.full = False
     writer.retry()  # the newest render, not the first that failed
     assert _index(index) == "SHA256:a line-a\nSHA256:c line-c\nSHA256:d line-d\n"
-    assert (index / "c").read_text() == "SHA256:c line-c\n"
+    assert (index / "c").read_text() == ("SHA256:c line-c\n" if layout != "grouped" else _index(index))
+    deadline = time.monotonic() + 5  # the cache follows, at most once a second (CACHE_EVERY)
+    while cache_path.read_text() != "newer cache\n" and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert cache_path.read_text() == "newer cache\n"
     assert writer.error == ""
     assert any("written again" in r.getMessage() for r in caplog.records)
@@ -138,28 +157,51 @@ def test_disk_full_keeps_the_previous_files_logs_once_and_resumes(writer, monkey
     assert (index / "a").read_text() == "changed by hand\n"
 
 
-def test_writer_removes_files_that_are_no_shard_and_writes_shards_with_keys(writer) -> None:
+def test_writer_removes_files_that_are_no_shard_and_links_every_shard_to_its_group(writer) -> None:
     directory = writer.paths.sshd.index_dir
     directory.mkdir()
     (directory / "authorized_keys.index").write_text("SHA256:z stale\n")
     (directory / ".a.tmp123").write_text("half")
     assert writer(_render("SHA256:a line-a\n", "cache\n"))
-    assert _shards(directory) == ["a"]  # no file for an empty shard
+    assert _groups(directory) == [".g1.00"]  # a small index: one file
+    assert sorted(p.name for p in directory.iterdir() if not p.name.startswith(".")) == sorted(SHARD_NAMES)
     assert _index(directory) == "SHA256:a line-a\n"
-    assert writer(_render("SHA256:b line-b\n", "cache\n"))  # a shard left without keys goes
-    assert _shards(directory) == ["b"]
-    assert _leftovers(directory) == set()  # the versions of "a" went with it
+    assert writer(_render("SHA256:b line-b\n", "cache\n"))
+    assert writer(_render("", "cache\n"))  # no keys: the group file is empty, its links lead to it
+    assert _index(directory) == "" and (directory / "b").read_text() == ""
+    assert _leftovers(directory) == set()  # the versions before the one before went
     assert oct(directory.stat().st_mode & 0o777) == oct(0o755)
 
 
-def test_writer_rewrites_only_the_shards_that_changed(writer) -> None:
+def test_writer_rewrites_only_the_groups_that_changed(writer, monkeypatch) -> None:
+    monkeypatch.setattr(index_layout, "GROUP_BYTES", 0)  # a group per shard
     directory = writer.paths.sshd.index_dir
     assert writer(_render("SHA256:a line-a\nSHA256:b line-b\n", "c1\n"))
     stamps = {p.name: p.stat().st_ino for p in directory.iterdir()}
     assert writer(_render("SHA256:a line-a\nSHA256:b line-B\n", "c2\n"))
     moved = {p.name for p in directory.iterdir() if p.stat().st_ino != stamps.get(p.name)}
-    assert moved == {"b"}
+    assert moved == {"b", index_layout.group_name(64, SHARD_NAMES.index("b"))}  # b leads to the new file
     assert not writer(_render("SHA256:a line-a\nSHA256:b line-B\n", "c2\n"))
+
+
+def test_writer_moves_to_more_groups_as_the_index_grows_and_back(writer, monkeypatch) -> None:
+    """Readers follow the old layout or the new one, each whole; the old group files go a
+    write later."""
+    directory = writer.paths.sshd.index_dir
+    lines = "".join(f"SHA256:{c}{n} line-{c}{n}\n" for c in "+,0Aaz" for n in range(10))
+    monkeypatch.setattr(index_layout, "GROUP_BYTES", len(lines) // 12)  # 16 groups of 4 shards
+    assert writer(_render(lines, "c1\n"))
+    assert _groups(directory) == [index_layout.group_name(16, n) for n in range(16)]
+    assert _index(directory) == lines and _leftovers(directory) == set()
+    monkeypatch.setattr(index_layout, "GROUP_BYTES", len(lines) * 8)  # now one group is plenty
+    writer(_render(lines, "c1\n"))  # the same lines, in a new file
+    assert _index(directory) == lines
+    assert all(os.readlink(directory / name) == ".g1.00" for name in SHARD_NAMES)
+    assert len(_groups(directory)) == 17  # the 16 stay for a reader on its way to one
+    more = lines + "SHA256:zz0 line-zz0\n"  # sorts last
+    assert writer(_render(more, "c2\n"))
+    assert _groups(directory) == [".g1.00"] and _index(directory) == more
+    assert _leftovers(directory) == set()
 
 
 def test_shrink_in_place_keeps_only_lines_both_renders_have(tmp_path: Path) -> None:

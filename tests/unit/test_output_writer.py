@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from watcher.app import OutputWriter, Paths
+from watcher.cache import read_index
 from watcher.config import RunMode
 from watcher.render import render
 from watcher.sshd import SshdPaths
@@ -58,8 +59,10 @@ def _renders(count: int) -> list:
 
 def _cheap(writer: OutputWriter) -> OutputWriter:
     """The cache is written by the caller, at once, whatever the last write cost on a busy
-    machine (over pacing.CHEAP it would go to the cache thread and land a moment later)."""
+    machine (over pacing.CHEAP it would go to the cache thread and land a moment later) and
+    however recent it was (CACHE_EVERY)."""
     writer._cache_pacer.cost = 0.0
+    writer._cache_pacer.done_at = -1e9
     return writer
 
 
@@ -111,7 +114,7 @@ def test_close_writes_the_cache_that_is_still_due(tmp_path: Path) -> None:
     writer(second)
     writer(third)
     assert writer.paths.cache.read_text() == first.cache
-    index = "".join(p.read_text() for p in sorted(writer.paths.sshd.index_dir.glob("[!.]*")))
+    index = read_index(writer.paths.sshd.index_dir).decode()
     assert index == third.index  # the index is written at once; the cache waits its turn
     writer.close()
     assert writer.paths.cache.read_text() == third.cache
@@ -166,3 +169,20 @@ def test_the_hosts_file_is_read_only_when_someone_else_wrote_it(tmp_path: Path, 
     assert _cheap(writer)(renders[2])
     assert reads.count(hosts) == 2
     assert hosts.read_text() == "127.0.0.1\tlocalhost\n10.0.0.1\tadded-later\n" + renders[2].hosts_block
+
+
+def test_a_cheap_cache_is_written_at_most_once_a_second_and_the_last_render_s_follows(tmp_path: Path) -> None:
+    """Under a stream of flushes the cache (for people) is not written at each: the first at
+    once, then what is due a second after it, by the cache thread; the index at every flush."""
+    import time
+    writer = _writer(tmp_path)
+    first, second, third = _renders(3)
+    assert writer(first)  # nothing written before: due at once
+    started = time.monotonic()
+    writer(second)
+    writer(third)
+    assert read_index(writer.paths.sshd.index_dir).decode() == third.index
+    assert writer.paths.cache.read_text() == first.cache
+    assert _eventually(lambda: writer.paths.cache.read_text() == third.cache)
+    assert time.monotonic() - started >= 0.9  # CACHE_EVERY, less the time between the writes
+    writer.close()

@@ -42,6 +42,20 @@ def test_costly_work_waits_ten_times_its_cost() -> None:
     assert pacer.due()
 
 
+def test_a_floor_spaces_cheap_work_and_costly_work_waits_the_longer() -> None:
+    wall, cpu = Clock(), Clock()
+    pacer = Pacer(wall, cpu, floor=1.0)
+    assert pacer.due()  # never run: due at once
+    _run(pacer, wall, cpu, 0.001, 0.001)
+    assert pacer.wait() == 1.0 and not pacer.due()
+    wall.now += 0.99
+    assert not pacer.due() and pacer.until_due() == pytest.approx(0.01)
+    wall.now += 0.02
+    assert pacer.due()
+    _run(pacer, wall, cpu, 0.2, 0.2)  # 10 x 0.2 s is more than the floor
+    assert pacer.wait() == pytest.approx(2.0)
+
+
 def test_a_stalled_machine_does_not_defer_cheap_work() -> None:
     """A 1 ms snapshot that took 3 s of wall time on a loaded machine (seen under CI load:
     the thread waited for a core) costs 1 ms: the next one is due at once, not in 30 s."""

@@ -310,6 +310,36 @@ def test_keys_command_reads_the_fingerprints_shard(sshd_dir: Path, first: str) -
     assert (out.returncode, out.stdout) == (0, "")
 
 
+@pytest.mark.parametrize("group_bytes", [None, 0], ids=["one group file", "a file per shard"])
+def test_keys_command_finds_each_key_through_the_writers_group_files(sshd_dir: Path, monkeypatch,
+                                                                    group_bytes: int | None) -> None:
+    """As the watcher writes the index (each shard name a link to its group's file, which
+    holds other shards' lines too), each key's lines are found, and only its own."""
+    from watcher import index_layout
+    from watcher.app import OutputWriter, Paths
+    if group_bytes is not None:
+        monkeypatch.setattr(index_layout, "GROUP_BYTES", group_bytes)
+    paths = _render_to(sshd_dir, Settings())
+    fps = [f"SHA256:{first}{n:02d}{'c' * 40}" for first in "+/09AZaz" for n in range(3)]
+    lines = [ManualLine.at(f"f:{n}", (), PublicKey("ssh-ed25519", f"AAAA{n:03d}", "f", fp, 256))
+             for n, fp in enumerate(fps)]
+    writer = OutputWriter(Paths(cache=sshd_dir / "cache", hosts=sshd_dir / "hosts", sshd=paths),
+                          RunMode.MANUAL, pin_names=False)
+    assert writer(render_keys([], ("22",), lines))
+    assert all((paths.index_dir / name).is_symlink() for name in ("+", ",", "0", "z"))
+    for fp in fps[::4] + [f"SHA256:A99{'c' * 40}"]:
+        out = subprocess.run([str(paths.keys_command), str(paths.index_dir), fp], capture_output=True,
+                             text=True, timeout=10)
+        assert out.returncode == 0, out
+        assert out.stdout.count("\n") == (fp in fps) and "SHA256" not in out.stdout, out
+        assert out.stdout == ("" if fp not in fps else
+                              f"restrict,port-forwarding ssh-ed25519 AAAA{fps.index(fp):03d} f\n"), out
+    assert writer(render_keys([], ("22",), []))  # no keys: the files are empty, and read so
+    out = subprocess.run([str(paths.keys_command), str(paths.index_dir), fps[0]], capture_output=True,
+                         text=True, timeout=10)
+    assert (out.returncode, out.stdout, out.stderr) == (0, "", "")
+
+
 def _key_with_fingerprint(fp: str) -> PublicKey:
     return PublicKey("ssh-ed25519", "AAAA", "f", fp, 256)
 
