@@ -95,6 +95,19 @@ class Before(Mapping):
             return value
         return self.live[key]
 
+    def get(self, key: Any, default: Any = None) -> Any:
+        # Mapping.get goes through __getitem__ and a KeyError per miss: this runs for every
+        # destination of every key a flush revokes.
+        if key in self.old:
+            value = self.old[key]
+            return default if value is MISSING else value
+        return self.live.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        if key in self.old:
+            return self.old[key] is not MISSING
+        return key in self.live
+
     def __iter__(self) -> Iterator[Any]:
         for key in self.live:
             if key not in self.old:

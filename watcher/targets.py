@@ -333,9 +333,10 @@ class AliasBook:
     def granted_owner(self, key: str) -> str | None:
         """The id of the target a folded name is granted to (None: no one). A name is
         granted to one target at most, and only to one that claims it."""
-        for tid in (*self._auth_claims.get(key), *self._soft_claims.get(key)):
-            if any(fold(alias) == key for alias in self.aliases.get(tid, ())):
-                return tid
+        for claims in (self._auth_claims.get(key), self._soft_claims.get(key)):
+            for tid in claims:
+                if key in map(fold, self.aliases.get(tid, ())):
+                    return tid
         return None
 
     def update(self, changed: Mapping[str, Target | None]) -> set[str]:
@@ -472,6 +473,13 @@ class GrantedNames(Mapping[str, str]):
         if tid is None:
             raise KeyError(key)
         return tid
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        tid = self.book.granted_owner(key)
+        return default if tid is None else tid
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.book.granted_owner(key) is not None
 
     def __iter__(self) -> Iterator[str]:
         for aliases in list(self.book.aliases.values()):

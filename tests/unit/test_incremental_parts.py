@@ -72,6 +72,8 @@ def test_before_reads_old_values_of_changed_keys_only() -> None:
     assert old["c"] is MISSING
     assert dict(before) == {"a": 1, "b": 2}
     assert before.get("c") is None and before.get("a") == 1 and len(before) == 2
+    assert before.get("c", "none") == "none" and before.get("d", 0) == 0 and before.get("b", 0) == 2
+    assert "a" in before and "b" in before and "c" not in before and "d" not in before
 
 
 def _line(origin: str, *hosts: str, n: int = 0) -> ManualLine:

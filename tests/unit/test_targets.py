@@ -12,6 +12,7 @@ from watcher.model import ManualLine, PublicKey, Target
 from watcher.targets import (
     AliasBook,
     AliasPlan,
+    GrantedNames,
     ProxyIdentity,
     Reservation,
     ReservedNames,
@@ -190,6 +191,24 @@ def test_alias_book_keeps_refusals_only_for_targets_that_have_some() -> None:
     book.update({borrower.id: replace(borrower, hostname="")})  # it no longer asks for "db"
     assert book.refused == {}
     assert book.plan() == resolve_aliases([owner, replace(borrower, hostname="")], PROXY)
+
+
+def test_granted_names_reads_who_each_name_is_granted_to_from_the_book() -> None:
+    owner = target("DB", "a", address="172.18.0.5", aliases=("db-alias",))
+    borrower = target("evil", "b", address="172.18.0.6", hostname="db")  # asks for the owner's name
+    book = AliasBook(PROXY)
+    book.update({owner.id: owner, borrower.id: borrower})
+    names = GrantedNames(book)
+    assert dict(names) == {fold(a): tid for tid, aliases in book.aliases.items() for a in aliases}
+    assert names["db"] == names.get("db") == owner.id  # folded: the resolver ignores case
+    assert names.get("db-alias") == owner.id and names.get("evil") == borrower.id
+    assert "db" in names and "nobody" not in names and 5 not in names
+    assert names.get("nobody") is None and names.get("nobody", "-") == "-"
+    with pytest.raises(KeyError):
+        names["nobody"]
+    book.update({owner.id: None})  # gone: its names with it; the name it held is free now
+    assert names.get("db") == borrower.id
+    assert names.get("db-alias") is None and len(names) == sum(map(len, book.aliases.values()))
 
 
 def test_target_without_address() -> None:
