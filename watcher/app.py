@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping, TextIO
 from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse_datagram,
                         revoked_event)
 from .allocator import fix_mmap_threshold
-from .cache import (ShardFiles, atomic_write, file_stamp, read_bytes, read_unmanaged_hosts,
+from .cache import (ShardFiles, atomic_write, file_stamp, holds, read_unmanaged_hosts,
                     shrink_in_place, update_hosts_block, write_if_changed)
 from .config import RunMode, Settings
 from .errors import WatcherError, explain_os_error
@@ -226,6 +226,9 @@ class OutputWriter:
         on_disk, self._shards_on_disk = self._shards_on_disk, {}  # unknown until written
         if count != files.count:
             on_disk = {}  # every group file of the new layout is written
+            if files.count is not None:  # and what was written to the old ones forgotten
+                for group, _ in groups(files.count):
+                    self._written.pop(directory / group, None)
         changed = False
         for group, names in groups(count):
             parts = [shards.get(name, EMPTY_SHARD) for name in names]
@@ -281,7 +284,7 @@ class OutputWriter:
 def _write_group(files: ShardFiles, name: str, blocks: tuple[bytes, ...], known: bool) -> bool:
     """One group file of the index (not fsynced, as _write_cache_file says); written also
     when it holds no keys (its shard names lead to it; `look` finds nothing in it)."""
-    if not known and read_bytes(files.directory / name) == b"".join(blocks):
+    if not known and holds(files.directory / name, blocks):
         return False
     files.write(name, blocks)
     return True

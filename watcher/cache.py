@@ -92,6 +92,18 @@ def write_blocks(fd: int, blocks: Sequence[bytes]) -> None:
 _IOV_MAX = 1024  # Linux's limit on the buffers of one writev
 
 
+def holds(path: Path, blocks: Sequence[bytes]) -> bool:
+    """Whether the file at `path` holds exactly these bytes, compared a block at a time (an
+    index group at 100k keys is ~360 KB; one of a few groups, megabytes: never joined)."""
+    try:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size != sum(map(len, blocks)):
+                return False
+            return all(handle.read(len(block)) == block for block in blocks)
+    except FileNotFoundError:
+        return False
+
+
 def write_if_changed(path: Path, data: bytes, mode: int = 0o644, durable: bool = True) -> bool:
     """Atomically replace `path` unless it already holds exactly `data`. True if written."""
     if read_bytes(path) == data:

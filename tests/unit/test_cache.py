@@ -412,3 +412,16 @@ def test_read_index_reads_each_group_file_once_in_order(tmp_path: Path) -> None:
         files.write(group, f"SHA256:{names[0]}1 {group}\n".encode())
     files.use(2)
     assert read_index(tmp_path) == b"SHA256:+1 .g2.00\nSHA256:U1 .g2.01\n"
+
+
+def test_holds_compares_a_file_with_blocks_without_joining_them(tmp_path: Path) -> None:
+    path = tmp_path / "group"
+    assert not cache.holds(path, ())  # no file
+    path.write_bytes(b"")
+    assert cache.holds(path, ()) and cache.holds(path, (b"",))
+    path.write_bytes(b"SHA256:a 1\nSHA256:b 2\n")
+    assert cache.holds(path, (b"SHA256:a 1\n", b"SHA256:b 2\n"))
+    assert cache.holds(path, (b"SHA256:a 1\nSHA256:b 2\n",))
+    assert not cache.holds(path, (b"SHA256:a 1\n", b"SHA256:b 3\n"))  # same size, other bytes
+    assert not cache.holds(path, (b"SHA256:a 1\n",))  # shorter
+    assert not cache.holds(path, (b"SHA256:a 1\n", b"SHA256:b 2\n", b"x"))  # longer
