@@ -48,11 +48,12 @@ from common import (BenchError, BenchRun, KeyPair, Proxy, SshClient, Target, dis
                     save, table, timed)
 
 from tests.fakekube import ExecCall, ExecResult, FakeKube, make_pod  # noqa: E402
+import helpers  # noqa: E402  (tests/e2e, on the path through common)
 from watcher.sshd import ensure_host_keys  # noqa: E402
 
 # The served keys: the single index file, or (a planned layout) a directory of shards with
 # the same line format; whichever exists is read, either may be missing.
-READ_INDEX = "cat /etc/ssh/authorized_keys.index /etc/ssh/authorized_keys.index.d/* 2>/dev/null"
+READ_INDEX = f"cat /etc/ssh/authorized_keys.index 2>/dev/null; {helpers.CAT_INDEX}"
 NAMESPACE = "bench"
 POLL = 0.25  # seconds between reads of the index
 SERVE_DEADLINE = 240.0

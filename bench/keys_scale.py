@@ -33,7 +33,6 @@ from common import (BenchError, BenchRun, Proxy, SshClient, dist, docker, fake_k
 
 import helpers  # noqa: E402
 
-INDEX_DIR = "/etc/ssh/authorized_keys.index.d"  # the login index, one file per shard
 STOCK_DIR = "/etc/ssh/bench-stock"
 STOCK_PORT = 2222
 
@@ -57,7 +56,7 @@ def stock_sshd(proxy: Proxy) -> int:
 
 
 def index_lines(proxy: Proxy) -> int:
-    out = proxy.exec(f"cat {INDEX_DIR}/* | wc -l").stdout.strip()
+    out = proxy.exec(f"({helpers.CAT_INDEX}) | wc -l").stdout.strip()
     return int(out) if out.isdigit() else -1
 
 

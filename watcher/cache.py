@@ -216,13 +216,13 @@ def shrink_in_place(path: Path, allowed: bytes) -> bool:
 
 
 SHARD_DATA = ".data"
-"""The index directory's subdirectory of shard versions (hidden: `cat index.d/*` is the
-index without it)."""
+"""The index directory's subdirectory of the group files' versions (hidden: `ls index.d`
+shows the shard names)."""
 
 _KEPT_VERSIONS = 2
-"""A shard's versions kept on disk: the current one and the one before, which a reader
-that resolved the shard's link just before the swap still opens (a path lookup takes
-microseconds; a shard changes at most once per flush)."""
+"""A group file's versions kept on disk: the current one and the one before, which a reader
+that resolved the link just before the swap still opens (a path lookup takes microseconds;
+a group changes at most once per flush)."""
 
 
 class ShardFiles:
