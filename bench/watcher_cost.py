@@ -45,11 +45,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from watcher.allocator import fix_mmap_threshold  # noqa: E402
 from watcher.app import OutputWriter, Paths  # noqa: E402
-from watcher.cache import read_index, read_unmanaged_hosts  # noqa: E402
+from watcher.cache import index_files, read_index, read_unmanaged_hosts  # noqa: E402
 from watcher.config import RunMode, load_settings  # noqa: E402
 from watcher.model import KeyState, PublicKey, Target  # noqa: E402
 from watcher.reconcile import Reconciler, _Fetched  # noqa: E402
-from watcher.render import SHARD_NAMES, Rendered  # noqa: E402
+from watcher.render import Rendered  # noqa: E402
 from watcher.snapshot import StatusDocument, WatcherState  # noqa: E402
 from watcher.sshd import SshdPaths  # noqa: E402
 from watcher.status import StatusWriter, write_status  # noqa: E402
@@ -406,15 +406,11 @@ def _served_bytes(paths: Paths) -> int:
 
 def _group_sizes(paths: Paths, measure) -> Iterator[int]:
     """`measure` of each file the shard names lead to, each once."""
-    seen: set[str] = set()
-    for name in SHARD_NAMES:
-        real = os.path.realpath(paths.sshd.index_dir / name)
-        if real not in seen:
-            seen.add(real)
-            try:
-                yield measure(Path(real).read_bytes())
-            except FileNotFoundError:
-                pass
+    for path in index_files(paths.sshd.index_dir):
+        try:
+            yield measure(path.read_bytes())
+        except FileNotFoundError:
+            pass
 
 
 def python_speed() -> float:

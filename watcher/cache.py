@@ -306,19 +306,28 @@ class ShardFiles:
 
     def _link(self, name: str, to: str) -> None:
         """Shard name `name` a link to group file `to` (renamed over whatever it was)."""
-        path = f"{self._dir}/{name}"
         with contextlib.suppress(OSError):
-            if os.readlink(path) == to:
+            if os.readlink(f"{self._dir}/{name}") == to:
                 return
-        link = f"{self._dir}/.{name}.link"
-        try:
-            os.symlink(to, link)
-        except FileExistsError:  # left by a write that failed half-way
-            os.unlink(link)
-            os.symlink(to, link)
-        os.replace(link, path)
+        self._point(name, to)
         for version in self._versions.pop(name, ()):  # an earlier layout's own version
             self._drop(version)
+
+    def _point(self, name: str, target: str) -> None:
+        """`name` a symlink to `target`: a new link renamed over whatever `name` was, so a
+        reader finds the old or the new; no temporary link is left if it fails."""
+        link = f"{self._dir}/.{name}.link"
+        try:
+            try:
+                os.symlink(target, link)
+            except FileExistsError:  # left by a write that failed half-way
+                os.unlink(link)
+                os.symlink(target, link)
+            os.replace(link, f"{self._dir}/{name}")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(link)
+            raise
 
     def write(self, name: str, data: bytes | Sequence[bytes]) -> None:
         """Make `data` (bytes, or blocks of them) file `name`'s content (a group's); readers see the
@@ -328,7 +337,6 @@ class ShardFiles:
         file object made a shard write ~210 us of CPU against ~100 (side by side; a churn
         flush writes up to 64 of them)."""
         version, fd = self._new_version(name)
-        link = f"{self._dir}/.{name}.link"
         try:
             try:
                 os.fchmod(fd, 0o644)  # whatever the umask: nobody (sshd's keys command) reads it
@@ -338,17 +346,10 @@ class ShardFiles:
                     write_blocks(fd, data)
             finally:
                 os.close(fd)
-            target = f"{SHARD_DATA}/{version}"
-            try:
-                os.symlink(target, link)
-            except FileExistsError:  # left by a write that failed half-way
-                os.unlink(link)
-                os.symlink(target, link)
-            os.replace(link, f"{self._dir}/{name}")
+            self._point(name, f"{SHARD_DATA}/{version}")
         except BaseException:
-            for path in (self._version_path(version), link):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._version_path(version))
             raise
         versions = self._versions.setdefault(name, [])
         versions.append(version)
@@ -387,20 +388,16 @@ class ShardFiles:
         return f"{self._dir}/{SHARD_DATA}/{version}"  # str: a Path join costs more than a syscall here
 
 
+def index_files(directory: Path) -> list[Path]:
+    """The files the shard names lead to, each once, in fingerprint order (the shard names
+    of a group all lead to its file): what sshd reads, file by file."""
+    files = dict.fromkeys(Path(os.path.realpath(directory / name)) for name in SHARD_NAMES)
+    return list(files)
+
+
 def read_index(directory: Path) -> bytes:
-    """The index as sshd sees it, in order: the file each shard name leads to, each once
-    (the shard names of a group all lead to its file; a missing one holds no keys)."""
-    seen: set[str] = set()
-    parts: list[bytes] = []
-    for name in SHARD_NAMES:
-        real = os.path.realpath(directory / name)
-        if real in seen:
-            continue
-        seen.add(real)
-        data = read_bytes(Path(real))
-        if data is not None:
-            parts.append(data)
-    return b"".join(parts)
+    """The index as sshd sees it, in order (a missing file holds no keys)."""
+    return b"".join(data for data in map(read_bytes, index_files(directory)) if data is not None)
 
 
 def _remove_entry(entry: os.DirEntry) -> None:
