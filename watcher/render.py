@@ -863,6 +863,11 @@ class IncrementalRender:
         """Every line of one fingerprint, rendered again as render() would ("": none)."""
         if fp not in self._owners_before and fp in self._owners:
             self._owners_before[fp] = self._owners[fp]
+        tids = self._by_fp.get(fp)
+        if len(tids) == 1 and not self._manual.get(fp):
+            line = self._render_one(fp, self._served[tids[0]])
+            if line is not None:
+                return line
         items = sorted((self._served[tid] for tid in self._by_fp.get(fp)),
                        key=lambda s: (s.target.name, s.target.id))
         grants = [g for g in discovered_grants(items, self.ports) if g.key.fingerprint == fp]
@@ -879,6 +884,22 @@ class IncrementalRender:
         else:
             self._owners.pop(fp, None)
         return "".join(f"{fp} {line}\n" for line in lines)
+
+
+    def _render_one(self, fp: str, item: ServedTarget) -> str | None:
+        """The lines of a key that one target holds once and no admin line names, as the
+        general path renders them, without its grouping and merging (most keys under churn;
+        None: not such a key)."""
+        keys = [key for key in item.keys if key.fingerprint == fp]
+        if len(keys) != 1:
+            return None
+        if not item.aliases:
+            self._owners.pop(fp, None)
+            return ""
+        self._owners[fp] = (item.target.name,)
+        grant = Grant(keys[0], permitopen_options(dict.fromkeys(item.aliases), self.ports),
+                      names=[item.target.name])
+        return f"{fp} {grant.line()}\n"
 
 
 def _is_scoped(lines: Iterable[ManualLine]) -> bool:

@@ -837,6 +837,34 @@ def test_loop_retries_on_its_own() -> None:
     assert writes[-1].index.split()[0] == KA.fingerprint
 
 
+def test_loop_gathers_a_stream_of_messages_not_an_isolated_event(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each wake-up of the loop costs CPU: under a stream (messages in a row that each came
+    soon after the loop began to wait) it waits for more before draining, never past a
+    flush falling due; an event after a quiet spell, and its key's answer, never wait."""
+    pauses: list[float] = []
+    monkeypatch.setattr("watcher.reconcile.time.sleep", pauses.append)
+    rec = h.rec
+    rec._gather(5.0)  # an event after a quiet spell
+    rec._gather(0.002)  # its key's answer
+    rec._gather(0.001)  # a readiness
+    assert pauses == []
+    rec._gather(0.001)  # a fourth in a row: a stream
+    assert pauses == [rec.gather]
+    rec._dirty()  # a flush is due in min_wait
+    h.clock.now += rec.min_wait - 0.004
+    rec._gather(0.0)
+    assert pauses[-1] == pytest.approx(0.004)
+    h.clock.now += 1.0  # the flush is overdue: no wait at all
+    rec._gather(0.0)
+    assert len(pauses) == 2
+    rec._gather(0.5)  # a message after a wait longer than `gather` ends the stream
+    rec._gather(0.001)
+    rec._gather(0.001)
+    rec._gather(0.001)
+    assert len(pauses) == 2
+
+
 def test_proxy_identity_learned_later_is_applied(h: Harness) -> None:
     # The Docker socket may be unreachable when the watcher starts: the proxy's own names
     # arrive with the first connection and must then be refused as aliases.
