@@ -865,6 +865,24 @@ def test_loop_gathers_a_stream_of_messages_not_an_isolated_event(
     assert len(pauses) == 2
 
 
+def test_loop_never_gathers_while_fetches_wait_for_the_pool(
+        h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load (a start, a resync) hands the pool `fetch_limit` fetches per wake-up: the
+    answers' stream must keep it fed, not wait between its rounds."""
+    pauses: list[float] = []
+    monkeypatch.setattr("watcher.reconcile.time.sleep", pauses.append)
+    for n in range(h.rec.fetch_limit + 5):
+        h.rec.upsert(target(f"t{n:04d}", n))
+    while not h.rec.inbox.empty():
+        h.rec._apply(h.rec.inbox.get_nowait())
+    h.rec._start_due_fetches()  # the first fetch_limit go to the pool, 5 wait
+    assert h.rec._fetch_queue
+    for _ in range(5):
+        h.rec._gather(0.001)
+    assert pauses == []
+    h.rec.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def test_proxy_identity_learned_later_is_applied(h: Harness) -> None:
     # The Docker socket may be unreachable when the watcher starts: the proxy's own names
     # arrive with the first connection and must then be refused as aliases.
