@@ -258,14 +258,14 @@ class Reconciler:
         try:
             while not stop.is_set():
                 timeout = self._next_wakeup()
-                waited = time.monotonic()
+                waiting_since = time.monotonic()
                 try:
                     message = self.inbox.get(timeout=timeout)
                 except queue.Empty:
                     message = None
                     self._streak = 0
                 if message is not None:
-                    self._gather(time.monotonic() - waited)
+                    self._gather(time.monotonic() - waiting_since)
                     self._apply(message)
                     # Drain what is already queued before deciding to render.
                     while True:
@@ -288,13 +288,13 @@ class Reconciler:
 
         Each wake-up of this thread costs ~25 us of CPU, and so does each pool worker woken
         by a fetch handed on alone: at 1,000 events/s, one wake-up per message was a third
-        of the watcher's CPU (bench/ANALYSIS.md, round 18). After GATHER_AFTER messages in a
-        row that each came within `gather` of the loop's wait, it waits `gather` first: at
-        most 1/gather wake-ups a second. An isolated event (a message, its key fetch's
-        answer) is applied at once, and a flush falling due cuts the wait short. Nor does it
-        wait while fetches queue for the pool: each wake-up hands it at most `fetch_limit`,
-        and a load of 100k targets took 59 s instead of 14.5 when the pool was fed 32 fetches
-        per wait (bench/ANALYSIS.md, round 18)."""
+        of the watcher's CPU. After GATHER_AFTER messages in a row that each came within
+        `gather` of the loop's wait, it waits `gather` first: at most 1/gather wake-ups a
+        second. An isolated event (a message, its key fetch's answer) is applied at once, and
+        a flush falling due cuts the wait short. Nor does it wait while fetches queue for the
+        pool: each wake-up hands it at most `fetch_limit`, and a load of 100k targets took
+        59 s instead of 14.5 when the pool was fed 32 fetches per wait (bench/ANALYSIS.md,
+        round 18)."""
         self._streak = self._streak + 1 if waited < self.gather else 0
         if self._streak >= GATHER_AFTER and not self._fetch_queue:
             pause = min(self.gather, self._until_due())

@@ -868,7 +868,7 @@ class IncrementalRender:
             line = self._render_one(fp, self._served[tids[0]])
             if line is not None:
                 return line
-        items = sorted((self._served[tid] for tid in self._by_fp.get(fp)),
+        items = sorted((self._served[tid] for tid in tids),
                        key=lambda s: (s.target.name, s.target.id))
         grants = [g for g in discovered_grants(items, self.ports) if g.key.fingerprint == fp]
         manual = self._manual.get(fp, [])
@@ -884,7 +884,6 @@ class IncrementalRender:
         else:
             self._owners.pop(fp, None)
         return "".join(f"{fp} {line}\n" for line in lines)
-
 
     def _render_one(self, fp: str, item: ServedTarget) -> str | None:
         """The lines of a key that one target holds once and no admin line names, as the
