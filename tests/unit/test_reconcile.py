@@ -15,7 +15,7 @@ import pytest
 
 from watcher.config import Settings, load_settings
 from watcher.model import KeyState, ManualLine, PublicKey, Target
-from watcher.reconcile import Reconciler, Snapshot, _Fetched, retry_delay
+from watcher.reconcile import PUBLISH_EVERY, Reconciler, Snapshot, _Fetched, retry_delay
 from watcher.render import Rendered
 from watcher.revocation import Revocation
 from watcher.snapshot import IgnoredTarget, KeyStatus, SourceStatus, TargetStatus
@@ -881,6 +881,53 @@ def test_loop_never_gathers_while_fetches_wait_for_the_pool(
         h.rec._gather(0.001)
     assert pauses == []
     h.rec.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_status_snapshots_under_a_stream_of_flushes_come_at_most_every_publish_every(
+        h: Harness) -> None:
+    """The snapshot is O(targets) and read every 2 s: a flush soon after the last snapshot
+    leaves it to the loop, which takes it once PUBLISH_EVERY has passed; the first change
+    after a quiet spell is published with its flush."""
+    rec = h.rec
+    rec.min_wait = 0.0  # flushes fall due at once on the fake clock
+    h.fetch.results["web"] = ok(KA)
+    h.fetch.results["db"] = ok(KB)
+    stop = threading.Event()
+    loop = threading.Thread(target=rec.run, args=(stop,), daemon=True)
+
+    def wait_for(what: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 5
+        while not what():
+            assert time.monotonic() < deadline, "the loop did not get there"
+            time.sleep(0.005)
+
+    def shown() -> set[str]:
+        return {row.name for row in h.snapshots[-1].targets} if h.snapshots else set()
+
+    loop.start()
+    try:
+        rec.upsert(target("web", 1))  # the first snapshot: at once
+        wait_for(lambda: "web" in shown())
+        wait_for(lambda: any(KA.fingerprint in r.index for r in h.writes))
+        assert h.snapshots[-1].keys_served == 0  # its key came within PUBLISH_EVERY
+        h.clock.now += PUBLISH_EVERY
+        rec.inbox.put(object())  # wake the loop (unknown messages are ignored)
+        wait_for(lambda: h.snapshots[-1].keys_served == 1)
+        h.clock.now += PUBLISH_EVERY / 4
+        rec.upsert(target("db", 2))
+        wait_for(lambda: any(KB.fingerprint in r.index for r in h.writes))
+        time.sleep(0.1)
+        assert "db" not in shown()  # written to the index, not yet in a snapshot
+        h.clock.now += PUBLISH_EVERY
+        rec.inbox.put(object())
+        wait_for(lambda: shown() == {"web", "db"} and h.snapshots[-1].keys_served == 2)
+        h.clock.now += 5 * PUBLISH_EVERY  # a quiet spell: the next change is shown at once
+        h.fetch.results["cache"] = ok(KC)
+        rec.upsert(target("cache", 3))
+        wait_for(lambda: "cache" in shown())
+    finally:
+        stop.set()
+        loop.join(5)
 
 
 def test_proxy_identity_learned_later_is_applied(h: Harness) -> None:
