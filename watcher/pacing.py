@@ -12,7 +12,7 @@ SHARE = 10  # else at most once per SHARE times its last cost: a tenth of the lo
 
 class Pacer:
     """Done at once while cheap (and `floor` seconds have passed since the last run); else
-    at most so often that it takes 1/SHARE of the time.
+    at most so often that it takes 1/SHARE of the time, and `costly_floor` seconds apart.
 
     The cost is the CPU time the work took on its own thread, not the wall time: on a
     loaded machine (a CI run, 20 containers booting on 2 cores) a 1 ms status snapshot was
@@ -20,16 +20,18 @@ class Pacer:
     keep `watcher status` a minute behind for no work of ours."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic,
-                 cpu_clock: Callable[[], float] = time.thread_time, floor: float = 0.0) -> None:
+                 cpu_clock: Callable[[], float] = time.thread_time, floor: float = 0.0,
+                 costly_floor: float = 0.0) -> None:
         self.clock = clock
         self.cpu_clock = cpu_clock
         self.floor = floor  # seconds between two runs at least, however cheap
+        self.costly_floor = costly_floor  # and once a run is not cheap
         self.cost = 0.0
         self.done_at = -1e9
 
     def wait(self) -> float:
         """Seconds after the last run before the next one is due."""
-        return max(self.floor, 0.0 if self.cost < CHEAP else SHARE * self.cost)
+        return max(self.floor, 0.0 if self.cost < CHEAP else max(self.costly_floor, SHARE * self.cost))
 
     def due(self) -> bool:
         return self.until_due() <= 0

@@ -192,9 +192,9 @@ class Reconciler:
         self._manual_options: dict[str, frozenset[tuple[str, ...]]] = {}
         self._excluded: dict[str, str] = {}
         self._owners_seen: Mapping[str, tuple[Owner, ...]] = {}  # the last render's owners
-        # The status snapshot costs O(targets): paced (see pacing.Pacer), and taken at most
-        # every PUBLISH_EVERY seconds under a stream of flushes.
-        self._publish_pacer = Pacer(clock, floor=PUBLISH_EVERY)
+        # The status snapshot costs O(targets): paced (see pacing.Pacer), and once it is not
+        # cheap taken at most every PUBLISH_EVERY seconds under a stream of flushes.
+        self._publish_pacer = Pacer(clock, costly_floor=PUBLISH_EVERY)
         self._unpublished: Rendered | None = None
         self._status_full = True
         # Rows live on their entries (a table of 100k rows by id was ~4-7 MB); a removed
@@ -779,7 +779,8 @@ _ROW = operator.attrgetter("row")
 # The status snapshot's readers take it every 2 s (status.json) or scan the targets it names
 # (the host key learner, an O(targets) pass per snapshot): under churn at 100k targets, ~12
 # snapshots a second were ~0.05 ms of CPU per event, and all but one every 2 s unread
-# (bench/ANALYSIS.md, round 19). The first snapshot after a quiet second is taken at once.
+# (bench/ANALYSIS.md, round 19). A cheap snapshot (pacing.CHEAP: up to ~10k targets) is still
+# taken with every flush; a costly one after a quiet second at once.
 PUBLISH_EVERY = 1.0
 
 # Messages in a row, each within `gather` of the loop's wait, that make a stream (_gather):

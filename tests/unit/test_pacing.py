@@ -56,6 +56,19 @@ def test_a_floor_spaces_cheap_work_and_costly_work_waits_the_longer() -> None:
     assert pacer.wait() == pytest.approx(2.0)
 
 
+def test_a_costly_floor_spaces_only_work_that_is_not_cheap() -> None:
+    wall, cpu = Clock(), Clock()
+    pacer = Pacer(wall, cpu, costly_floor=1.0)
+    _run(pacer, wall, cpu, 0.001, 0.001)
+    assert pacer.wait() == 0.0 and pacer.due()  # cheap: every time
+    _run(pacer, wall, cpu, 0.006, 0.006)  # 10 x 6 ms is less than the floor
+    assert pacer.wait() == 1.0 and not pacer.due()
+    wall.now += 1.0
+    assert pacer.due()
+    _run(pacer, wall, cpu, 0.2, 0.2)
+    assert pacer.wait() == pytest.approx(2.0)
+
+
 def test_a_stalled_machine_does_not_defer_cheap_work() -> None:
     """A 1 ms snapshot that took 3 s of wall time on a loaded machine (seen under CI load:
     the thread waited for a core) costs 1 ms: the next one is due at once, not in 30 s."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from dataclasses import replace
 import hashlib
+import itertools
 import random
 import struct
 import threading
@@ -15,6 +16,7 @@ import pytest
 
 from watcher.config import Settings, load_settings
 from watcher.model import KeyState, ManualLine, PublicKey, Target
+from watcher.pacing import CHEAP
 from watcher.reconcile import PUBLISH_EVERY, Reconciler, Snapshot, _Fetched, retry_delay
 from watcher.render import Rendered
 from watcher.revocation import Revocation
@@ -883,13 +885,15 @@ def test_loop_never_gathers_while_fetches_wait_for_the_pool(
     h.rec.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def test_status_snapshots_under_a_stream_of_flushes_come_at_most_every_publish_every(
+def test_costly_status_snapshots_under_a_stream_of_flushes_come_at_most_every_publish_every(
         h: Harness) -> None:
-    """The snapshot is O(targets) and read every 2 s: a flush soon after the last snapshot
-    leaves it to the loop, which takes it once PUBLISH_EVERY has passed; the first change
-    after a quiet spell is published with its flush."""
+    """The snapshot is O(targets) and read every 2 s: once it is not cheap, a flush soon
+    after the last snapshot leaves it to the loop, which takes it once PUBLISH_EVERY has
+    passed; the first change after a quiet spell is published with its flush."""
     rec = h.rec
     rec.min_wait = 0.0  # flushes fall due at once on the fake clock
+    cpu = itertools.count(0.0, 2 * CHEAP)  # each snapshot costs twice CHEAP of CPU
+    rec._publish_pacer.cpu_clock = lambda: next(cpu)
     h.fetch.results["web"] = ok(KA)
     h.fetch.results["db"] = ok(KB)
     stop = threading.Event()
@@ -925,6 +929,28 @@ def test_status_snapshots_under_a_stream_of_flushes_come_at_most_every_publish_e
         h.fetch.results["cache"] = ok(KC)
         rec.upsert(target("cache", 3))
         wait_for(lambda: "cache" in shown())
+    finally:
+        stop.set()
+        loop.join(5)
+
+
+def test_cheap_status_snapshots_come_with_every_flush(h: Harness) -> None:
+    """Up to ~10k targets a snapshot is cheap: `watcher status` follows every flush."""
+    rec = h.rec
+    rec.min_wait = 0.0
+    rec._publish_pacer.cpu_clock = lambda: 0.0  # no CPU at all
+    h.fetch.results["web"] = ok(KA)
+    h.fetch.results["db"] = ok(KB)
+    stop = threading.Event()
+    loop = threading.Thread(target=rec.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        for name, n in (("web", 1), ("db", 2)):
+            rec.upsert(target(name, n))
+            deadline = time.monotonic() + 5  # the fake clock never moves: no pacer falls due
+            while not (h.snapshots and h.snapshots[-1].keys_served == n):
+                assert time.monotonic() < deadline, f"{name} was not published with its flush"
+                time.sleep(0.005)
     finally:
         stop.set()
         loop.join(5)
