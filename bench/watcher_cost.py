@@ -35,7 +35,6 @@ import time
 from array import array
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -45,7 +44,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from watcher.allocator import fix_mmap_threshold  # noqa: E402
 from watcher.app import OutputWriter, Paths  # noqa: E402
-from watcher.cache import index_files, read_index, read_unmanaged_hosts  # noqa: E402
+from watcher.cache import read_index, read_unmanaged_hosts  # noqa: E402
 from watcher.config import RunMode, load_settings  # noqa: E402
 from watcher.model import KeyState, PublicKey, Target  # noqa: E402
 from watcher.reconcile import Reconciler, _Fetched  # noqa: E402
@@ -106,6 +105,7 @@ class Observed:
         self.latencies = array("d")  # seconds
         self.write_seconds: list[float] = []
         self.superseded = 0  # restarted again before its key was written: not a latency
+        self.served = 0  # lines of the render last written to the index
 
     def await_key(self, target: int, fingerprint: str, posted: float) -> None:
         with self.lock:
@@ -126,6 +126,7 @@ class Observed:
         return changed
 
     def _index_written(self, rendered: Rendered, done: float) -> None:
+        self.served = rendered.keys_served
         with self.lock:
             seen = [target for target, (fp, _) in self.awaited.items() if fp in rendered.owners]
             for target in seen:
@@ -133,11 +134,13 @@ class Observed:
 
 
 class Heartbeat:
-    """The supervisor's status heartbeat, as the app runs it beside the reconciler: every
-    2 s, status.json with the last published snapshot (every target's row)."""
+    """The supervisor's heartbeat, as the app runs it beside the reconciler: every 2 s, the
+    writer's retry (which folds the index's recent changes into its groups once the index
+    is quiet) and status.json with the last published snapshot (every target's row)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, retry) -> None:
         self.path = path
+        self.retry = retry
         self.snapshot = WatcherState()
         self.writer = StatusWriter()
         self.costs: list[float] = []  # seconds per write
@@ -148,6 +151,7 @@ class Heartbeat:
 
     def run(self, stop: threading.Event) -> None:
         while not stop.wait(2.0):
+            self.retry()
             started, state = time.perf_counter(), self.snapshot
             write_status(self.path, StatusDocument(heartbeat=time.time(), mode="docker", sshd_pid=1,
                                                    state=state), writer=self.writer)
@@ -170,7 +174,7 @@ def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: 
                   keys_dir=tmp / "keys.d", sshd=SshdPaths(index_dir=tmp / "index.d"))
     writer = Observed(OutputWriter(paths, RunMode.DOCKER, pin_names=True))
     settings = load_settings({})
-    status = Heartbeat(paths.status)
+    status = Heartbeat(paths.status, writer.writer.retry)
     rec = Reconciler(settings, ProxyIdentity(names=frozenset({"ssh-proxy"})), fetch, writer, pin_names=True,
                      unmanaged_hosts=lambda: read_unmanaged_hosts(hosts),  # as the app does
                      publish=status.publish)
@@ -183,7 +187,7 @@ def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: 
     cpu0, wall0 = time.process_time(), time.perf_counter()
     rec.replace_all(make_target(i, "2024-01-01T00:00:00Z") for i in range(size))
     loop.start()
-    while _served(paths) < size:
+    while writer.served < size:
         time.sleep(0.2)
     initial = {"wall": time.perf_counter() - wall0, "cpu": time.process_time() - cpu0}
     # The load ends when status.json shows it too: after a load every status row is new, and
@@ -281,7 +285,7 @@ def one_size(size: int, rate: int, seconds: float, isolated: int = 60, spacing: 
     writer.writer.close()  # the cache follows the index (debounced): what is due is written
     cache_correct = paths.cache.read_text() == rec.full_render().cache
     index_correct = _index_text(paths) == rec.full_render().index
-    index_bytes = _served_bytes(paths)
+    index_bytes = len(_index_text(paths).encode())
     subprocess.run(["rm", "-rf", str(tmp)], check=False)
     return {"size": size, "initial": initial, "flush_seconds": flushes,
             "index_bytes": index_bytes, "split_flushes": split_flushes,
@@ -391,26 +395,6 @@ def split_restarts(rec: Reconciler, size: int, per: int = SPLIT_PER_FLUSH, flush
 def _index_text(paths: Paths) -> str:
     """The index as sshd sees it."""
     return read_index(paths.sshd.index_dir).decode()
-
-
-def _served(paths: Paths) -> int:
-    """Lines in the index: polled every 0.2 s while loading (reading it whole, ~23 MB at
-    100k keys, counts in the peak RSS reported as the watcher's; the file at most 2x
-    GROUP_BYTES at a time does not)."""
-    return sum(_group_sizes(paths, lambda data: data.count(b"\n")))
-
-
-def _served_bytes(paths: Paths) -> int:
-    return sum(_group_sizes(paths, len))
-
-
-def _group_sizes(paths: Paths, measure) -> Iterator[int]:
-    """`measure` of each file the shard names lead to, each once."""
-    for path in index_files(paths.sshd.index_dir):
-        try:
-            yield measure(path.read_bytes())
-        except FileNotFoundError:
-            pass
 
 
 def python_speed() -> float:

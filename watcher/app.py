@@ -19,19 +19,20 @@ from typing import Any, Callable, Mapping, TextIO
 from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse_datagram,
                         revoked_event)
 from .allocator import fix_mmap_threshold
-from .cache import (ShardFiles, atomic_write, file_stamp, holds, read_unmanaged_hosts,
+from .cache import (ShardFiles, atomic_write, file_stamp, holds, read_bytes, read_unmanaged_hosts,
                     shrink_in_place, update_hosts_block, write_if_changed)
 from .config import RunMode, Settings
 from .errors import WatcherError, explain_os_error
 from .fetch import KeyFetcher
 from .hostkeys import HOST_KEYS_PATH, HostKeyLearner, ssh_port
 from .index_layout import group_count, groups, index_bytes
+from .index_recent import RECENT_NAME, RECENT_QUIET, RecentLines, fingerprints, key_bytes
 from .metrics import CountingSink, Metrics, Observed
 from .model import KeyState
 from .pacing import CHEAP, Pacer
 from .platforms import platform_for
 from .reconcile import Reconciler, Snapshot
-from .render import EMPTY_SHARD, SHARD_NAMES, HostsBlock, Rendered, Shard
+from .render import EMPTY_SHARD, SHARD_NAMES, HostsBlock, Rendered, Shard, index_shard, part_bytes
 from .revocation import RecentRevocations, Revocation
 from .sessions import ProcFS, SessionKiller
 from .sources.manual import ManualKeySource
@@ -88,9 +89,15 @@ class OutputWriter:
         self._cache_pacer = Pacer(floor=CACHE_EVERY)
         self._index_ready = False
         self._shard_files = ShardFiles(paths.sshd.index_dir)
-        # The shards of the render last written whole: a shard object that is still the
-        # same is not looked at again (no stat per shard per flush).
+        # The shards the group files were last written from whole: a shard object that is
+        # still the same is not looked at again (no stat per shard per flush).
         self._shards_on_disk: Mapping[str, Shard] = {}
+        # The keys changed since the group files were written (index_recent); None: what the
+        # files hold is not known (none written yet, a write failed), so all are written.
+        self._recent: RecentLines | None = None
+        self._recent_on_disk = True  # whether RECENT_NAME may exist (an earlier run's too)
+        self._index_shards: Mapping[str, Shard] = {}  # of the render last written to the index
+        self._index_written_at = 0.0  # time.monotonic() of that write
         self._hosts_head: bytes | None = None  # what precedes the block it last wrote
         self._lock = threading.Lock()  # the reconciler and `retry` never write at once
         self._cache_lock = threading.Lock()  # one cache write at a time (the cache thread's too)
@@ -108,11 +115,15 @@ class OutputWriter:
             return self._write_pending(fresh=True)
 
     def retry(self) -> None:
-        """Write the newest render if an earlier attempt failed, and a cache still due."""
+        """Write the newest render if an earlier attempt failed, the group files once the
+        index has been quiet for RECENT_QUIET seconds, and a cache still due."""
         with self._lock:
             if self._pending is not None:
                 self._write_pending(fresh=False)
-            elif self._cache_due is not None:
+                return
+            if self._recent and time.monotonic() - self._index_written_at >= RECENT_QUIET:
+                self._fold_recent()
+            if self._cache_due is not None:
                 try:
                     self._write_cache(force=True)
                 except OSError as exc:  # the index is written: only the copy for people waits
@@ -140,6 +151,9 @@ class OutputWriter:
             self.error = str(exc)
             self._withdraw_in_place(self._pending)
             return False
+        except BaseException:
+            self._recent = None  # this render's changes may be unnoted: every group next time
+            raise
         self.on_result("ok" if changed else "unchanged", fresh)
         if changed:  # a stage of bench/propagation.py's breakdown (at WATCHER_LOG_LEVEL=debug)
             log.debug("rendered keys written")
@@ -154,6 +168,8 @@ class OutputWriter:
         every line the newest render no longer has (in place: no new blocks needed). The
         files the shard names lead to: the layout last linked, or each shard's own file."""
         directory = self.paths.sshd.index_dir
+        self._recent = None  # the files are not what this writer wrote any more
+        self._withdraw_recent(rendered)  # read first: its keys are answered from it alone
         count = self._shard_files.count
         files = groups(count) if count is not None else tuple((name, (name,)) for name in SHARD_NAMES)
         for name, names in files:
@@ -169,6 +185,25 @@ class OutputWriter:
                     os.truncate(path, 0)  # fail closed: no login beats a stale grant
                 except OSError:
                     log.exception("cannot empty %s", path)
+
+    def _withdraw_recent(self, rendered: Rendered) -> None:
+        """The file of recent changes keeps only lines the newest render has: a key it held
+        whose lines went (its GONE line too) is answered from its group file, shrunk next."""
+        path = self.paths.sshd.index_dir / RECENT_NAME
+        try:
+            data = read_bytes(path)
+            if not data:
+                return
+            allowed = b"".join(part_bytes(rendered.shards.get(index_shard(fp), EMPTY_SHARD), fp)
+                               for fp in fingerprints(data))
+            if shrink_in_place(path, allowed):
+                log.warning("withdrew revoked grants from %s in place while the disk is full", path)
+        except OSError as exc:
+            log.error("cannot withdraw revoked grants from %s (%s): emptying it", path, exc)
+            try:
+                os.truncate(path, 0)  # the keys command skips an empty file: the groups answer
+            except OSError:
+                log.exception("cannot empty %s", path)
 
     def _write(self, rendered: Rendered) -> bool:
         changed = False
@@ -216,29 +251,83 @@ class OutputWriter:
         return write
 
     def _write_index(self, rendered: Rendered) -> bool:
-        directory = self.paths.sshd.index_dir
+        """The keys that changed into the file of recent changes; the group files when it
+        is full (index_recent), or when what they hold is not known."""
         files = self._shard_files
         if not self._index_ready:
             files.prepare()
             self._index_ready = True
         shards = rendered.shards
-        count = group_count(index_bytes(shards), files.count)
+        size = index_bytes(shards)
+        count = group_count(size, files.count)
+        recent, self._recent = self._recent, None  # unknown until written
+        self._index_shards, self._index_written_at = shards, time.monotonic()
+        if recent is None or rendered.changed is None or count != files.count:
+            changed = self._write_groups(shards, count, None)
+            self._recent = RecentLines()
+            return changed
+        if not rendered.changed:
+            self._recent = recent
+            return False
+        self._shards_on_disk = {}  # the groups fall behind the shards: never compared by identity
+        per_key = key_bytes(size, sum(shard.lines for shard in shards.values()))
+        if recent.full(size, len(rendered.changed), per_key):
+            changed = self._write_groups(shards, count, recent.shards() | set(map(index_shard, rendered.changed)))
+            recent.clear()
+            self._recent = recent
+            return changed
+        for fp in rendered.changed:
+            recent.note(fp, part_bytes(shards.get(index_shard(fp), EMPTY_SHARD), fp))
+        if recent.full(size):
+            changed = self._write_groups(shards, count, recent.shards())
+            recent.clear()
+        else:
+            files.write(RECENT_NAME, recent.data())
+            self._recent_on_disk = changed = True
+        self._recent = recent
+        return changed
+
+    def _fold_recent(self) -> None:
+        """The group files written again with the keys of the file of recent changes, and
+        the file removed: a quiet index is looked up with one `look`."""
+        recent, self._recent = self._recent, None  # unknown until written
+        assert recent is not None and self._shard_files.count is not None
+        try:
+            self._write_groups(self._index_shards, self._shard_files.count, recent.shards())
+        except OSError as exc:  # the next write writes every group; the file still answers
+            log.warning("cannot fold the index's recent changes into its group files (%s): "
+                        "tried again with the next write", exc)
+            return
+        recent.clear()
+        self._recent = recent
+
+    def _write_groups(self, shards: Mapping[str, Shard], count: int, only: set[str] | None) -> bool:
+        """The group files of layout `count` that hold a shard of `only` (None: every one
+        whose lines differ from the file's), then the file of recent changes removed: a
+        reader that looked there first finds its key's lines in the new groups."""
+        files = self._shard_files
+        directory = files.directory
         on_disk, self._shards_on_disk = self._shards_on_disk, {}  # unknown until written
-        if count != files.count:
-            on_disk = {}  # every group file of the new layout is written
-            if files.count is not None:  # and what was written to the old ones forgotten
-                for group, _ in groups(files.count):
-                    self._written.pop(directory / group, None)
+        if count != files.count or only is not None:
+            on_disk = {}
         changed = False
         for group, names in groups(count):
+            if only is not None and only.isdisjoint(names):
+                continue
             parts = [shards.get(name, EMPTY_SHARD) for name in names]
             if on_disk and all(on_disk.get(name) is part for name, part in zip(names, parts)):
                 continue
             blocks = tuple(itertools.chain.from_iterable(part.blocks for part in parts))
-            changed |= self._once(directory / group, blocks,
-                                  lambda known: _write_group(files, group, blocks, known))
+            if only is None and holds(directory / group, blocks):
+                continue
+            files.write(group, blocks)
+            changed = True
         files.use(count)  # the shard names link to these groups (same lines: no change)
-        self._shards_on_disk = shards
+        if self._recent_on_disk:
+            changed |= files.remove(RECENT_NAME)
+            self._recent_on_disk = False
+        if only is None:
+            self._shards_on_disk = shards
         return changed
 
     def _write_cache(self, force: bool) -> bool:
@@ -279,15 +368,6 @@ class OutputWriter:
         changed = write(known)
         self._written[path] = (file_stamp(path), content)
         return changed
-
-
-def _write_group(files: ShardFiles, name: str, blocks: tuple[bytes, ...], known: bool) -> bool:
-    """One group file of the index (not fsynced, as _write_cache_file says); written also
-    when it holds no keys (its shard names lead to it; `look` finds nothing in it)."""
-    if not known and holds(files.directory / name, blocks):
-        return False
-    files.write(name, blocks)
-    return True
 
 
 def _write_cache_file(path: Path, rendered: Rendered, known: bool) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from .index_layout import groups, parse_group_name
+from .index_recent import RECENT_NAME, overlay
 from .render import SHARD_NAMES, SHARD_SET, HostsBlock, splice_hosts_block, unmanaged_hosts_entries
 
 
@@ -264,6 +265,8 @@ class ShardFiles:
             if entry.name == SHARD_DATA and entry.is_dir(follow_symlinks=False):
                 continue
             is_group = parse_group_name(entry.name) is not None
+            if entry.name == RECENT_NAME:  # kept until the first write replaces the groups
+                is_group = True
             if entry.name not in SHARD_SET and not is_group:
                 _remove_entry(entry)
                 continue
@@ -273,7 +276,7 @@ class ShardFiles:
                 linked[entry.name] = version
             if entry.name in SHARD_SET:
                 counts.add(parse_group_name(target))
-            else:
+            elif entry.name != RECENT_NAME:
                 self._retired.add(entry.name)  # until use() finds it in the layout
         self.data.mkdir(exist_ok=True)
         self.data.chmod(0o755)
@@ -396,8 +399,10 @@ def index_files(directory: Path) -> list[Path]:
 
 
 def read_index(directory: Path) -> bytes:
-    """The index as sshd sees it, in order (a missing file holds no keys)."""
-    return b"".join(data for data in map(read_bytes, index_files(directory)) if data is not None)
+    """The index as sshd's keys command answers it, in order: the group files' lines, the
+    keys of the file of recent changes answered from it (a missing file holds no keys)."""
+    base = b"".join(data for data in map(read_bytes, index_files(directory)) if data is not None)
+    return overlay(base, read_bytes(directory / RECENT_NAME) or b"")
 
 
 def _remove_entry(entry: os.DirEntry) -> None:

@@ -275,12 +275,17 @@ def _part_end(data: bytes, fp: bytes, start: int) -> int:
 
 def part_of(shard: Shard, fp: str) -> str:
     """A fingerprint's lines in a shard's index ("" if it has none)."""
+    return part_bytes(shard, fp).decode()
+
+
+def part_bytes(shard: Shard, fp: str) -> bytes:
+    """A fingerprint's lines in a shard's index, as its bytes (b"" if it has none)."""
     if not shard.blocks:
-        return ""
+        return b""
     key = fp.encode()
     data = shard.blocks[shard.block_of(key)]
     start = _seek(data, key, 0, len(data))
-    return data[start:_part_end(data, key, start)].decode()
+    return data[start:_part_end(data, key, start)]
 
 
 def splice(shard: Shard, parts: Mapping[str, str], block: int | None = None) -> tuple[Shard, dict[str, str]]:

@@ -42,8 +42,13 @@ ACCESS_LOG = "/etc/ssh/access.log"
 INDEX_DIR = "/etc/ssh/authorized_keys.index.d"  # the login index, one name per shard
 # The index as sshd reads it, in order: the file each shard name leads to (the shard names
 # of a group lead to one file), each once.
-CAT_INDEX = (f'cd {INDEX_DIR} 2>/dev/null && for f in *; do readlink -f "$f"; done | uniq | '
-             f'while read -r p; do cat "$p" 2>/dev/null; done')
+# The index as sshd's keys command answers it: the file of recent changes first (a key there
+# is answered from it alone; "<fingerprint> #" is a key without lines), then the group files
+# each shard name leads to; sorted by fingerprint, a key's lines in their order.
+CAT_INDEX = (f'cd {INDEX_DIR} 2>/dev/null && {{ cat .recent 2>/dev/null; echo @@@; '
+             f'for f in *; do readlink -f "$f"; done | uniq | while read -r p; do cat "$p" 2>/dev/null; done; }} | '
+             """awk '$0 == "@@@" {base = 1; next} !base {held[$1] = 1; if ($2 != "#") print; next} """
+             """!($1 in held)' | LC_ALL=C sort -s -k1,1""")
 STATUS_JSON = "/run/ssh-proxy/status.json"
 
 DOCKER_TIMEOUT = 120

@@ -76,6 +76,11 @@ def _target(spec: tuple, restarts: dict[int, int]) -> Target:
 def _check(h: Harness) -> None:
     full = h.rec.full_render()
     got = h.last
+    # The writer's contract (index_recent): a key whose lines differ from the render before
+    # is in `changed`, else the file of recent changes would miss it.
+    for before, after in zip(h.writes, h.writes[1:]):
+        if after.changed is not None:
+            assert set(render.changed_parts(before.shards, after.shards)) <= after.changed
     assert got.index == full.index
     for shard in got.shards.values():
         assert_whole_keys_per_block(shard)
