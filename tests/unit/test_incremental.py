@@ -99,6 +99,8 @@ def _check(h: Harness) -> None:
         rows = [(t.name, t.id) for t in h.snapshots[-1].targets]
         wanted = sorted((e.target.name, e.target.id) for e in h.rec.entries.values())
         assert rows == [(name, tid[:12]) for name, tid in wanted]
+        # Each listed row is its target's current one (rows changed in place, not moved).
+        assert all(row is h.rec.entries[tid].row for row, (_, tid) in zip(h.snapshots[-1].targets, wanted))
 
 
 def _run(ops: list[tuple], mode: RunMode) -> None:
