@@ -103,8 +103,9 @@ def _check(h: Harness) -> None:
         assert all(row is h.rec.entries[tid].row for row, (_, tid) in zip(h.snapshots[-1].targets, wanted))
 
 
-def _run(ops: list[tuple], mode: RunMode) -> None:
-    h = Harness(Settings(mode=mode, permit_ports=("22", "80")))
+def _run(ops: list[tuple], mode: RunMode, permit_hosts: tuple[str, ...] | None = None) -> None:
+    settings = Settings(mode=mode, permit_ports=("22", "80"))
+    h = Harness(replace(settings, permit_hosts=permit_hosts) if permit_hosts else settings)
     keys_of: dict[int, frozenset[int]] = {}
     number = {target("x", n).id: n for n in range(6)}
     h.fetch.default = lambda t: ok(*(KEYS[k] for k in sorted(keys_of.get(number[t.id], ()))))
@@ -154,6 +155,18 @@ def _run(ops: list[tuple], mode: RunMode) -> None:
           ("upsert", (1, "db", "", [], None)), ("upsert", (1, "db", "", ["shared"], None))])
 def test_incremental_equals_full_render_with_discovery(ops: list[tuple]) -> None:
     _run(ops, RunMode.DOCKER)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(OPS, min_size=1, max_size=15))
+# A target not permitted reserves its names; its going frees them for a served one.
+@example([("keys", 0, {0}), ("upsert", (1, "api", "shared", [], None)),
+          ("upsert", (0, "web", "shared", [], None)), ("remove", 1)])
+def test_incremental_equals_full_render_with_targets_not_permitted(ops: list[tuple]) -> None:
+    """"api" and "cache" are not permitted: ignored, their names, addresses and soft names
+    reserved; they come, change and go without a render from scratch."""
+    _run(ops, RunMode.DOCKER, permit_hosts=("web", "Web", "db"))
 
 
 @settings(max_examples=100, deadline=None, derandomize=True,
