@@ -19,14 +19,14 @@ from typing import Any, Callable, Mapping, TextIO
 from .accesslog import (AccessEvent, AccessTracker, Session, format_event, parse_datagram,
                         revoked_event)
 from .allocator import fix_mmap_threshold
-from .cache import (ShardFiles, atomic_write, file_stamp, holds, read_bytes, read_unmanaged_hosts,
+from .cache import (ShardFiles, atomic_write, file_stamp, holds, read_unmanaged_hosts,
                     shrink_in_place, update_hosts_block, write_if_changed)
 from .config import RunMode, Settings
 from .errors import WatcherError, explain_os_error
 from .fetch import KeyFetcher
 from .hostkeys import HOST_KEYS_PATH, HostKeyLearner, ssh_port
 from .index_layout import group_count, groups, index_bytes
-from .index_recent import RECENT_NAME, RECENT_QUIET, RecentLines, fingerprints, key_bytes
+from .index_recent import RECENT_NAME, RECENT_QUIET, RecentLines, key_bytes
 from .metrics import CountingSink, Metrics, Observed
 from .model import KeyState
 from .pacing import CHEAP, Pacer
@@ -166,44 +166,16 @@ class OutputWriter:
     def _withdraw_in_place(self, rendered: Rendered) -> None:
         """A revocation must not wait for disk space: drop from each index file on disk
         every line the newest render no longer has (in place: no new blocks needed). The
-        files the shard names lead to: the layout last linked, or each shard's own file."""
+        file of recent changes first, as its keys are answered from it alone (a key whose
+        lines went, its GONE line too, is then answered from its group, shrunk next); then
+        the files the shard names lead to: the layout last linked, or each shard's own file."""
         directory = self.paths.sshd.index_dir
         self._recent = None  # the files are not what this writer wrote any more
-        self._withdraw_recent(rendered)  # read first: its keys are answered from it alone
+        _withdraw(directory / RECENT_NAME, b"".join(shard.data for shard in rendered.shards.values()))
         count = self._shard_files.count
         files = groups(count) if count is not None else tuple((name, (name,)) for name in SHARD_NAMES)
         for name, names in files:
-            path = directory / name
-            self._written.pop(path, None)
-            allowed = b"".join(rendered.shards.get(shard, EMPTY_SHARD).data for shard in names)
-            try:
-                if shrink_in_place(path, allowed):
-                    log.warning("withdrew revoked grants from %s in place while the disk is full", path)
-            except OSError as exc:
-                log.error("cannot withdraw revoked grants from %s (%s): emptying it", path, exc)
-                try:
-                    os.truncate(path, 0)  # fail closed: no login beats a stale grant
-                except OSError:
-                    log.exception("cannot empty %s", path)
-
-    def _withdraw_recent(self, rendered: Rendered) -> None:
-        """The file of recent changes keeps only lines the newest render has: a key it held
-        whose lines went (its GONE line too) is answered from its group file, shrunk next."""
-        path = self.paths.sshd.index_dir / RECENT_NAME
-        try:
-            data = read_bytes(path)
-            if not data:
-                return
-            allowed = b"".join(part_bytes(rendered.shards.get(index_shard(fp), EMPTY_SHARD), fp)
-                               for fp in fingerprints(data))
-            if shrink_in_place(path, allowed):
-                log.warning("withdrew revoked grants from %s in place while the disk is full", path)
-        except OSError as exc:
-            log.error("cannot withdraw revoked grants from %s (%s): emptying it", path, exc)
-            try:
-                os.truncate(path, 0)  # the keys command skips an empty file: the groups answer
-            except OSError:
-                log.exception("cannot empty %s", path)
+            _withdraw(directory / name, b"".join(rendered.shards.get(shard, EMPTY_SHARD).data for shard in names))
 
     def _write(self, rendered: Rendered) -> bool:
         changed = False
@@ -271,35 +243,37 @@ class OutputWriter:
             return False
         self._shards_on_disk = {}  # the groups fall behind the shards: never compared by identity
         per_key = key_bytes(size, sum(shard.lines for shard in shards.values()))
-        if recent.full(size, len(rendered.changed), per_key):
-            changed = self._write_groups(shards, count, recent.shards() | set(map(index_shard, rendered.changed)))
-            recent.clear()
-            self._recent = recent
-            return changed
-        for fp in rendered.changed:
-            recent.note(fp, part_bytes(shards.get(index_shard(fp), EMPTY_SHARD), fp))
-        if recent.full(size):
-            changed = self._write_groups(shards, count, recent.shards())
-            recent.clear()
-        else:
-            files.write(RECENT_NAME, recent.data())
-            self._recent_on_disk = changed = True
+        if not recent.full(size, len(rendered.changed), per_key):  # else not looked up at all
+            for fp in rendered.changed:
+                recent.note(fp, part_bytes(shards.get(index_shard(fp), EMPTY_SHARD), fp))
+            if not recent.full(size):
+                files.write(RECENT_NAME, recent.data())
+                self._recent_on_disk = True
+                self._recent = recent
+                return True
+        changed = self._fold(recent, shards, count, set(map(index_shard, rendered.changed)))
         self._recent = recent
         return changed
 
     def _fold_recent(self) -> None:
-        """The group files written again with the keys of the file of recent changes, and
-        the file removed: a quiet index is looked up with one `look`."""
+        """The keys of the file of recent changes taken into the group files, and the file
+        removed: a quiet index is looked up with one `look`."""
         recent, self._recent = self._recent, None  # unknown until written
         assert recent is not None and self._shard_files.count is not None
         try:
-            self._write_groups(self._index_shards, self._shard_files.count, recent.shards())
+            self._fold(recent, self._index_shards, self._shard_files.count, set())
         except OSError as exc:  # the next write writes every group; the file still answers
             log.warning("cannot fold the index's recent changes into its group files (%s): "
                         "tried again with the next write", exc)
             return
-        recent.clear()
         self._recent = recent
+
+    def _fold(self, recent: RecentLines, shards: Mapping[str, Shard], count: int, more: set[str]) -> bool:
+        """The groups holding a shard of `recent`'s keys or of `more` written again, the file
+        of recent changes removed, and `recent` emptied."""
+        changed = self._write_groups(shards, count, recent.shards() | more)
+        recent.clear()
+        return changed
 
     def _write_groups(self, shards: Mapping[str, Shard], count: int, only: set[str] | None) -> bool:
         """The group files of layout `count` that hold a shard of `only` (None: every one
@@ -368,6 +342,20 @@ class OutputWriter:
         changed = write(known)
         self._written[path] = (file_stamp(path), content)
         return changed
+
+
+def _withdraw(path: Path, allowed: bytes) -> None:
+    """`path` keeps only lines `allowed` has (a missing file: nothing to do); if that fails,
+    it is emptied (fail closed: no login beats a stale grant; an empty file holds no keys)."""
+    try:
+        if shrink_in_place(path, allowed):
+            log.warning("withdrew revoked grants from %s in place while the disk is full", path)
+    except OSError as exc:
+        log.error("cannot withdraw revoked grants from %s (%s): emptying it", path, exc)
+        try:
+            os.truncate(path, 0)
+        except OSError:
+            log.exception("cannot empty %s", path)
 
 
 def _write_cache_file(path: Path, rendered: Rendered, known: bool) -> bool:

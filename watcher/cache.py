@@ -264,10 +264,9 @@ class ShardFiles:
         for entry in os.scandir(self.directory):
             if entry.name == SHARD_DATA and entry.is_dir(follow_symlinks=False):
                 continue
+            # The file of recent changes is kept too, until the first write replaces the groups.
             is_group = parse_group_name(entry.name) is not None
-            if entry.name == RECENT_NAME:  # kept until the first write replaces the groups
-                is_group = True
-            if entry.name not in SHARD_SET and not is_group:
+            if entry.name not in SHARD_SET and not is_group and entry.name != RECENT_NAME:
                 _remove_entry(entry)
                 continue
             target = os.readlink(entry.path) if entry.is_symlink() else ""

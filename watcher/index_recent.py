@@ -18,8 +18,6 @@ a later one left them.
 from __future__ import annotations
 
 import bisect
-from typing import Iterable
-
 from .render import index_shard
 
 RECENT_NAME = ".recent"
@@ -109,17 +107,6 @@ def overlay(base: bytes, recent: bytes) -> bytes:
     return b"".join(kept)
 
 
-def fingerprints(data: bytes) -> list[str]:
-    """The fingerprints a file of recent changes holds, in order, each once."""
-    return list(dict.fromkeys(_fp(line).decode() for line in data.splitlines(keepends=True) if b" " in line))
-
-
 def _fp(line: bytes) -> bytes:
     return line[:line.index(b" ")]
-
-
-def shard_groups(shards: Iterable[str], groups: Iterable[tuple[str, tuple[str, ...]]]) -> list[str]:
-    """The group files (of `groups`, a layout) holding any of these shard names, in order."""
-    wanted = set(shards)
-    return [group for group, names in groups if wanted.intersection(names)]
 

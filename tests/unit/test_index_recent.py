@@ -18,8 +18,7 @@ from hypothesis import given, settings, strategies as st
 from watcher import app, cache, index_layout
 from watcher.app import OutputWriter, Paths
 from watcher.config import RunMode
-from watcher.index_recent import (GONE, LEAST_BYTES, RECENT_NAME, RECENT_SHARE, RecentLines, fingerprints,
-                                   key_bytes, overlay)
+from watcher.index_recent import GONE, LEAST_BYTES, RECENT_NAME, RECENT_SHARE, RecentLines, key_bytes, overlay
 from watcher.render import HostsBlock, shards_of
 from watcher.sshd import SshdPaths
 
@@ -71,11 +70,6 @@ def test_overlay_answers_a_recent_key_from_the_recent_file_alone() -> None:
     assert overlay(base, recent) == b"SHA256:a 1\nSHA256:b new\nSHA256:d 5\nSHA256:e 6\n"
     assert overlay(base, b"") == base
     assert overlay(b"", b"SHA256:a #\n") == b""
-
-
-def test_fingerprints_of_a_recent_file() -> None:
-    assert fingerprints(b"SHA256:a 1\nSHA256:a 2\nSHA256:b #\n") == ["SHA256:a", "SHA256:b"]
-    assert fingerprints(b"") == []
 
 
 # --- the writer ---------------------------------------------------------------------------
