@@ -101,7 +101,18 @@ def test_hostile_publickey_bodies(start_target, start_proxy, keypair, tmp_path):
 
     assert wait_until(two_served, 20, interval=0.5), json.dumps(status(proxy), indent=1)
 
-    # ---- status.json: rejected targets have no key, and say why
+    # ---- status.json: rejected targets have no key, and say why. status.json is written
+    # every 2 s: a row rejected after the one awaited above shows in a later write.
+    def said(row: dict) -> str:
+        return " ".join([row.get("error") or "", *row.get("rejected", [])])
+
+    def all_shown() -> bool:
+        rows = {t["name"]: t for t in status(proxy).get("targets", [])}
+        return all(targets[h.label].name in rows and (
+            h.accepted or re.search(h.reason, said(rows[targets[h.label].name]), re.IGNORECASE))
+            for h in hostiles)
+
+    wait_until(all_shown, 20, interval=0.5)
     rows = {t["name"]: t for t in status(proxy)["targets"]}
     for h in hostiles:
         row = rows[targets[h.label].name]
@@ -109,8 +120,7 @@ def test_hostile_publickey_bodies(start_target, start_proxy, keypair, tmp_path):
             assert row["key_status"] == "ok", row
             continue
         assert row["fingerprints"] == [] and row["key_status"] != "ok", row
-        said = " ".join([row.get("error") or "", *row.get("rejected", [])])
-        assert re.search(h.reason, said, re.IGNORECASE), row
+        assert re.search(h.reason, said(row), re.IGNORECASE), row
 
     # ---- no key of a hostile body opens the control target
     def through_proxy_to_control(key: KeyPair) -> subprocess.CompletedProcess:
